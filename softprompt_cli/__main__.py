@@ -1,0 +1,3 @@
+from softprompt_cli.cli import main
+
+main()

@@ -1,0 +1,53 @@
+"""Checkpoint folders: trainable tensors in safetensors, everything else in JSON/YAML; atomic writes.
+
+    <dir>/softprompt.safetensors   prompt parameters (training form) and head
+    <dir>/checkpoint.json          method, labels, base model id/revision/fingerprint, metrics
+    <dir>/recipe.yaml              the fully resolved recipe
+    <dir>/tokenizer files          only with output.save_tokenizer
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "softprompt.safetensors"
+INFO_FILE = "checkpoint.json"
+RECIPE_FILE = "recipe.yaml"
+
+
+def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any], recipe_yaml: str,
+                     tokenizer=None) -> int:
+    """Write a checkpoint folder atomically; return the size of its weights file in bytes.
+
+    Everything goes to a temporary sibling folder first, which then replaces `directory` by
+    rename, so a crash never leaves a half-written checkpoint where a good one stood.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging / WEIGHTS_FILE,
+                  metadata={"format": "pt"})
+        (staging / INFO_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **info}, indent=2) + "\n")
+        (staging / RECIPE_FILE).write_text(recipe_yaml)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        retired = None
+        if directory.exists():
+            retired = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            directory.rename(retired)
+        staging.rename(directory)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return (directory / WEIGHTS_FILE).stat().st_size

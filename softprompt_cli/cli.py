@@ -1,0 +1,104 @@
+"""The command line: parse, load the recipe, call one function per command.
+
+Heavy modules (torch, transformers, datasets) are imported inside the commands that need them,
+so `--help`, `validate` and `methods` start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from softprompt_cli.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train soft prompts (prompt tuning, prefix tuning, P-tuning) on a frozen transformer, from YAML recipes.",
+)
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+OverridesArg = Annotated[
+    Optional[list[str]],  # noqa: UP045 (typer needs Optional here)
+    typer.Argument(help="dotted overrides, e.g. training.lr=3e-3 method.num_virtual_tokens=10", show_default=False),
+]
+
+
+def _echo_error(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def train(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Train a soft prompt as the recipe says; writes best/ and final/ checkpoints."""
+    from softprompt_cli.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    from softprompt_cli.train import train as run_training
+
+    run_training(loaded)
+
+
+@app.command()
+def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Check a recipe, its data files and its model reference without loading the model."""
+    from softprompt_cli.hub import resolve_model_reference
+    from softprompt_cli.recipe import RecipeError, load_recipe
+    from softprompt_cli.sources import load_examples
+
+    loaded = load_recipe(recipe, overrides)
+    problems = []
+    try:
+        train_examples, eval_examples, names = load_examples(loaded.data)
+    except UserError as err:
+        problems.append(f"data: {err}")
+    try:
+        resolve_model_reference(loaded.model.name_or_path, loaded.model.revision)
+    except UserError as err:
+        problems.append(f"model.name_or_path: {err}")
+    if problems:
+        raise RecipeError(f"recipe {str(recipe)!r}", problems)
+    typer.echo(
+        f"{recipe}: OK ({loaded.method.name}, {len(train_examples.labels)} train / {len(eval_examples.labels)} eval examples, "
+        f"labels {names}, metrics {', '.join(loaded.metrics)})"
+    )
+
+
+@app.command()
+def methods() -> None:
+    """List the soft-prompt methods and their options."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from softprompt_cli.methods import MethodOptions, registry
+
+    console = Console()
+    for name, options in registry().items():
+        table = Table(title=f"{name}: {options.__doc__.strip()}", title_justify="left", show_edge=False)
+        for column in ("option", "type", "default", "description"):
+            table.add_column(column)
+        for field_name, field in options.model_fields.items():
+            if field_name == "name":
+                continue
+            annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+            table.add_row(field_name, annotation.replace("typing.", ""), repr(field.default),
+                          field.description or ("" if field_name not in MethodOptions.model_fields else ""))
+        console.print(table)
+        console.print()
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as err:
+        _echo_error(str(err))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _echo_error("interrupted.")
+        sys.exit(130)

@@ -1,0 +1,81 @@
+"""Tokenize once, pad per batch, and order examples so that batches hold similar lengths."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader, Sampler
+from transformers import DataCollatorWithPadding
+
+from softprompt_cli.sources import Examples
+
+
+def tokenize(examples: Examples, tokenizer, max_length: int) -> Dataset:
+    pair = len(examples.texts[0]) == 2
+    columns = {"text": [t[0] for t in examples.texts], "labels": examples.labels}
+    if pair:
+        columns["text_pair"] = [t[1] for t in examples.texts]
+
+    def encode(batch):
+        return tokenizer(batch["text"], batch["text_pair"] if pair else None, truncation=True, max_length=max_length)
+
+    dataset = Dataset.from_dict(columns)
+    dataset = dataset.map(encode, batched=True, remove_columns=[c for c in columns if c != "labels"])
+    return dataset.map(lambda row: {"length": len(row["input_ids"])})
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Yields indices so that each run of `batch_size` indices is a batch of similar lengths.
+
+    Shuffled: examples are shuffled, cut into buckets of `batch_size * bucket_batches`, sorted by
+    length inside each bucket, cut into batches, and the batches are shuffled. Not shuffled:
+    longest first (evaluation: order does not matter, padding does). `set_epoch` reseeds, as
+    for torch's DistributedSampler, so every process draws the same order.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, group: bool, seed: int = 0,
+                 bucket_batches: int = 50):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.group = group
+        self.seed = seed
+        self.bucket_batches = bucket_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        n = len(self.lengths)
+        if not self.shuffle:
+            order = sorted(range(n), key=lambda i: -self.lengths[i]) if self.group else list(range(n))
+            yield from order
+            return
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=generator).tolist()
+        if not self.group:
+            yield from order
+            return
+        bucket = self.batch_size * self.bucket_batches
+        batches = []
+        for start in range(0, n, bucket):
+            chunk = sorted(order[start:start + bucket], key=lambda i: -self.lengths[i])
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        # Keep one short batch (if any) last, so that every other batch is full.
+        full = [b for b in batches if len(b) == self.batch_size]
+        short = [b for b in batches if len(b) < self.batch_size]
+        for i in torch.randperm(len(full), generator=generator).tolist():
+            yield from full[i]
+        for batch in short:
+            yield from batch
+
+
+def loader(dataset: Dataset, tokenizer, batch_size: int, shuffle: bool, group_by_length: bool,
+           seed: int = 0) -> DataLoader:
+    sampler = LengthGroupedSampler(dataset["length"], batch_size, shuffle, group_by_length, seed)
+    collate = DataCollatorWithPadding(tokenizer)
+    return DataLoader(dataset.remove_columns("length"), batch_size=batch_size, sampler=sampler, collate_fn=collate)

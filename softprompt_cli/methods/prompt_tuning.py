@@ -1,0 +1,50 @@
+"""Prompt tuning (Lester et al., 2021): N trainable virtual token embeddings in the input."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from softprompt_cli.errors import UserError
+from softprompt_cli.methods import MethodOptions, register
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from softprompt_cli.modeling import ModelSpec
+
+
+@register
+class PromptTuning(MethodOptions):
+    """Trainable virtual token embeddings inserted into the input embeddings."""
+
+    kind: ClassVar = "input"
+    name: Literal["prompt_tuning"] = "prompt_tuning"
+    init: Literal["random", "text", "sample_vocab"] = Field(
+        "sample_vocab",
+        description="random: Gaussian at the vocabulary's scale; text: embeddings of init_text "
+        "(repeated or truncated to num_virtual_tokens); sample_vocab: random vocabulary rows",
+    )
+    init_text: str | None = Field(None, description="text whose token embeddings start the prompt (init: text)")
+
+    @model_validator(mode="after")
+    def _text_given(self) -> PromptTuning:
+        if self.init == "text" and not (self.init_text and self.init_text.strip()):
+            raise ValueError("init: text needs a non-empty init_text")
+        return self
+
+    def build(self, spec: ModelSpec) -> nn.Module:
+        from softprompt_cli.methods._layers import VirtualTokens, random_like_vocabulary, vocabulary_sample
+
+        vocabulary = spec.input_embeddings.weight.detach().float()
+        n = self.num_virtual_tokens
+        if self.init == "text":
+            ids = spec.tokenizer(self.init_text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise UserError(f"method.init_text {self.init_text!r} tokenizes to nothing; give a real text.")
+            ids = (ids * (n // len(ids) + 1))[:n]
+            return VirtualTokens(vocabulary[ids].clone())
+        if self.init == "sample_vocab":
+            return VirtualTokens(vocabulary_sample(vocabulary, n))
+        return VirtualTokens(random_like_vocabulary(vocabulary, n))

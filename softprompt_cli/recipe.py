@@ -1,0 +1,266 @@
+"""Recipes: YAML + dotted `key=value` overrides, validated by pydantic models split by concern.
+
+Imports no torch: `softprompt validate` and `--help` must stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from softprompt_cli.errors import UserError
+from softprompt_cli.methods import MethodOptions, registry
+from softprompt_cli.tasks import GLUE_TASKS, KNOWN_METRICS
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(description="local folder or Hugging Face Hub id of the frozen base model")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class DataSection(Section):
+    glue_task: str | None = Field(None, description="a GLUE task name: " + ", ".join(GLUE_TASKS))
+    dir: str | None = Field(None, description="GLUE_DIR-style folder for glue_task (default: $GLUE_DIR, else the Hub)")
+    dataset: str | None = Field(None, description="a Hugging Face Hub dataset id")
+    dataset_config: str | None = None
+    files: dict[str, str] | None = Field(None, description="split name -> local csv/tsv/jsonl/parquet file")
+    format: Literal["csv", "tsv", "jsonl", "parquet"] | None = Field(None, description="default: from the extension")
+    columns: list[str] | None = Field(None, description="column names for csv/tsv files without a header row")
+    text_fields: list[str] | None = Field(None, min_length=1, max_length=2, description="one text field, or two for pairs")
+    label_field: str | None = None
+    label_names: list[str] | None = Field(None, min_length=2)
+    train_split: str = "train"
+    eval_split: str = "validation"
+    max_length: int = Field(128, ge=8, description="tokens per example, before the virtual tokens")
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        sources = [name for name in ("glue_task", "dataset", "files") if getattr(self, name) is not None]
+        if len(sources) != 1:
+            raise ValueError(
+                "give exactly one data source: glue_task, dataset or files"
+                + (f" (got {', '.join(sources)})" if sources else "")
+            )
+        if self.glue_task is not None and self.glue_task not in GLUE_TASKS:
+            raise ValueError(f"glue_task {self.glue_task!r} is not one of {', '.join(GLUE_TASKS)}")
+        if self.glue_task is None and self.text_fields is None:
+            raise ValueError("text_fields is required when the data is not a GLUE task")
+        if self.files is not None:
+            missing = [split for split in (self.train_split, self.eval_split) if split not in self.files]
+            if missing:
+                raise ValueError(f"files has no entry for split(s) {', '.join(missing)}")
+        return self
+
+
+class TaskSection(Section):
+    type: Literal["sequence_classification"] = "sequence_classification"
+    pooling: Literal["model", "mean"] = Field(
+        "model",
+        description="model: the model's own head ([CLS] pooler or last real token); "
+        "mean: a new linear head over the mean of the real tokens' hidden states",
+    )
+    metrics: list[str] | None = Field(None, description="default: the GLUE task's metrics, else accuracy")
+    main_metric: str | None = Field(None, description="selects the best checkpoint (default: the first metric)")
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> TaskSection:
+        unknown = [m for m in self.metrics or [] if m not in KNOWN_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(KNOWN_METRICS)}")
+        if self.main_metric is not None and self.metrics is not None and self.main_metric not in self.metrics:
+            raise ValueError(f"main_metric {self.main_metric!r} is not in metrics")
+        return self
+
+
+class TrainingSection(Section):
+    lr: float = Field(1e-2, gt=0, description="learning rate of the prompt parameters")
+    head_lr: float | None = Field(None, gt=0, description="learning rate of the head (default: lr)")
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, ge=1, description="per process, per step")
+    eval_batch_size: int = Field(64, ge=1)
+    epochs: int = Field(5, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 42
+    eval_steps: int | None = Field(None, ge=1, description="also evaluate every N optimizer steps")
+    log_steps: int = Field(10, ge=1)
+    group_by_length: bool = Field(True, description="batches of similar length (shuffled buckets): less padding")
+    tensorboard: bool = False
+
+
+class OutputSection(Section):
+    dir: str | None = Field(None, description="default: runs/<recipe file name>")
+    save_tokenizer: bool = False
+    overwrite: bool = Field(False, description="allow writing into a folder that holds an earlier run")
+
+
+class Recipe(Section):
+    model: ModelSection
+    data: DataSection
+    task: TaskSection = TaskSection()
+    training: TrainingSection = TrainingSection()
+    output: OutputSection = OutputSection()
+
+    @property
+    def metrics(self) -> list[str]:
+        if self.task.metrics:
+            return list(self.task.metrics)
+        if self.data.glue_task:
+            return list(GLUE_TASKS[self.data.glue_task].metrics)
+        return ["accuracy"]
+
+    @property
+    def main_metric(self) -> str:
+        return self.task.main_metric or self.metrics[0]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+@functools.cache
+def recipe_class() -> type[Recipe]:
+    """The recipe model, with `method` a union of the registered methods' options."""
+    methods = tuple(registry().values())
+    method_type = Annotated[Union[methods], Field(discriminator="name")]  # noqa: UP007 (a runtime tuple)
+    return create_model("Recipe", __base__=Recipe, method=(method_type, ...))
+
+
+class RecipeError(UserError):
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        listing = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source} has {len(problems)} problem(s):\n{listing}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file {str(path)!r} does not exist. Check the path (recipes ship in recipes/).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        where = ""
+        mark = getattr(err, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(err, "problem", None) or str(err)
+        raise UserError(f"recipe {str(path)!r} is not valid YAML{where}: {problem}. Fix the syntax there.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {str(path)!r} must be a YAML mapping (key: value), not a {type(data).__name__}.")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (numbers, booleans, lists)."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {override!r} is not of the form key=value (e.g. training.lr=3e-3).")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    data = apply_overrides(read_yaml(path), overrides or [])
+    recipe = parse_recipe(data, source=f"recipe {str(path)!r}")
+    if recipe.output.dir is None:
+        recipe.output.dir = str(Path("runs") / Path(path).stem)
+    return recipe
+
+
+def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    cls = recipe_class()
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(source, format_validation_errors(err, cls)) from None
+
+
+_METHOD = object()  # marks the method union while walking a location
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed at `loc` (for 'did you mean')."""
+    model: Any = cls
+    for part in loc:
+        if model is _METHOD:
+            model = registry().get(part)
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return []
+        if part == "method" and model is cls:
+            model = _METHOD
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            model = field.annotation
+        else:
+            return []
+    if model is _METHOD:
+        return ["name", *MethodOptions.model_fields]
+    return list(model.model_fields) if model is not None else []
+
+
+def format_validation_errors(err: ValidationError, cls: type[BaseModel]) -> list[str]:
+    problems = []
+    methods = registry()
+    for error in err.errors():
+        loc = tuple(error["loc"])
+        # A discriminated union puts the tag in the location: method.p_tuning.encoder -> method.encoder.
+        if len(loc) > 1 and loc[0] == "method" and loc[1] in methods:
+            field_loc = (loc[0], *loc[2:])
+            allowed_loc = loc[:-1]
+        else:
+            field_loc = loc
+            allowed_loc = loc[:-1]
+        where = ".".join(str(p) for p in field_loc) or "(top level)"
+        kind = error["type"]
+        value = error.get("input")
+        if kind == "extra_forbidden":
+            allowed = _fields_at(cls, allowed_loc)
+            guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean {guess[0]!r}?)" if guess else (f" (allowed: {', '.join(allowed)})" if allowed else "")
+            problems.append(f"{where}: unknown key{hint}")
+        elif kind == "missing":
+            problems.append(f"{where}: required, but missing")
+        elif kind == "literal_error":
+            expected = error["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
+            problems.append(f"{where}: {value!r} is not one of {expected}")
+        elif kind == "union_tag_invalid":
+            problems.append(f"{where}.name: {error['ctx']['tag']!r} is not one of {', '.join(methods)}")
+        elif kind == "union_tag_not_found":
+            problems.append(f"{where}.name: required, one of {', '.join(methods)}")
+        elif kind == "value_error":
+            problems.append(f"{where}: {str(error['ctx']['error'])}")
+        else:
+            problems.append(f"{where}: {error['msg']} (got {value!r})")
+    return problems

@@ -1,0 +1,142 @@
+"""Each method's forward on tiny random encoder and decoder models: shapes, masks, gradients, freezing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt_cli.methods import registry
+from softprompt_cli.modeling import SoftPromptModel, load_base_model, load_tokenizer
+
+KINDS = ("bert", "gpt2", "llama")
+METHODS = {
+    "prompt_tuning": {},
+    "prompt_tuning_text": {"init": "text", "init_text": "are these two sentences paraphrases"},
+    "p_tuning_mlp": {"encoder": "mlp"},
+    "p_tuning_lstm": {"encoder": "lstm"},
+    "prefix_tuning": {},
+    "prefix_tuning_projection": {"projection": True, "encoder_hidden_size": 16},
+}
+LABELS = ["a", "b", "c"]
+
+
+def method_options(variant: str):
+    name = next(n for n in registry() if variant.startswith(n))
+    return registry()[name](name=name, num_virtual_tokens=4, **METHODS[variant])
+
+
+def build(path, variant: str, pooling: str = "model") -> tuple[SoftPromptModel, object]:
+    options = method_options(variant)
+    tokenizer = load_tokenizer(str(path))
+    base = load_base_model(str(path), revision=None, dtype="float32", trust_remote_code=False, pooling=pooling,
+                           label_names=LABELS, prefix=options.kind == "prefix")
+    torch.manual_seed(0)
+    return SoftPromptModel(base, options, tokenizer, pooling, len(LABELS), max_length=64), tokenizer
+
+
+def batch(tokenizer, texts, pairs=None, padding_side=None):
+    if padding_side:
+        tokenizer.padding_side = padding_side
+    return dict(tokenizer(texts, pairs, padding=True, return_tensors="pt"))
+
+
+@pytest.mark.parametrize("pooling", ["model", "mean"])
+@pytest.mark.parametrize("variant", METHODS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_only_prompt_and_head_receive_gradients(tiny_models, kind, variant, pooling):
+    model, tokenizer = build(tiny_models[kind], variant, pooling)
+    inputs = batch(tokenizer, ["the cat sat on the mat", "a dog"], ["yes", "no it did not"])
+    out = model(**inputs, labels=torch.tensor([0, 2]))
+    assert out["logits"].shape == (2, len(LABELS))
+    out["loss"].backward()
+    trainable = set(model.trainable_state())
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+    assert any(n.startswith("prompt.") for n in trainable)
+    assert all(not n.startswith("base.") or n.split(".")[1] in ("classifier", "score") for n in trainable)
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trainable if n.startswith("prompt."))
+
+
+@pytest.mark.parametrize("variant", ["prompt_tuning", "p_tuning_mlp", "prefix_tuning_projection"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_frozen_weights_unchanged_after_training(tiny_models, kind, variant):
+    model, tokenizer = build(tiny_models[kind], variant)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    prompt_before = {n: t.clone() for n, t in model.trainable_state().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs = batch(tokenizer, ["one two three", "four"])
+    for _ in range(3):
+        model(**inputs, labels=torch.tensor([1, 0]))["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert all(not torch.equal(t, prompt_before[n]) for n, t in model.trainable_state().items())
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("variant", ["prompt_tuning", "p_tuning_lstm", "prefix_tuning"])
+@pytest.mark.parametrize("pooling", ["model", "mean"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_padding_does_not_change_logits(tiny_models, kind, variant, pooling, padding_side):
+    if kind == "bert" and padding_side == "left":
+        pytest.skip("encoders are always padded on the right (see test_encoders_pad_right)")
+    model, tokenizer = build(tiny_models[kind], variant, pooling)
+    model.eval()
+    short, long = "a short one", "a much longer sentence that forces padding onto the short one"
+    alone = model(**batch(tokenizer, [short], padding_side=padding_side))["logits"]
+    together = model(**batch(tokenizer, [short, long], padding_side=padding_side))["logits"]
+    torch.testing.assert_close(together[0], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_encoders_pad_right(tiny_models):
+    tokenizer = load_tokenizer(str(tiny_models["bert"]))
+    tokenizer.padding_side = "left"
+    SoftPromptModel(load_base_model(str(tiny_models["bert"]), revision=None, dtype="float32", trust_remote_code=False,
+                                    pooling="model", label_names=LABELS, prefix=False),
+                    method_options("prompt_tuning"), tokenizer, "model", len(LABELS), max_length=64)
+    assert tokenizer.padding_side == "right"
+
+
+def test_virtual_tokens_go_after_cls_in_encoders_and_first_in_decoders(tiny_models):
+    assert build(tiny_models["bert"], "prompt_tuning")[0].insert_at == 1
+    assert build(tiny_models["gpt2"], "prompt_tuning")[0].insert_at == 0
+    assert build(tiny_models["llama"], "prompt_tuning")[0].insert_at == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefix_through_attention_equals_dynamic_cache(tiny_models, kind):
+    from transformers import DynamicCache
+
+    model, tokenizer = build(tiny_models[kind], "prefix_tuning")
+    model.eval()
+    inputs = batch(tokenizer, ["first sentence here", "second"], padding_side="right")
+    mask = inputs["attention_mask"]
+    n = model.num_virtual_tokens
+    prefix = model.prompt()  # [layers, 2, 1, kv_heads, n, head_dim]
+    body = model.base.base_model
+    if model.is_decoder:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + n
+    else:
+        positions = torch.arange(mask.shape[1])[None].expand(2, -1) + n
+    ours = body(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions,
+                softprompt_prefix=prefix).last_hidden_state
+    cache = DynamicCache(config=body.config)
+    for layer, (key, value) in enumerate(prefix):
+        cache.update(key.expand(2, -1, -1, -1), value.expand(2, -1, -1, -1), layer)
+    reference = body(input_ids=inputs["input_ids"], attention_mask=torch.cat([torch.ones(2, n, dtype=mask.dtype), mask], 1),
+                     position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], reference[real], atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_query_prefix_has_kv_heads(tiny_models):
+    model, _ = build(tiny_models["llama"], "prefix_tuning")
+    layers, two, one, kv_heads, n, head_dim = model.prompt().shape
+    assert (layers, two, kv_heads, n, head_dim) == (2, 2, 2, 4, 8)
+
+
+def test_prompt_tuning_text_init_uses_token_embeddings(tiny_models):
+    model, tokenizer = build(tiny_models["bert"], "prompt_tuning_text")
+    ids = tokenizer(METHODS["prompt_tuning_text"]["init_text"], add_special_tokens=False)["input_ids"][:4]
+    expected = model.base.get_input_embeddings().weight[ids]
+    torch.testing.assert_close(model.prompt(), expected)
