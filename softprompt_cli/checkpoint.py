@@ -51,3 +51,24 @@ def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], info: di
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return (directory / WEIGHTS_FILE).stat().st_size
+
+
+def read_checkpoint(directory: Path) -> tuple[dict[str, Any], str, dict[str, torch.Tensor]]:
+    """(info, recipe YAML, tensors) of a checkpoint folder; never unpickles anything."""
+    from safetensors.torch import load_file
+
+    from softprompt_cli.errors import UserError
+
+    if not directory.is_dir():
+        raise UserError(f"checkpoint folder {str(directory)!r} does not exist. Give a folder written by "
+                        "`softprompt train` (e.g. runs/<recipe>/best).")
+    missing = [name for name in (WEIGHTS_FILE, INFO_FILE, RECIPE_FILE) if not (directory / name).is_file()]
+    if missing:
+        raise UserError(f"checkpoint folder {str(directory)!r} is incomplete: {', '.join(missing)} missing. "
+                        "Use a complete best/ or final/ folder from a training run.")
+    try:
+        info = json.loads((directory / INFO_FILE).read_text())
+        tensors = load_file(directory / WEIGHTS_FILE)
+    except Exception as err:  # JSON, I/O and safetensors' own errors all mean a damaged folder
+        raise UserError(f"checkpoint folder {str(directory)!r} is damaged ({err}). Use another checkpoint.") from None
+    return info, (directory / RECIPE_FILE).read_text(), tensors

@@ -30,8 +30,9 @@ OverridesArg = Annotated[
 
 def _echo_error(message: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -48,7 +49,7 @@ def train(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Check a recipe, its data files and its model reference without loading the model."""
-    from softprompt_cli.hub import resolve_model_reference
+    from softprompt_cli.hub import check_model_available
     from softprompt_cli.recipe import RecipeError, load_recipe
     from softprompt_cli.sources import load_examples
 
@@ -59,7 +60,7 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     except UserError as err:
         problems.append(f"data: {err}")
     try:
-        resolve_model_reference(loaded.model.name_or_path, loaded.model.revision)
+        check_model_available(loaded.model.name_or_path, loaded.model.revision)
     except UserError as err:
         problems.append(f"model.name_or_path: {err}")
     if problems:
@@ -68,6 +69,30 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
         f"{recipe}: OK ({loaded.method.name}, {len(train_examples.labels)} train / {len(eval_examples.labels)} eval examples, "
         f"labels {names}, metrics {', '.join(loaded.metrics)})"
     )
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint folder (e.g. runs/<recipe>/best)", show_default=False)],
+    split: Annotated[Optional[str], typer.Option(help="split to evaluate (default: the recipe's eval split)")] = None,  # noqa: UP045
+    model: Annotated[Optional[str], typer.Option(help="local copy of the same base model")] = None,  # noqa: UP045
+    output: Annotated[Optional[Path], typer.Option(help="write the metrics as JSON here")] = None,  # noqa: UP045
+) -> None:
+    """Evaluate a trained checkpoint on its recipe's eval split (or another split)."""
+    from softprompt_cli.evaluation import evaluate_checkpoint
+
+    report = evaluate_checkpoint(checkpoint, split, model, output)
+    from accelerate import PartialState
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{checkpoint} on {report['split']} ({report['examples']} examples)", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in report["metrics"].items():
+        table.add_row(name, f"{100 * value:.2f}")
+    if PartialState().is_main_process:
+        Console().print(table)
 
 
 @app.command()

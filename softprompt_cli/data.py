@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datasets
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding
 
 from softprompt_cli.sources import Examples
+
+datasets.disable_progress_bars()  # tokenizing takes a second; the training bar is the one that matters
 
 
 def tokenize(examples: Examples, tokenizer, max_length: int) -> Dataset:

@@ -75,3 +75,14 @@ def offline_model_error(reference: str) -> UserError:
         f"is unreachable from this machine. Point model.name_or_path at a local copy of the model, or use a model "
         f"that ships as a package: {packaged}."
     )
+
+
+def check_model_available(reference: str, revision: str | None = None) -> None:
+    """Raise UserError unless the model can be loaded here: local, packaged, cached, or hub reachable."""
+    location, local = resolve_model_reference(reference, revision)
+    if local or hub_reachable():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(location, "config.json", revision=revision), str):
+        raise offline_model_error(reference)

@@ -79,6 +79,7 @@ def _is_decoder(model: nn.Module) -> bool:
 def load_base_model(reference: str, *, revision: str | None, dtype: str, trust_remote_code: bool,
                     pooling: str, label_names: list[str], prefix: bool) -> nn.Module:
     hf_logging.set_verbosity_error()  # "newly initialized head" warnings are expected here
+    hf_logging.disable_progress_bar()
     kwargs: dict[str, Any] = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     if prefix:
         kwargs["attn_implementation"] = attention.ATTENTION_NAME

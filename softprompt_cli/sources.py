@@ -147,7 +147,7 @@ def label_names(data: DataSection, train: Table) -> list[str]:
     if train.label_names:
         return train.label_names
     field = label_field(data)
-    values = sorted({_label_key(row[field]) for row in train.rows if field in row})
+    values = sorted({_label_key(row[field]) for row in train.rows if row.get(field) is not None})
     if values and all(v.lstrip("-").isdigit() for v in values):
         values = sorted(values, key=int)
     return values
@@ -172,6 +172,10 @@ def to_examples(data: DataSection, table: Table, names: list[str], max_samples: 
     rows = table.rows[:max_samples] if max_samples else table.rows
     texts, labels = [], []
     for number, row in enumerate(rows, 1):
+        absent = [c for c in [*fields, label] if c not in row]
+        if absent:
+            raise UserError(f"row {number} of {table.origin} has no value for {', '.join(map(repr, absent))}. "
+                            "Fix the row (every row needs the text and label fields).")
         key = _label_key(row[label])
         if key in index:
             labels.append(index[key])
@@ -184,6 +188,16 @@ def to_examples(data: DataSection, table: Table, names: list[str], max_samples: 
             )
         texts.append(tuple("" if row[f] is None else str(row[f]) for f in fields))
     return Examples(texts, labels)
+
+
+def load_split(data: DataSection, split: str, names: list[str]) -> Examples:
+    """One split's examples, with the label names fixed (e.g. from a checkpoint).
+
+    The recipe's eval split keeps its max_eval_samples, so that evaluating a checkpoint
+    reproduces the metrics printed during training.
+    """
+    limit = data.max_eval_samples if split == data.eval_split else None
+    return to_examples(data, read_split(data, split), names, limit)
 
 
 def load_examples(data: DataSection) -> tuple[Examples, Examples, list[str]]:

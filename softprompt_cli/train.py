@@ -23,7 +23,7 @@ from softprompt_cli.modeling import SoftPromptModel, config_fingerprint, load_ba
 from softprompt_cli.recipe import Recipe
 from softprompt_cli.sources import load_examples
 
-console = Console()
+console = Console(soft_wrap=True)  # logs stay one line per event when piped
 
 
 def build_model(recipe: Recipe, label_names: list[str]) -> tuple[SoftPromptModel, Any]:
@@ -149,7 +149,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     def run_eval(step: int, epoch: float) -> dict:
         nonlocal checkpoint_bytes
         results = evaluate(model, eval_loader, accelerator, metric_names, len(label_names))
-        log({"step": step, "epoch": round(epoch, 3), "eval": results})
+        log({"step": step, "epoch": round(epoch, 3), "eval": results,
+             "elapsed_s": round(time.perf_counter() - started, 1)})
         if main:
             console.print(f"step {step} (epoch {epoch:.2f}): {_format(results)}")
             if results[main_metric] > best["value"]:
@@ -192,7 +193,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
                     record = {"step": step, "epoch": round(step / steps_per_epoch, 3),
                               "loss": window_loss / window_batches,
                               "lr": scheduler.get_last_lr()[0], "prompt_grad_norm": grad_norm,
-                              "examples_per_s": window_examples / elapsed}
+                              "examples_per_s": window_examples / elapsed,
+                              "elapsed_s": round(time.perf_counter() - started, 1)}
                     log(record)
                     progress.update(bar, status=f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
                                                 f"{record['examples_per_s']:.1f} ex/s")

@@ -38,9 +38,11 @@ def _save_tiny(kind: str, folder: Path) -> Path:
     configs = {
         "bert": BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=37, max_position_embeddings=160),
-        "gpt2": GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=160),
+        "gpt2": GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=160,
+                           bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id),
         "llama": LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=160),
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=160,
+                             bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id),
     }
     torch.manual_seed(0)
     model = AutoModel.from_config(configs[kind])

@@ -1,0 +1,56 @@
+"""Loading a trained checkpoint onto its base model, and evaluating it on a split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from accelerate import Accelerator
+
+from softprompt_cli.checkpoint import read_checkpoint
+from softprompt_cli.data import loader, tokenize
+from softprompt_cli.errors import UserError
+from softprompt_cli.modeling import config_fingerprint
+from softprompt_cli.recipe import Recipe, parse_recipe
+from softprompt_cli.sources import load_split
+from softprompt_cli.train import build_model, evaluate
+
+
+def load_trained(directory: Path, model_path: str | None = None):
+    """(recipe, model, tokenizer, label names) of a checkpoint, refusing a base model that differs."""
+    info, recipe_yaml, tensors = read_checkpoint(directory)
+    recipe = parse_recipe(yaml.safe_load(recipe_yaml), source=f"recipe in checkpoint {str(directory)!r}")
+    if model_path is not None:
+        recipe.model.name_or_path = model_path
+    label_names = info["label_names"]
+    model, tokenizer = build_model(recipe, label_names)
+    expected = info["base_model"]["fingerprint"]
+    actual = config_fingerprint(model.base.config)
+    if actual != expected:
+        raise UserError(
+            f"checkpoint {str(directory)!r} was trained on {info['base_model']['name_or_path']!r} (config fingerprint "
+            f"{expected}), but {recipe.model.name_or_path!r} has fingerprint {actual}: a different model. "
+            "Use the base model the checkpoint was trained on."
+        )
+    model.load_trainable_state(tensors)
+    return recipe, model, tokenizer, label_names
+
+
+def evaluate_checkpoint(directory: Path, split: str | None = None, model_path: str | None = None,
+                        output: Path | None = None) -> dict[str, Any]:
+    accelerator = Accelerator()
+    recipe: Recipe
+    recipe, model, tokenizer, label_names = load_trained(directory, model_path)
+    split = split or recipe.data.eval_split
+    examples = load_split(recipe.data, split, label_names)
+    dataset = tokenize(examples, tokenizer, recipe.data.max_length)
+    eval_loader = loader(dataset, tokenizer, recipe.training.eval_batch_size, False, True)
+    model, eval_loader = accelerator.prepare(model, eval_loader)
+    results = evaluate(model, eval_loader, accelerator, recipe.metrics, len(label_names))
+    report = {"checkpoint": str(directory), "split": split, "examples": len(examples.labels), "metrics": results}
+    if output is not None and accelerator.is_main_process:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+    return report
