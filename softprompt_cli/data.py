@@ -13,18 +13,38 @@ from softprompt_cli.sources import Examples
 datasets.disable_progress_bars()  # tokenizing takes a second; the training bar is the one that matters
 
 
-def tokenize(examples: Examples, tokenizer, max_length: int) -> Dataset:
+def tokenize(examples: Examples, tokenizer, max_length: int, separate_pair: bool = False) -> Dataset:
+    """Token ids per example; with `separate_pair`, each text of a pair as its own sequence (`*_b` columns)."""
     pair = len(examples.texts[0]) == 2
     columns = {"text": [t[0] for t in examples.texts], "labels": examples.labels}
     if pair:
         columns["text_pair"] = [t[1] for t in examples.texts]
 
     def encode(batch):
-        return tokenizer(batch["text"], batch["text_pair"] if pair else None, truncation=True, max_length=max_length)
+        if not separate_pair:
+            return tokenizer(batch["text"], batch["text_pair"] if pair else None, truncation=True,
+                             max_length=max_length)
+        first = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        second = tokenizer(batch["text_pair"], truncation=True, max_length=max_length)
+        return {**first, **{f"{k}_b": v for k, v in second.items()}}
 
     dataset = Dataset.from_dict(columns)
     dataset = dataset.map(encode, batched=True, remove_columns=[c for c in columns if c != "labels"])
-    return dataset.map(lambda row: {"length": len(row["input_ids"])})
+    return dataset.map(lambda row: {"length": max(len(row["input_ids"]), len(row.get("input_ids_b") or []))})
+
+
+class SeparatePairCollator:
+    """Pads a batch of B pairs into 2B sequences: all first texts, then all second texts."""
+
+    def __init__(self, tokenizer):
+        self.pad = DataCollatorWithPadding(tokenizer)
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        first = [{k: v for k, v in row.items() if k != "labels" and not k.endswith("_b")} for row in rows]
+        second = [{k[:-2]: v for k, v in row.items() if k.endswith("_b")} for row in rows]
+        batch = self.pad(first + second)
+        batch["labels"] = torch.tensor([row["labels"] for row in rows])
+        return batch
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -80,5 +100,6 @@ class LengthGroupedSampler(Sampler[int]):
 def loader(dataset: Dataset, tokenizer, batch_size: int, shuffle: bool, group_by_length: bool,
            seed: int = 0) -> DataLoader:
     sampler = LengthGroupedSampler(dataset["length"], batch_size, shuffle, group_by_length, seed)
-    collate = DataCollatorWithPadding(tokenizer)
+    collate = SeparatePairCollator(tokenizer) if "input_ids_b" in dataset.column_names else DataCollatorWithPadding(
+        tokenizer)
     return DataLoader(dataset.remove_columns("length"), batch_size=batch_size, sampler=sampler, collate_fn=collate)

@@ -45,7 +45,7 @@ def evaluate_checkpoint(directory: Path, split: str | None = None, model_path: s
     recipe, model, tokenizer, label_names = load_trained(directory, model_path)
     split = split or recipe.data.eval_split
     examples = load_split(recipe.data, split, label_names)
-    dataset = tokenize(examples, tokenizer, recipe.data.max_length)
+    dataset = tokenize(examples, tokenizer, recipe.data.max_length, recipe.task.pooling == "pair_mean")
     eval_loader = loader(dataset, tokenizer, recipe.training.eval_batch_size, False, True)
     model, eval_loader = accelerator.prepare(model, eval_loader)
     results = evaluate(model, eval_loader, accelerator, recipe.metrics, len(label_names))

@@ -91,7 +91,7 @@ def load_base_model(reference: str, *, revision: str | None, dtype: str, trust_r
         except ValueError as err:  # an architecture without a sequence-classification class
             raise UserError(f"{reference!r} has no sequence-classification head ({err}). "
                             "Use task.pooling: mean, which adds a head of its own.") from None
-    return _load(AutoModel, reference, revision, **kwargs)
+    return _load(AutoModel, reference, revision, **kwargs)  # mean / pair_mean: a head of our own
 
 
 class SoftPromptModel(nn.Module):
@@ -131,9 +131,10 @@ class SoftPromptModel(nn.Module):
         # reads [CLS]; decoders read the last token, so the prompt simply goes first.
         probe = tokenizer("x")["input_ids"]
         self.insert_at = 1 if (not self.is_decoder and probe and probe[0] in tokenizer.all_special_ids) else 0
-        if pooling == "mean":
+        if pooling in ("mean", "pair_mean"):
             self.head_dropout = nn.Dropout(getattr(config, "hidden_dropout_prob", 0.1) or 0.0)
-            self.head = nn.Linear(config.hidden_size, num_labels)
+            features = 4 * config.hidden_size if pooling == "pair_mean" else config.hidden_size
+            self.head = nn.Linear(features, num_labels)
         else:
             heads = [getattr(base, name) for name in HEAD_MODULE_NAMES if hasattr(base, name)]
             if not heads:
@@ -179,10 +180,13 @@ class SoftPromptModel(nn.Module):
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
 
-        if self.pooling == "mean":
+        if self.pooling in ("mean", "pair_mean"):
             hidden = self.base(**inputs).last_hidden_state
             weights = real_tokens.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+            if self.pooling == "pair_mean":  # rows are [first texts; second texts]
+                first, second = F.normalize(pooled, dim=-1).chunk(2)
+                pooled = torch.cat([first, second, (first - second).abs(), first * second], dim=-1)
             logits = self.head(self.head_dropout(pooled))
         elif self.is_decoder:
             hidden = self.base.base_model(**inputs).last_hidden_state

@@ -67,10 +67,12 @@ class DataSection(Section):
 
 class TaskSection(Section):
     type: Literal["sequence_classification"] = "sequence_classification"
-    pooling: Literal["model", "mean"] = Field(
+    pooling: Literal["model", "mean", "pair_mean"] = Field(
         "model",
         description="model: the model's own head ([CLS] pooler or last real token); "
-        "mean: a new linear head over the mean of the real tokens' hidden states",
+        "mean: a new linear head over the mean of the real tokens' hidden states; "
+        "pair_mean (sentence pairs): each text encoded alone (with the prompt), mean-pooled and normalized, "
+        "a new linear head over [u, v, |u-v|, u*v] (Sentence-BERT's classifier)",
     )
     metrics: list[str] | None = Field(None, description="default: the GLUE task's metrics, else accuracy")
     main_metric: str | None = Field(None, description="selects the best checkpoint (default: the first metric)")
@@ -129,6 +131,14 @@ class Recipe(Section):
     @property
     def main_metric(self) -> str:
         return self.task.main_metric or self.metrics[0]
+
+    @model_validator(mode="after")
+    def _pair_pooling_needs_pairs(self) -> Recipe:
+        if self.task.pooling == "pair_mean":
+            fields = self.data.text_fields or (GLUE_TASKS[self.data.glue_task].text_columns if self.data.glue_task else [])
+            if len(fields) != 2:
+                raise ValueError("task.pooling: pair_mean needs sentence pairs (two text fields); use mean or model")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

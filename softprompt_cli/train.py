@@ -84,8 +84,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     train_examples, eval_examples, label_names = load_examples(recipe.data)
     model, tokenizer = build_model(recipe, label_names)
-    train_set = tokenize(train_examples, tokenizer, recipe.data.max_length)
-    eval_set = tokenize(eval_examples, tokenizer, recipe.data.max_length)
+    train_set = tokenize(train_examples, tokenizer, recipe.data.max_length, recipe.task.pooling == "pair_mean")
+    eval_set = tokenize(eval_examples, tokenizer, recipe.data.max_length, recipe.task.pooling == "pair_mean")
     train_loader = loader(train_set, tokenizer, cfg.batch_size, True, cfg.group_by_length, cfg.seed)
     eval_loader = loader(eval_set, tokenizer, cfg.eval_batch_size, False, True)
 
@@ -184,7 +184,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
                     optimizer.zero_grad()
                 window_loss += loss.item()
                 window_batches += 1
-                window_examples += batch["input_ids"].shape[0] * accelerator.num_processes
+                window_examples += batch["labels"].shape[0] * accelerator.num_processes
                 if not accelerator.sync_gradients:
                     continue
                 step += 1

@@ -140,3 +140,20 @@ def test_prompt_tuning_text_init_uses_token_embeddings(tiny_models):
     ids = tokenizer(METHODS["prompt_tuning_text"]["init_text"], add_special_tokens=False)["input_ids"][:4]
     expected = model.base.get_input_embeddings().weight[ids]
     torch.testing.assert_close(model.prompt(), expected)
+
+
+@pytest.mark.parametrize("variant", ["prompt_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_pair_mean_pools_each_text_alone(tiny_models, kind, variant):
+    """pair_mean takes 2B rows (first texts, then second texts) and gives B predictions."""
+    model, tokenizer = build(tiny_models[kind], variant, "pair_mean")
+    model.eval()
+    firsts, seconds = ["a first text", "another one here"], ["its pair", "the other pair text"]
+    logits = model(**batch(tokenizer, firsts + seconds, padding_side="right"))["logits"]
+    assert logits.shape == (2, len(LABELS))
+    alone = model(**batch(tokenizer, [firsts[1], seconds[1]]))["logits"]
+    torch.testing.assert_close(logits[1], alone[0], atol=1e-5, rtol=1e-4)
+    model.train()
+    model(**batch(tokenizer, firsts + seconds), labels=torch.tensor([0, 1]))["loss"].backward()
+    assert model.head.weight.grad.shape == (len(LABELS), 4 * model.base.config.hidden_size)
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("prompt."))

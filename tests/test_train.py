@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -111,10 +112,14 @@ def test_two_processes_match_one(tmp_path, tiny_models, run_cli):
     recipe = write_recipe(tmp_path, str(tiny_models["bert"]), {"name": "prompt_tuning"},
                           data={"max_eval_samples": 37})  # odd: exercises gather_for_metrics' de-duplication
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:  # a free port, so that parallel runs do not collide on 29500
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(port),
               "-m", "softprompt_cli", "train", str(recipe)]
-    done = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
     run = tmp_path / "run"
