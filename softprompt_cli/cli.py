@@ -96,6 +96,28 @@ def evaluate(
 
 
 @app.command()
+def predict(
+    checkpoints: Annotated[list[str], typer.Argument(
+        help="checkpoint folders of one base model, as DIR or NAME=DIR (the task name rows refer to)",
+        show_default=False)],
+    input_file: Annotated[Optional[Path], typer.Option("--input", help="csv, tsv or jsonl with the text columns")] = None,  # noqa: UP045
+    text: Annotated[Optional[list[str]], typer.Option(help="a text to classify (repeatable)")] = None,  # noqa: UP045
+    text_pair: Annotated[Optional[list[str]], typer.Option(help="its pair text, for pair tasks")] = None,  # noqa: UP045
+    output: Annotated[Optional[Path], typer.Option(help=".jsonl, .csv or .tsv (default: jsonl on stdout)")] = None,  # noqa: UP045
+    task_column: Annotated[str, typer.Option(help="column naming each row's task; without it every row "
+                                                  "goes to every checkpoint")] = "task",
+    text_field: Annotated[Optional[list[str]], typer.Option(help="text column(s) to read (default: the recipe's)")] = None,  # noqa: UP045
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    model: Annotated[Optional[str], typer.Option(help="local copy of the same base model")] = None,  # noqa: UP045
+) -> None:
+    """Predict labels with one or several checkpoints; rows of different tasks share forward batches."""
+    from softprompt_cli.predict import run_predict
+
+    run_predict(checkpoints, input_file, text or [], text_pair or [], output, task_column, text_field, batch_size,
+                model)
+
+
+@app.command()
 def methods() -> None:
     """List the soft-prompt methods and their options."""
     from rich.console import Console

@@ -94,6 +94,21 @@ def load_base_model(reference: str, *, revision: str | None, dtype: str, trust_r
     return _load(AutoModel, reference, revision, **kwargs)  # mean / pair_mean: a head of our own
 
 
+def _keep_head_input(head: nn.Module, args: tuple) -> None:
+    head.softprompt_input = args[0]
+
+
+@dataclass
+class Encoded:
+    """The frozen model's output for a batch of rows, before pooling and head."""
+
+    states: torch.Tensor
+    """Last hidden states [rows, length, hidden], or the input of the model's own head."""
+    real_tokens: torch.Tensor
+    """1 for real (not virtual, not padding) tokens."""
+    attention_mask: torch.Tensor
+
+
 class SoftPromptModel(nn.Module):
     """A frozen transformer, a trainable soft prompt, and a trainable classification head."""
 
@@ -131,16 +146,22 @@ class SoftPromptModel(nn.Module):
         # reads [CLS]; decoders read the last token, so the prompt simply goes first.
         probe = tokenizer("x")["input_ids"]
         self.insert_at = 1 if (not self.is_decoder and probe and probe[0] in tokenizer.all_special_ids) else 0
+        self.head_reads_model_pooler = pooling == "model" and not self.is_decoder
         if pooling in ("mean", "pair_mean"):
             self.head_dropout = nn.Dropout(getattr(config, "hidden_dropout_prob", 0.1) or 0.0)
             features = 4 * config.hidden_size if pooling == "pair_mean" else config.hidden_size
             self.head = nn.Linear(features, num_labels)
         else:
-            heads = [getattr(base, name) for name in HEAD_MODULE_NAMES if hasattr(base, name)]
-            if not heads:
-                raise UserError(f"{type(base).__name__} has no classifier/score head. Use task.pooling: mean.")
-            for head in heads:
-                head.requires_grad_(True)
+            heads = [name for name in HEAD_MODULE_NAMES if hasattr(base, name)]
+            if len(heads) != 1:
+                raise UserError(f"{type(base).__name__} has no single classifier/score head ({heads}). "
+                                "Use task.pooling: mean, which adds a head of its own.")
+            # Registered on the base model only: the head's weights are saved as base.<name>.*
+            object.__setattr__(self, "head", getattr(base, heads[0]))
+            self.head.requires_grad_(True)
+            if self.head_reads_model_pooler and not hasattr(self.head, "softprompt_input"):
+                self.head.softprompt_input = None
+                self.head.register_forward_pre_hook(_keep_head_input)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
@@ -153,13 +174,23 @@ class SoftPromptModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        encoded = self.encode(input_ids, attention_mask, token_type_ids, self.prompt())
+        output = {"logits": self.classify(encoded)}
+        if labels is not None:
+            output["loss"] = F.cross_entropy(output["logits"].float(), labels)
+        return output
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
+               prompt: torch.Tensor) -> Encoded:
+        """Run the frozen model with a soft prompt: shared by all rows ([n, d] or [layers, 2, 1, ...]) or
+        one per row ([B, n, d] or [layers, 2, B, ...]: several tasks in one batch)."""
         batch = input_ids.shape[0]
         n = self.num_virtual_tokens
         inputs: dict[str, Any] = {}
         real_tokens = attention_mask
         if self.kind == "input":
             embeds = self.base.get_input_embeddings()(input_ids)
-            virtual = self.prompt().to(embeds.dtype).expand(batch, -1, -1)
+            virtual = prompt.to(embeds.dtype).expand(batch, -1, -1)
             at = self.insert_at
             ones = attention_mask.new_ones(batch, n)
             inputs["inputs_embeds"] = torch.cat([embeds[:, :at], virtual, embeds[:, at:]], dim=1)
@@ -170,7 +201,7 @@ class SoftPromptModel(nn.Module):
             offset = 0
         else:
             inputs["input_ids"] = input_ids
-            inputs["softprompt_prefix"] = self.prompt()
+            inputs["softprompt_prefix"] = prompt
             offset = n  # real tokens come after the prefix, as with a cache of n positions
         if self.is_decoder:
             positions = (attention_mask.cumsum(-1) - 1).clamp(min=0) + offset
@@ -179,23 +210,28 @@ class SoftPromptModel(nn.Module):
         inputs.update(attention_mask=attention_mask, position_ids=positions.expand(batch, -1))
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
+        if self.head_reads_model_pooler:
+            # The model's own head pipeline ([CLS] pooler, dropout) runs; a hook keeps the head's input.
+            self.base(**inputs)
+            states, self.head.softprompt_input = self.head.softprompt_input, None
+            return Encoded(states, real_tokens, attention_mask)
+        return Encoded(self.base.base_model(**inputs).last_hidden_state, real_tokens, attention_mask)
 
-        if self.pooling in ("mean", "pair_mean"):
-            hidden = self.base(**inputs).last_hidden_state
-            weights = real_tokens.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-            if self.pooling == "pair_mean":  # rows are [first texts; second texts]
-                first, second = F.normalize(pooled, dim=-1).chunk(2)
-                pooled = torch.cat([first, second, (first - second).abs(), first * second], dim=-1)
-            logits = self.head(self.head_dropout(pooled))
-        elif self.is_decoder:
-            hidden = self.base.base_model(**inputs).last_hidden_state
-            positions_idx = torch.arange(attention_mask.shape[1], device=hidden.device)
-            last_real = (positions_idx * attention_mask).argmax(-1)  # works for left and right padding
-            logits = self.base.score(hidden[torch.arange(batch, device=hidden.device), last_real])
+    def classify(self, encoded: Encoded, head_state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits from encoded rows; `head_state` swaps in another task's head weights."""
+        if self.head_reads_model_pooler:
+            features = encoded.states
+        elif self.pooling == "model":  # decoder: the last real token, wherever the padding is
+            index = torch.arange(encoded.attention_mask.shape[1], device=encoded.states.device)
+            last_real = (index * encoded.attention_mask).argmax(-1)
+            features = encoded.states[torch.arange(len(last_real), device=last_real.device), last_real]
         else:
-            logits = self.base(**inputs).logits
-        output = {"logits": logits}
-        if labels is not None:
-            output["loss"] = F.cross_entropy(logits.float(), labels)
-        return output
+            weights = encoded.real_tokens.unsqueeze(-1).to(encoded.states.dtype)
+            features = (encoded.states * weights).sum(1) / weights.sum(1).clamp(min=1)
+            if self.pooling == "pair_mean":  # rows are [first texts; second texts]
+                first, second = F.normalize(features, dim=-1).chunk(2)
+                features = torch.cat([first, second, (first - second).abs(), first * second], dim=-1)
+            features = self.head_dropout(features)
+        if head_state is None:
+            return self.head(features)
+        return torch.func.functional_call(self.head, head_state, (features,))

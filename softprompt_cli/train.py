@@ -209,10 +209,12 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 break
 
     minutes = (time.perf_counter() - started) / 60
-    summary = {"final": results, "best": best.get("metrics", {}), "best_step": best.get("step"),
-               "trainable_parameters": trainable, "minutes": round(minutes, 2), "output_dir": str(out)}
+    summary = {"method": recipe.method.name, "final": results, "best": best.get("metrics", {}),
+               "best_step": best.get("step"), "trainable_parameters": trainable, "minutes": round(minutes, 2),
+               "output_dir": str(out)}
     if main:
-        checkpoint_bytes = save("final", step, step / steps_per_epoch, results) or checkpoint_bytes
+        checkpoint_bytes = save("final", step, step / steps_per_epoch, results)
+        summary["checkpoint_bytes"] = checkpoint_bytes
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log_file.close()
         console.print(

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -74,3 +75,18 @@ def run_cli(capsys, monkeypatch):
         return code, captured.out, captured.err
 
     return run
+
+
+def write_recipe(tmp_path: Path, model: str, method: dict, **sections) -> Path:
+    recipe = {
+        "model": {"name_or_path": model},
+        "data": {"glue_task": "mrpc", "dir": str(GLUE_DIR), "max_train_samples": 48, "max_eval_samples": 40},
+        "method": {"num_virtual_tokens": 4, **method},
+        "training": {"batch_size": 8, "eval_batch_size": 16, "epochs": 2, "lr": 1e-2, "log_steps": 2},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    for name, values in sections.items():
+        recipe.setdefault(name, {}).update(values)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

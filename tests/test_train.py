@@ -12,22 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import GLUE_DIR, REPO
-
-
-def write_recipe(tmp_path: Path, model: str, method: dict, **sections) -> Path:
-    recipe = {
-        "model": {"name_or_path": model},
-        "data": {"glue_task": "mrpc", "dir": str(GLUE_DIR), "max_train_samples": 48, "max_eval_samples": 40},
-        "method": {"num_virtual_tokens": 4, **method},
-        "training": {"batch_size": 8, "eval_batch_size": 16, "epochs": 2, "lr": 1e-2, "log_steps": 2},
-        "output": {"dir": str(tmp_path / "run")},
-    }
-    for name, values in sections.items():
-        recipe.setdefault(name, {}).update(values)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+from conftest import REPO, write_recipe
 
 
 def no_traceback(*texts: str) -> bool:

@@ -1,0 +1,243 @@
+"""`softprompt predict`: one frozen model, several trained soft prompts, rows of different tasks in
+the same forward batch (each row with its own prompt and head).
+
+Tasks can share a forward pass when their prompts have the same kind and length and their heads
+read the same thing (hidden states, or the model's own pooler); others go in separate batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import DataCollatorWithPadding
+
+from softprompt_cli.checkpoint import read_checkpoint
+from softprompt_cli.errors import UserError
+from softprompt_cli.modeling import Encoded, SoftPromptModel, config_fingerprint, load_base_model, load_tokenizer
+from softprompt_cli.recipe import Recipe, parse_recipe
+from softprompt_cli.sources import read_table, text_fields
+
+
+@dataclass
+class Task:
+    name: str
+    recipe: Recipe
+    label_names: list[str]
+    model: SoftPromptModel
+    head_state: dict[str, torch.Tensor]
+    prompt: torch.Tensor = field(init=False)
+    """The prompt's inference form, computed once (P-tuning's encoder output, projected prefixes)."""
+
+    @property
+    def batch_key(self) -> tuple:
+        return self.model.kind, self.model.num_virtual_tokens, self.model.head_reads_model_pooler
+
+    @property
+    def separate_pair(self) -> bool:
+        return self.recipe.task.pooling == "pair_mean"
+
+
+def _parse_reference(reference: str) -> tuple[str | None, Path]:
+    name, sep, path = reference.partition("=")
+    return (name, Path(path)) if sep and name and not Path(reference).exists() else (None, Path(reference))
+
+
+def load_tasks(references: list[str], model_path: str | None = None) -> tuple[dict[str, Task], Any]:
+    """Load checkpoints (`DIR` or `NAME=DIR`) onto one shared frozen base model."""
+    loaded = []
+    for reference in references:
+        name, directory = _parse_reference(reference)
+        info, recipe_yaml, tensors = read_checkpoint(directory)
+        recipe = parse_recipe(yaml.safe_load(recipe_yaml), source=f"recipe in checkpoint {str(directory)!r}")
+        if model_path is not None:
+            recipe.model.name_or_path = model_path
+        name = name or (directory.parent.name if directory.name in ("best", "final") else directory.name)
+        loaded.append((name, directory, info, recipe, tensors))
+    names = [item[0] for item in loaded]
+    if len(set(names)) != len(names):
+        raise UserError(f"two checkpoints have the same task name ({names}); name them: NAME=DIR.")
+    fingerprints = {item[2]["base_model"]["fingerprint"] for item in loaded}
+    if len(fingerprints) > 1:
+        models = sorted({item[2]["base_model"]["name_or_path"] for item in loaded})
+        raise UserError(f"the checkpoints were trained on different base models ({', '.join(models)}); "
+                        "predict serves checkpoints of one base model at a time.")
+
+    first = loaded[0][3]
+    tokenizer = load_tokenizer(first.model.name_or_path, first.model.revision, first.model.trust_remote_code)
+    model_pooling = [item for item in loaded if item[3].task.pooling == "model"]
+    base = load_base_model(
+        first.model.name_or_path, revision=first.model.revision, dtype=first.model.dtype,
+        trust_remote_code=first.model.trust_remote_code, pooling="model" if model_pooling else "mean",
+        label_names=(model_pooling or loaded)[0][2]["label_names"],
+        prefix=any(item[3].method.kind == "prefix" for item in loaded),
+    )
+    if config_fingerprint(base.config) not in fingerprints:
+        raise UserError(f"{first.model.name_or_path!r} is not the base model these checkpoints were trained on "
+                        "(config fingerprint differs). Use the model they were trained on.")
+    base.eval()
+    tasks = {}
+    for name, directory, info, recipe, tensors in loaded:
+        model = SoftPromptModel(base, recipe.method, tokenizer, recipe.task.pooling, len(info["label_names"]),
+                                recipe.data.max_length).eval()
+        prompt_state = {k.removeprefix("prompt."): v for k, v in tensors.items() if k.startswith("prompt.")}
+        head_prefix = next(k for k in tensors if not k.startswith("prompt.")).rsplit(".", 1)[0] + "."
+        head_state = {k.removeprefix(head_prefix): v for k, v in tensors.items() if k.startswith(head_prefix)}
+        try:
+            model.prompt.load_state_dict(prompt_state)
+        except RuntimeError as err:
+            raise UserError(f"checkpoint {str(directory)!r} does not fit its own recipe ({err}).") from None
+        task = Task(name, recipe, info["label_names"], model, head_state)
+        with torch.no_grad():
+            task.prompt = model.prompt()
+        tasks[name] = task
+    return tasks, tokenizer
+
+
+@dataclass
+class Item:
+    """One prediction to make: an input row for one task."""
+
+    row: int
+    task: Task
+    sequences: list[dict]  # tokenized: one, or two for pair_mean
+
+
+def make_items(rows: list[dict], tasks: dict[str, Task], tokenizer, task_column: str | None,
+               fields_override: list[str] | None) -> list[Item]:
+    if not rows:
+        raise UserError("the input has no rows. Give at least one text.")
+    items = []
+    for number, row in enumerate(rows):
+        if task_column and task_column in row:
+            name = str(row[task_column])
+            if name not in tasks:
+                raise UserError(f"row {number + 1} names task {name!r}, which is not one of the loaded checkpoints "
+                                f"({', '.join(tasks)}). Fix the {task_column!r} column or load that checkpoint.")
+            targets = [tasks[name]]
+        else:
+            targets = list(tasks.values())
+        for task in targets:
+            fields = fields_override or text_fields(task.recipe.data)
+            missing = [f for f in fields if f not in row]
+            if missing:
+                raise UserError(f"row {number + 1} has no {', '.join(map(repr, missing))} (task {task.name} reads "
+                                f"{fields}; the row has {sorted(row)}). Name the text columns with --text-field.")
+            texts = [str(row[f]) for f in fields]
+            limit = task.recipe.data.max_length
+            if task.separate_pair:
+                sequences = [dict(tokenizer(t, truncation=True, max_length=limit)) for t in texts]
+            else:
+                sequences = [dict(tokenizer(*texts, truncation=True, max_length=limit))]
+            items.append(Item(number, task, sequences))
+    return items
+
+
+@torch.no_grad()
+def predict_batch(items: list[Item], collate) -> list[torch.Tensor]:
+    """Probabilities for each item; all items share one forward pass through the frozen model."""
+    order = sorted(range(len(items)), key=lambda i: items[i].task.name)  # each task's rows contiguous
+    blocks, sequences, prompts = [], [], []
+    for name in dict.fromkeys(items[i].task.name for i in order):
+        members = [i for i in order if items[i].task.name == name]
+        task = items[members[0]].task
+        width = len(items[members[0]].sequences)
+        start = len(sequences)
+        for slot in range(width):  # pair_mean wants all first texts, then all second texts
+            sequences += [items[i].sequences[slot] for i in members]
+        prompts += [task.prompt] * (len(sequences) - start)
+        blocks.append((task, members, slice(start, len(sequences))))
+    batch = collate(sequences)
+    model = blocks[0][0].model
+    per_row = torch.stack(prompts) if model.kind == "input" else torch.cat(prompts, dim=2)
+    encoded = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), per_row)
+    probabilities: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+    for task, members, rows in blocks:
+        part = Encoded(encoded.states[rows], encoded.real_tokens[rows], encoded.attention_mask[rows])
+        logits = task.model.classify(part, task.head_state)
+        for i, p in zip(members, logits.float().softmax(-1)):
+            probabilities[i] = p
+    return probabilities
+
+
+def predict(items: list[Item], tokenizer, batch_size: int, progress: bool = False) -> list[torch.Tensor]:
+    collate = DataCollatorWithPadding(tokenizer)
+    # Group compatible tasks, then similar lengths, so that batches share a forward pass and pad little.
+    order = sorted(range(len(items)), key=lambda i: (items[i].task.batch_key,
+                                                     -max(len(s["input_ids"]) for s in items[i].sequences)))
+    results: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) == batch_size or items[current[0]].task.batch_key != items[i].task.batch_key):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    from rich.progress import Progress
+
+    with Progress(disable=not progress, transient=True, console=None) as bar:
+        job = bar.add_task("predict", total=len(items))
+        for indices in batches:
+            for i, p in zip(indices, predict_batch([items[i] for i in indices], collate)):
+                results[i] = p
+            bar.advance(job, len(indices))
+    return results
+
+
+def records(rows: list[dict], items: list[Item], probabilities: list[torch.Tensor]) -> list[dict]:
+    out = []
+    for item, p in zip(items, probabilities):
+        best = int(p.argmax())
+        out.append({**rows[item.row], "task": item.task.name, "label": item.task.label_names[best],
+                    "score": round(float(p[best]), 6),
+                    "probabilities": {n: round(float(v), 6) for n, v in zip(item.task.label_names, p)}})
+    return out
+
+
+def write_records(results: list[dict], output: Path | None) -> None:
+    if output is None or output.suffix.lower() in (".jsonl", ".json"):
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+        if output is None:
+            sys.stdout.write(lines)
+        else:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(lines, encoding="utf-8")
+        return
+    if output.suffix.lower() not in (".csv", ".tsv"):
+        raise UserError(f"--output {str(output)!r}: write .jsonl, .csv or .tsv.")
+    flat = [{**{k: v for k, v in r.items() if k != "probabilities"},
+             **{f"p_{name}": v for name, v in r["probabilities"].items()}} for r in results]
+    columns = list(dict.fromkeys(k for r in flat for k in r))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, columns, delimiter="\t" if output.suffix.lower() == ".tsv" else ",")
+        writer.writeheader()
+        writer.writerows(flat)
+
+
+def run_predict(references: list[str], input_file: Path | None, texts: list[str], text_pairs: list[str],
+                output: Path | None, task_column: str, fields_override: list[str] | None, batch_size: int,
+                model_path: str | None) -> list[dict]:
+    if (input_file is None) == (not texts):
+        raise UserError("give either --input FILE or --text \"...\" (not both, not neither).")
+    if input_file is not None:
+        rows = read_table(input_file)
+    else:
+        if text_pairs and len(text_pairs) != len(texts):
+            raise UserError("give one --text-pair per --text.")
+        fields_override = ["text", "text_pair"] if text_pairs else ["text"]
+        rows = [{"text": t, **({"text_pair": p} if text_pairs else {})}
+                for t, p in zip(texts, text_pairs or texts)]
+    tasks, tokenizer = load_tasks(references, model_path)
+    items = make_items(rows, tasks, tokenizer, task_column, fields_override)
+    probabilities = predict(items, tokenizer, batch_size, progress=len(items) > 1000 and output is not None)
+    results = records(rows, items, probabilities)
+    write_records(results, output)
+    return results

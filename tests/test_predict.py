@@ -1,0 +1,120 @@
+"""`softprompt predict`: several checkpoints on one frozen model, rows of different tasks in the same batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import GLUE_DIR, write_recipe
+
+
+def train(run_cli, tmp_path, name, model, method, **sections):
+    folder = tmp_path / name
+    folder.mkdir()
+    recipe = write_recipe(folder, model, method, training={"max_steps": 2}, **sections)
+    code, out, err = run_cli("train", recipe)
+    assert code == 0, out + err
+    return folder / "run" / "final"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_models, tmp_path_factory):
+    """Four tiny-BERT checkpoints: a pair task, a single-text task, a 3-label task read by the model's own
+    head, and a prefix-tuning task (the last two cannot share a forward pass with the first two)."""
+    import sys
+
+    from softprompt_cli.cli import main
+
+    tmp_path = tmp_path_factory.mktemp("checkpoints")
+    labelled = tmp_path / "three.csv"
+    labelled.write_text("text,label\n" + "".join(f"example number {i},{'xyz'[i % 3]}\n" for i in range(30)))
+
+    def run_cli(*args):
+        sys.argv = ["softprompt", *map(str, args)]
+        try:
+            main()
+        except SystemExit as exit_:
+            return exit_.code, "", ""
+        return 0, "", ""
+
+    bert = str(tiny_models["bert"])
+    return {
+        "mrpc": train(run_cli, tmp_path, "mrpc", bert, {"name": "prompt_tuning"}, task={"pooling": "pair_mean"}),
+        "sst2": train(run_cli, tmp_path, "sst2", bert, {"name": "prompt_tuning"}, task={"pooling": "mean"},
+                      data={"glue_task": "sst2"}),
+        "three": train(run_cli, tmp_path, "three", bert, {"name": "prompt_tuning"},
+                       data={"glue_task": None, "dir": None, "files": {"train": str(labelled),
+                                                                        "validation": str(labelled)},
+                             "text_fields": ["text"]}),
+        "prefix": train(run_cli, tmp_path, "prefix", bert, {"name": "prefix_tuning", "projection": True,
+                                                            "encoder_hidden_size": 8}),
+    }
+
+
+ROWS = [
+    {"task": "mrpc", "text": "the company said profits rose", "text_pair": "profits went up, the firm said"},
+    {"task": "sst2", "text": "a wonderful, moving film"},
+    {"task": "three", "text": "example number 4"},
+    {"task": "prefix", "text": "one sentence", "text_pair": "another sentence that is longer"},
+    {"task": "sst2", "text": "dull"},
+    {"task": "mrpc", "text": "short", "text_pair": "a somewhat longer second sentence here"},
+]
+
+
+def test_mixed_batch_equals_each_checkpoint_alone(tmp_path, checkpoints, run_cli):
+    mixed_input = tmp_path / "mixed.jsonl"
+    refs = [f"{name}={path}" for name, path in checkpoints.items()]
+    fields = {"mrpc": ["text", "text_pair"], "sst2": ["text"], "three": ["text"], "prefix": ["text", "text_pair"]}
+    renamed = []
+    for row in ROWS:  # each row carries the column names its task's recipe reads
+        names = {"mrpc": ["#1 String", "#2 String"], "sst2": ["sentence"], "three": ["text"],
+                 "prefix": ["#1 String", "#2 String"]}[row["task"]]
+        renamed.append({"task": row["task"], **{n: row[f] for n, f in zip(names, fields[row["task"]])}})
+    mixed_input.write_text("".join(json.dumps(r) + "\n" for r in renamed))
+    code, out, err = run_cli("predict", *refs, "--input", mixed_input, "--output", tmp_path / "out.jsonl", "--batch-size", "8")
+    assert code == 0, out + err
+    mixed = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in mixed] == [r["task"] for r in ROWS]
+
+    for name, path in checkpoints.items():
+        own = [r for r in renamed if r["task"] == name]
+        single_input = tmp_path / f"{name}.jsonl"
+        single_input.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "task"}) + "\n" for r in own))
+        code, out, err = run_cli("predict", str(path), "--input", single_input, "--batch-size", "1")
+        assert code == 0, out + err
+        alone = [json.loads(line) for line in out.splitlines()]
+        together = [r for r in mixed if r["task"] == name]
+        assert [r["label"] for r in alone] == [r["label"] for r in together]
+        for a, b in zip(alone, together):
+            assert a["probabilities"].keys() == b["probabilities"].keys()
+            assert all(abs(a["probabilities"][k] - b["probabilities"][k]) < 1e-5 for k in a["probabilities"])
+
+
+def test_predict_mrpc_dev_file_writes_one_row_per_input(tmp_path, checkpoints, run_cli):
+    code, out, err = run_cli("predict", checkpoints["mrpc"], "--input", GLUE_DIR / "MRPC" / "dev.tsv",
+                             "--output", tmp_path / "dev.csv")
+    assert code == 0, out + err
+    lines = (tmp_path / "dev.csv").read_text().splitlines()
+    assert len(lines) == 1 + 408
+    assert "p_equivalent" in lines[0] and "label" in lines[0]
+    assert all(",equivalent," in line or ",not_equivalent," in line for line in lines[1:])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", "a"], "does not exist"),  # checkpoint folder missing (replaced below)
+    (["--input", "missing.jsonl"], "does not exist"),
+    (["--input", "empty.jsonl"], "no rows"),
+    (["--input", "unknown_task.jsonl"], "not one of the loaded checkpoints"),
+    (["--input", "no_column.jsonl"], "has no"),
+])
+def test_predict_bad_input(tmp_path, checkpoints, run_cli, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "unknown_task.jsonl").write_text(json.dumps({"task": "nope", "sentence": "x"}) + "\n")
+    (tmp_path / "no_column.jsonl").write_text(json.dumps({"other": "x"}) + "\n")
+    checkpoint = tmp_path / "no_such_checkpoint" if message == "does not exist" and args[0] == "--text" \
+        else checkpoints["sst2"]
+    code, out, err = run_cli("predict", checkpoint, *args)
+    assert code == 2, out + err
+    assert message in err and "Traceback" not in out + err
