@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -23,22 +24,16 @@ INFO_FILE = "checkpoint.json"
 RECIPE_FILE = "recipe.yaml"
 
 
-def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any], recipe_yaml: str,
-                     tokenizer=None) -> int:
-    """Write a checkpoint folder atomically; return the size of its weights file in bytes.
+@contextlib.contextmanager
+def atomic_folder(directory: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; it then replaces `directory` by rename.
 
-    Everything goes to a temporary sibling folder first, which then replaces `directory` by
-    rename, so a crash never leaves a half-written checkpoint where a good one stood.
+    A crash while writing never leaves a half-written folder where a good one stood.
     """
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging / WEIGHTS_FILE,
-                  metadata={"format": "pt"})
-        (staging / INFO_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **info}, indent=2) + "\n")
-        (staging / RECIPE_FILE).write_text(recipe_yaml)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        yield staging
         retired = None
         if directory.exists():
             retired = directory.with_name(f".{directory.name}.old")
@@ -50,6 +45,18 @@ def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], info: di
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any], recipe_yaml: str,
+                     tokenizer=None) -> int:
+    """Write a checkpoint folder atomically; return the size of its weights file in bytes."""
+    with atomic_folder(directory) as staging:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging / WEIGHTS_FILE,
+                  metadata={"format": "pt"})
+        (staging / INFO_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **info}, indent=2) + "\n")
+        (staging / RECIPE_FILE).write_text(recipe_yaml)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
     return (directory / WEIGHTS_FILE).stat().st_size
 
 

@@ -36,14 +36,31 @@ def _echo_error(message: str) -> None:
 
 
 @app.command()
-def train(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="continue the run saved in <output.dir>/state (or in a state folder given after the "
+                         "recipe: softprompt train RECIPE --resume DIR)")] = False,
+) -> None:
     """Train a soft prompt as the recipe says; writes best/ and final/ checkpoints."""
     from softprompt_cli.recipe import load_recipe
 
+    overrides = list(overrides or [])
+    state_dir = None
+    if resume and overrides and "=" not in overrides[0]:
+        state_dir = Path(overrides.pop(0))
     loaded = load_recipe(recipe, overrides)
+    if resume and state_dir is None:
+        state_dir = Path(loaded.output.dir) / "state"
+    from softprompt_cli.train import TrainingStopped
     from softprompt_cli.train import train as run_training
 
-    run_training(loaded)
+    try:
+        run_training(loaded, state_dir)
+    except TrainingStopped as stopped:
+        _echo_error(str(stopped).replace("RECIPE", str(recipe)))
+        sys.exit(130)
 
 
 @app.command()

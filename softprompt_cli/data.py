@@ -102,4 +102,7 @@ def loader(dataset: Dataset, tokenizer, batch_size: int, shuffle: bool, group_by
     sampler = LengthGroupedSampler(dataset["length"], batch_size, shuffle, group_by_length, seed)
     collate = SeparatePairCollator(tokenizer) if "input_ids_b" in dataset.column_names else DataCollatorWithPadding(
         tokenizer)
-    return DataLoader(dataset.remove_columns("length"), batch_size=batch_size, sampler=sampler, collate_fn=collate)
+    # Its own generator: creating an iterator then never draws from the global RNG, whose stream
+    # (dropout) must only depend on the training steps taken, so that a resumed run continues exactly.
+    return DataLoader(dataset.remove_columns("length"), batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(seed))

@@ -15,7 +15,7 @@ from softprompt_cli.errors import UserError
 from softprompt_cli.modeling import config_fingerprint
 from softprompt_cli.recipe import Recipe, parse_recipe
 from softprompt_cli.sources import load_split
-from softprompt_cli.train import build_model, evaluate
+from softprompt_cli.train import build_model, evaluate, finish
 
 
 def load_trained(directory: Path, model_path: str | None = None):
@@ -53,4 +53,5 @@ def evaluate_checkpoint(directory: Path, split: str | None = None, model_path: s
     if output is not None and accelerator.is_main_process:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2) + "\n")
+    finish(accelerator)
     return report

@@ -103,6 +103,8 @@ class TrainingSection(Section):
     seed: int = 42
     eval_steps: int | None = Field(None, ge=1, description="also evaluate every N optimizer steps")
     log_steps: int = Field(10, ge=1)
+    save_state_steps: int | None = Field(
+        None, ge=1, description="also save the resumable state every N steps (it is saved every epoch and on Ctrl-C)")
     group_by_length: bool = Field(True, description="batches of similar length (shuffled buckets): less padding")
     tensorboard: bool = False
 

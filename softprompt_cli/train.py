@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_linear_schedule_with_warmup
@@ -22,6 +24,7 @@ from softprompt_cli.errors import UserError
 from softprompt_cli.modeling import SoftPromptModel, config_fingerprint, load_base_model, load_tokenizer
 from softprompt_cli.recipe import Recipe
 from softprompt_cli.sources import load_examples
+from softprompt_cli.state import capture_rng, load_state, restore_rng, save_state
 
 console = Console(soft_wrap=True)  # logs stay one line per event when piped
 
@@ -51,22 +54,73 @@ def evaluate(model, eval_loader, accelerator: Accelerator, metric_names: list[st
     return metrics.compute(metric_names, predictions, references, num_labels)
 
 
+def finish(accelerator: Accelerator) -> None:
+    """End trackers and tear the process group down while every process is still alive: left to
+    the garbage collector, gloo's destructor can wait forever for a process that has exited."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    earlier = [p.name for p in (out / "best", out / "final", out / "metrics.jsonl") if p.exists()]
+    earlier = [p.name for p in (out / "best", out / "final", out / "metrics.jsonl", out / "state") if p.exists()]
     if earlier and not overwrite:
         raise UserError(
-            f"output folder {str(out)!r} already holds a run ({', '.join(earlier)}). Choose another output.dir, or "
-            "set output.overwrite=true to replace it."
+            f"output folder {str(out)!r} already holds a run ({', '.join(earlier)}). Choose another output.dir, "
+            "set output.overwrite=true to replace it, or continue it with --resume."
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+# Settings that may change when a run is resumed; anything else must match the interrupted run.
+RESUMABLE_CHANGES = {("training", "epochs"), ("training", "max_steps"), ("training", "save_state_steps"),
+                     ("training", "log_steps"), ("training", "eval_steps"), ("output", "overwrite")}
+
+
+def check_resumable(saved: dict, recipe: Recipe, directory: Path) -> None:
+    current = recipe.model_dump(mode="json")
+    changed = [f"{section}.{key}" for section, values in current.items() if isinstance(values, dict)
+               for key, value in values.items()
+               if (section, key) not in RESUMABLE_CHANGES and saved.get(section, {}).get(key) != value]
+    if changed:
+        raise UserError(f"the recipe differs from the one of the run saved in {str(directory)!r} "
+                        f"({', '.join(changed)}). Resume with the same recipe (epochs and max_steps may change).")
+
+
+class StopRequest:
+    """Turns the first Ctrl-C into a request to stop at the next step boundary (where the state
+    is consistent and can be saved); a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class TrainingStopped(Exception):
+    """Raised after a requested stop, once the state is saved; the CLI exits with 130."""
 
 
 def _format(values: dict[str, float]) -> str:
     return " ".join(f"{k}={100 * v:.2f}" for k, v in values.items())
 
 
-def train(recipe: Recipe) -> dict[str, Any]:
+def train(recipe: Recipe, resume: Path | None = None) -> dict[str, Any]:
     cfg = recipe.training
     out = Path(recipe.output.dir)
     accelerator = Accelerator(
@@ -77,15 +131,21 @@ def train(recipe: Recipe) -> dict[str, Any]:
         project_dir=str(out),
     )
     main = accelerator.is_main_process
-    if main:
+    saved = load_state(resume) if resume is not None else None
+    if saved is not None:
+        check_resumable(saved["progress"]["recipe"], recipe, resume)
+    elif main:
         prepare_output_dir(out, recipe.output.overwrite)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
         (out / RECIPE_FILE).write_text(recipe.to_yaml())
     set_seed(cfg.seed)
 
     train_examples, eval_examples, label_names = load_examples(recipe.data)
     model, tokenizer = build_model(recipe, label_names)
-    train_set = tokenize(train_examples, tokenizer, recipe.data.max_length, recipe.task.pooling == "pair_mean")
-    eval_set = tokenize(eval_examples, tokenizer, recipe.data.max_length, recipe.task.pooling == "pair_mean")
+    separate_pair = recipe.task.pooling == "pair_mean"
+    train_set = tokenize(train_examples, tokenizer, recipe.data.max_length, separate_pair)
+    eval_set = tokenize(eval_examples, tokenizer, recipe.data.max_length, separate_pair)
     train_loader = loader(train_set, tokenizer, cfg.batch_size, True, cfg.group_by_length, cfg.seed)
     eval_loader = loader(eval_set, tokenizer, cfg.eval_batch_size, False, True)
 
@@ -111,28 +171,51 @@ def train(recipe: Recipe) -> dict[str, Any]:
     fingerprint = config_fingerprint(unwrapped.base.config)
     metric_names = recipe.metrics
     main_metric = recipe.main_metric
+    step, epoch, batches_done = 0, 0, 0
+    best: dict[str, Any] = {"value": -math.inf}
+    if saved is not None:
+        unwrapped.load_trainable_state(saved["params"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        progress_state = saved["progress"]
+        step, epoch, batches_done = progress_state["step"], progress_state["epoch"], progress_state["batches_done"]
+        best = progress_state["best"] | {"value": progress_state["best"].get("value", -math.inf)}
+        restore_rng(saved["rng"][min(accelerator.process_index, len(saved["rng"]) - 1)])
     if main:
         console.print(
             f"[bold]{recipe.method.name}[/] on {recipe.model.name_or_path}: {trainable:,} trainable parameters "
             f"({len(train_set):,} train / {len(eval_set):,} eval examples, {total_steps} steps, "
-            f"{accelerator.num_processes} process(es))"
+            f"{accelerator.num_processes} process(es))" + (f", resumed at step {step}" if saved else "")
         )
 
-    def save(name: str, step: int, epoch: float, results: dict) -> int:
+    def save(name: str, at_step: int, at_epoch: float, results: dict) -> int:
         info = {
             "method": recipe.method.model_dump(mode="json"),
             "label_names": label_names,
             "pooling": recipe.task.pooling,
             "base_model": {"name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision,
                            "fingerprint": fingerprint},
-            "step": step,
-            "epoch": epoch,
+            "step": at_step,
+            "epoch": at_epoch,
             "metrics": results,
             "trainable_parameters": trainable,
         }
         return write_checkpoint(out / name, unwrapped.trainable_state(), info, recipe.to_yaml(),
                                 tokenizer if recipe.output.save_tokenizer else None)
 
+    def save_training_state() -> None:
+        rngs = gather_object([capture_rng()]) if accelerator.num_processes > 1 else [capture_rng()]
+        if main:
+            save_state(out / "state", unwrapped.trainable_state(), optimizer, scheduler, rngs,
+                       {"step": step, "epoch": epoch, "batches_done": batches_done, "best": best,
+                        "log_window": [window_loss, window_batches], "recipe": recipe.model_dump(mode="json")})
+
+    if main:
+        kept = []
+        if saved is not None and (out / "metrics.jsonl").exists():  # drop what the stopped run logged later
+            kept = [line for line in (out / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(line)["step"] <= step]
+        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
     log_file = (out / "metrics.jsonl").open("a") if main else None
 
     def log(record: dict) -> None:
@@ -143,33 +226,39 @@ def train(recipe: Recipe) -> dict[str, Any]:
             accelerator.log(numbers | {f"eval/{k}": v for k, v in record.get("eval", {}).items()},
                             step=record["step"])
 
-    best: dict[str, Any] = {"value": -math.inf}
-    checkpoint_bytes = 0
-
-    def run_eval(step: int, epoch: float) -> dict:
-        nonlocal checkpoint_bytes
+    def run_eval() -> dict:
         results = evaluate(model, eval_loader, accelerator, metric_names, len(label_names))
-        log({"step": step, "epoch": round(epoch, 3), "eval": results,
+        at_epoch = step / steps_per_epoch
+        log({"step": step, "epoch": round(at_epoch, 3), "eval": results,
              "elapsed_s": round(time.perf_counter() - started, 1)})
         if main:
-            console.print(f"step {step} (epoch {epoch:.2f}): {_format(results)}")
+            console.print(f"step {step} (epoch {at_epoch:.2f}): {_format(results)}")
             if results[main_metric] > best["value"]:
-                best.update(value=results[main_metric], step=step, epoch=epoch, metrics=results)
-                checkpoint_bytes = save("best", step, epoch, results)
+                best.update(value=results[main_metric], step=step, epoch=at_epoch, metrics=results)
+                save("best", step, at_epoch, results)
         return results
+
+    def stop_everywhere(request: StopRequest) -> bool:
+        if accelerator.num_processes == 1:
+            return request.requested
+        flag = torch.tensor([float(request.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item())
 
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console,
                         disable=not main)
-    step, window_loss, window_batches, window_examples, window_start = 0, 0.0, 0, 0, time.perf_counter()
+    window_loss, window_batches = saved["progress"]["log_window"] if saved else (0.0, 0)
+    window_examples, window_start = 0, time.perf_counter()
     started = time.perf_counter()
     results: dict = {}
     model.train()
-    with progress:
-        bar = progress.add_task("train", total=total_steps, status="")
-        for epoch in range(epochs):
+    with progress, StopRequest() as stop:
+        bar = progress.add_task("train", total=total_steps, completed=step, status="")
+        while step < total_steps:
             train_loader.set_epoch(epoch)
-            for batch in train_loader:
+            # A resumed run skips the batches the stopped run already trained on in this epoch.
+            batches = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
+            for batch in batches:
                 with accelerator.accumulate(model):
                     loss = model(**batch)["loss"]
                     accelerator.backward(loss)
@@ -182,6 +271,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
+                batches_done += 1
                 window_loss += loss.item()
                 window_batches += 1
                 window_examples += batch["labels"].shape[0] * accelerator.num_processes
@@ -200,13 +290,24 @@ def train(recipe: Recipe) -> dict[str, Any]:
                                                 f"{record['examples_per_s']:.1f} ex/s")
                     window_loss, window_batches, window_examples, window_start = 0.0, 0, 0, time.perf_counter()
                 progress.update(bar, completed=step)
-                if cfg.eval_steps and step % cfg.eval_steps == 0 and step % steps_per_epoch != 0:
-                    results = run_eval(step, step / steps_per_epoch)
+                end_of_epoch = batches_done == len(train_loader)
+                if cfg.eval_steps and step % cfg.eval_steps == 0 and not end_of_epoch:
+                    results = run_eval()
+                if cfg.save_state_steps and step % cfg.save_state_steps == 0 and not end_of_epoch:
+                    save_training_state()
+                if stop_everywhere(stop):
+                    save_training_state()
+                    finish(accelerator)
+                    raise TrainingStopped(
+                        f"stopped at step {step}; the training state is saved in {out / 'state'}. "
+                        f"Continue with: softprompt train RECIPE --resume"
+                    )
                 if step >= total_steps:
                     break
-            results = run_eval(step, step / steps_per_epoch)
-            if step >= total_steps:
-                break
+            if batches_done == len(train_loader) or step >= total_steps:
+                results = run_eval()
+            epoch, batches_done = (epoch + 1, 0) if batches_done == len(train_loader) else (epoch, batches_done)
+            save_training_state()
 
     minutes = (time.perf_counter() - started) / 60
     summary = {"method": recipe.method.name, "final": results, "best": best.get("metrics", {}),
@@ -222,5 +323,5 @@ def train(recipe: Recipe) -> dict[str, Any]:
             f"{_format(best.get('metrics', {}))}\ncheckpoints: {out / 'best'}, {out / 'final'} "
             f"({checkpoint_bytes / 1024:.1f} KB of weights, {trainable:,} trainable parameters)"
         )
-    accelerator.end_training()
+    finish(accelerator)
     return summary

@@ -104,11 +104,14 @@ def test_two_processes_match_one(tmp_path, tiny_models, run_cli):
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(port),
               "-m", "softprompt_cli", "train", str(recipe)]
-    done = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        done = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as timeout:
+        raise AssertionError(f"the 2-process run hung: {str(timeout.stdout)[-2000:]} {str(timeout.stderr)[-2000:]}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
     run = tmp_path / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["best", "final", "metrics.jsonl", "recipe.yaml", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["best", "final", "metrics.jsonl", "recipe.yaml", "state", "summary.json"]
     summary = json.loads((run / "summary.json").read_text())
     code, out, err = run_cli("eval", run / "final", "--output", tmp_path / "eval.json")
     assert code == 0, out + err
