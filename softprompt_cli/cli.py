@@ -94,11 +94,13 @@ def evaluate(
     split: Annotated[Optional[str], typer.Option(help="split to evaluate (default: the recipe's eval split)")] = None,  # noqa: UP045
     model: Annotated[Optional[str], typer.Option(help="local copy of the same base model")] = None,  # noqa: UP045
     output: Annotated[Optional[Path], typer.Option(help="write the metrics as JSON here")] = None,  # noqa: UP045
+    recipe: Annotated[Optional[Path], typer.Option(help="data (and labels) for a PEFT adapter folder")] = None,  # noqa: UP045
 ) -> None:
-    """Evaluate a trained checkpoint on its recipe's eval split (or another split)."""
+    """Evaluate a checkpoint (or a PEFT prompt-learning adapter) on its recipe's eval split or another split."""
     from softprompt_cli.evaluation import evaluate_checkpoint
+    from softprompt_cli.recipe import load_recipe
 
-    report = evaluate_checkpoint(checkpoint, split, model, output)
+    report = evaluate_checkpoint(checkpoint, split, model, output, load_recipe(recipe) if recipe else None)
     from accelerate import PartialState
     from rich.console import Console
     from rich.table import Table
@@ -132,6 +134,21 @@ def predict(
 
     run_predict(checkpoints, input_file, text or [], text_pair or [], output, task_column, text_field, batch_size,
                 model)
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint folder", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="folder to write the adapter into", show_default=False)],
+    format: Annotated[str, typer.Option("--format", help="peft: a PEFT prompt-learning adapter folder")] = "peft",
+    model: Annotated[Optional[str], typer.Option(help="local copy of the same base model")] = None,  # noqa: UP045
+) -> None:
+    """Export a checkpoint for other tools (PEFT: PeftModel.from_pretrained(base_model, OUT))."""
+    if format != "peft":
+        raise UserError(f"--format {format!r} is not supported; the supported format is peft.")
+    from softprompt_cli.peft_format import export_peft
+
+    typer.echo(f"wrote {export_peft(checkpoint, out, model)}")
 
 
 @app.command()

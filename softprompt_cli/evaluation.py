@@ -9,18 +9,19 @@ from typing import Any
 import yaml
 from accelerate import Accelerator
 
-from softprompt_cli.checkpoint import read_checkpoint
 from softprompt_cli.data import loader, tokenize
 from softprompt_cli.errors import UserError
 from softprompt_cli.modeling import config_fingerprint
+from softprompt_cli.peft_format import is_peft_adapter, read_any_checkpoint
 from softprompt_cli.recipe import Recipe, parse_recipe
 from softprompt_cli.sources import load_split
 from softprompt_cli.train import build_model, evaluate, finish
 
 
-def load_trained(directory: Path, model_path: str | None = None):
-    """(recipe, model, tokenizer, label names) of a checkpoint, refusing a base model that differs."""
-    info, recipe_yaml, tensors = read_checkpoint(directory)
+def load_trained(directory: Path, model_path: str | None = None, data_recipe: Recipe | None = None):
+    """(recipe, model, tokenizer, label names) of a checkpoint (or PEFT adapter), refusing a base model
+    that differs from the one it was trained on."""
+    info, recipe_yaml, tensors = read_any_checkpoint(directory, data_recipe)
     recipe = parse_recipe(yaml.safe_load(recipe_yaml), source=f"recipe in checkpoint {str(directory)!r}")
     if model_path is not None:
         recipe.model.name_or_path = model_path
@@ -39,10 +40,13 @@ def load_trained(directory: Path, model_path: str | None = None):
 
 
 def evaluate_checkpoint(directory: Path, split: str | None = None, model_path: str | None = None,
-                        output: Path | None = None) -> dict[str, Any]:
+                        output: Path | None = None, data_recipe: Recipe | None = None) -> dict[str, Any]:
+    if data_recipe is None and is_peft_adapter(directory):
+        raise UserError(f"{str(directory)!r} is a PEFT adapter, which says nothing about data: give --recipe "
+                        "RECIPE to evaluate it on that recipe's eval split.")
     accelerator = Accelerator()
     recipe: Recipe
-    recipe, model, tokenizer, label_names = load_trained(directory, model_path)
+    recipe, model, tokenizer, label_names = load_trained(directory, model_path, data_recipe)
     split = split or recipe.data.eval_split
     examples = load_split(recipe.data, split, label_names)
     dataset = tokenize(examples, tokenizer, recipe.data.max_length, recipe.task.pooling == "pair_mean")

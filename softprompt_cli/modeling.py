@@ -113,7 +113,7 @@ class SoftPromptModel(nn.Module):
     """A frozen transformer, a trainable soft prompt, and a trainable classification head."""
 
     def __init__(self, base: nn.Module, method: MethodOptions, tokenizer, pooling: str, num_labels: int,
-                 max_length: int):
+                 max_length: int, prompt_position: str = "after_special"):
         super().__init__()
         self.base = base
         self.pooling = pooling
@@ -145,7 +145,8 @@ class SoftPromptModel(nn.Module):
         # Virtual tokens go after a leading [CLS]/<s> in encoders, so that the model's own head still
         # reads [CLS]; decoders read the last token, so the prompt simply goes first.
         probe = tokenizer("x")["input_ids"]
-        self.insert_at = 1 if (not self.is_decoder and probe and probe[0] in tokenizer.all_special_ids) else 0
+        leading_special = bool(probe) and probe[0] in tokenizer.all_special_ids
+        self.insert_at = 1 if (prompt_position == "after_special" and not self.is_decoder and leading_special) else 0
         self.head_reads_model_pooler = pooling == "model" and not self.is_decoder
         if pooling in ("mean", "pair_mean"):
             self.head_dropout = nn.Dropout(getattr(config, "hidden_dropout_prob", 0.1) or 0.0)

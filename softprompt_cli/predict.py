@@ -18,9 +18,9 @@ import torch
 import yaml
 from transformers import DataCollatorWithPadding
 
-from softprompt_cli.checkpoint import read_checkpoint
 from softprompt_cli.errors import UserError
 from softprompt_cli.modeling import Encoded, SoftPromptModel, config_fingerprint, load_base_model, load_tokenizer
+from softprompt_cli.peft_format import read_any_checkpoint
 from softprompt_cli.recipe import Recipe, parse_recipe
 from softprompt_cli.sources import read_table, text_fields
 
@@ -37,7 +37,8 @@ class Task:
 
     @property
     def batch_key(self) -> tuple:
-        return self.model.kind, self.model.num_virtual_tokens, self.model.head_reads_model_pooler
+        return (self.model.kind, self.model.num_virtual_tokens, self.model.insert_at,
+                self.model.head_reads_model_pooler)
 
     @property
     def separate_pair(self) -> bool:
@@ -54,7 +55,7 @@ def load_tasks(references: list[str], model_path: str | None = None) -> tuple[di
     loaded = []
     for reference in references:
         name, directory = _parse_reference(reference)
-        info, recipe_yaml, tensors = read_checkpoint(directory)
+        info, recipe_yaml, tensors = read_any_checkpoint(directory)
         recipe = parse_recipe(yaml.safe_load(recipe_yaml), source=f"recipe in checkpoint {str(directory)!r}")
         if model_path is not None:
             recipe.model.name_or_path = model_path
@@ -85,7 +86,7 @@ def load_tasks(references: list[str], model_path: str | None = None) -> tuple[di
     tasks = {}
     for name, directory, info, recipe, tensors in loaded:
         model = SoftPromptModel(base, recipe.method, tokenizer, recipe.task.pooling, len(info["label_names"]),
-                                recipe.data.max_length).eval()
+                                recipe.data.max_length, recipe.task.prompt_position).eval()
         prompt_state = {k.removeprefix("prompt."): v for k, v in tensors.items() if k.startswith("prompt.")}
         head_prefix = next(k for k in tensors if not k.startswith("prompt.")).rsplit(".", 1)[0] + "."
         head_state = {k.removeprefix(head_prefix): v for k, v in tensors.items() if k.startswith(head_prefix)}

@@ -74,6 +74,11 @@ class TaskSection(Section):
         "pair_mean (sentence pairs): each text encoded alone (with the prompt), mean-pooled and normalized, "
         "a new linear head over [u, v, |u-v|, u*v] (Sentence-BERT's classifier)",
     )
+    prompt_position: Literal["after_special", "start"] = Field(
+        "after_special",
+        description="where input-level virtual tokens go: after a leading [CLS]/<s> (so the model's own head still "
+        "reads [CLS]), or at the very start (PEFT's layout, needed to export to PEFT)",
+    )
     metrics: list[str] | None = Field(None, description="default: the GLUE task's metrics, else accuracy")
     main_metric: str | None = Field(None, description="selects the best checkpoint (default: the first metric)")
 

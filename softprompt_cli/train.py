@@ -36,7 +36,7 @@ def build_model(recipe: Recipe, label_names: list[str]) -> tuple[SoftPromptModel
                            trust_remote_code=spec.trust_remote_code, pooling=recipe.task.pooling,
                            label_names=label_names, prefix=recipe.method.kind == "prefix")
     model = SoftPromptModel(base, recipe.method, tokenizer, recipe.task.pooling, len(label_names),
-                            recipe.data.max_length)
+                            recipe.data.max_length, recipe.task.prompt_position)
     return model, tokenizer
 
 
