@@ -1,5 +1,8 @@
 """Prefix tuning through transformers' attention interface.
 
+A dict passed as `softprompt_capture` receives every layer's (keys, values) instead: the keys and
+values that a text leaves in the model, to start a prefix from.
+
 The prefix keys/values reach each attention layer as the keyword argument `softprompt_prefix`
 ([layers, 2, batch or 1, kv_heads, n, head_dim]), which transformers 5 forwards from the model's
 `forward` down to the attention function. Nothing is cached, so it works with gradient
@@ -19,7 +22,10 @@ from transformers.masking_utils import sdpa_mask
 ATTENTION_NAME = "softprompt_prefix"
 
 
-def prefix_attention(module, query, key, value, attention_mask, softprompt_prefix=None, **kwargs):
+def prefix_attention(module, query, key, value, attention_mask, softprompt_prefix=None, softprompt_capture=None,
+                     **kwargs):
+    if softprompt_capture is not None:  # init-prefix-from-text: keep every layer's keys and values
+        softprompt_capture[module.layer_idx] = (key, value)
     if softprompt_prefix is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     prefix_key, prefix_value = softprompt_prefix[module.layer_idx]

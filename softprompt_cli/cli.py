@@ -151,6 +151,34 @@ def export(
     typer.echo(f"wrote {export_peft(checkpoint, out, model)}")
 
 
+@app.command("init-prefix-from-text")
+def init_prefix_from_text(
+    model: Annotated[str, typer.Option(help="base model: local folder or hub id", show_default=False)],
+    num_virtual_tokens: Annotated[int, typer.Option(min=1, help="prefix length (tokens of the text kept)",
+                                                    show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="checkpoint folder to write", show_default=False)],
+    text: Annotated[Optional[str], typer.Option(help="the text")] = None,  # noqa: UP045
+    text_file: Annotated[Optional[Path], typer.Option(help="a file holding the text")] = None,  # noqa: UP045
+    chat_template: Annotated[bool, typer.Option(help="apply the tokenizer's chat template first")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="hub revision of the model")] = None,  # noqa: UP045
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
+) -> None:
+    """Write a prefix-tuning checkpoint from the keys and values a text leaves in the frozen model.
+
+    Start training from it with method.init: from_checkpoint and method.init_checkpoint: DIR."""
+    if (text is None) == (text_file is None):
+        raise UserError("give either --text or --text-file (one of them).")
+    if text_file is not None:
+        if not text_file.is_file():
+            raise UserError(f"--text-file {str(text_file)!r} does not exist.")
+        text = text_file.read_text(encoding="utf-8")
+    from softprompt_cli.init_prefix import init_prefix_from_text as run
+
+    tokens, size = run(model, text, num_virtual_tokens, output, revision, chat_template, overwrite)
+    typer.echo(f"wrote {output}: a {num_virtual_tokens}-token prefix from a {tokens}-token text "
+               f"({size / 1024:.1f} KB)")
+
+
 @app.command()
 def methods() -> None:
     """List the soft-prompt methods and their options."""

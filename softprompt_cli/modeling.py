@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from transformers.utils import logging as hf_logging
 from softprompt_cli import attention
 from softprompt_cli.errors import UserError
 from softprompt_cli.hub import hub_reachable, offline_model_error, resolve_model_reference
+from softprompt_cli.init_prefix import prefix_from_ids, text_token_ids
 from softprompt_cli.methods import MethodOptions
 
 HEAD_MODULE_NAMES = ("pre_classifier", "classifier", "score")
@@ -40,6 +42,9 @@ class ModelSpec:
     head_dim: int
     input_embeddings: nn.Embedding
     tokenizer: Any
+    fingerprint: str
+    prefix_from_text: Callable[[str, int], torch.Tensor]
+    """(text, n) -> the flat prefix [n, layers * 2 * kv_heads * head_dim] that the text leaves in the model."""
 
 
 def _load(loader, reference: str, revision: str | None, **kwargs):
@@ -56,6 +61,9 @@ def _load(loader, reference: str, revision: str | None, **kwargs):
 
 def load_tokenizer(reference: str, revision: str | None = None, trust_remote_code: bool = False):
     tokenizer = _load(AutoTokenizer, reference, revision, trust_remote_code=trust_remote_code)
+    if getattr(tokenizer, "vocab_size", len(tokenizer)) == 0:  # what transformers builds from no tokenizer files
+        raise UserError(f"model {reference!r} has no tokenizer (no tokenizer files next to its config). Save the "
+                        "tokenizer into the model folder (tokenizer.save_pretrained).")
     if tokenizer.pad_token is None:
         # Decoder tokenizers (GPT-2, Llama) have no pad token; the mask makes the choice irrelevant.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -140,6 +148,8 @@ class SoftPromptModel(nn.Module):
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
             input_embeddings=base.get_input_embeddings(),
             tokenizer=tokenizer,
+            fingerprint=config_fingerprint(base.config),
+            prefix_from_text=lambda text, n: prefix_from_ids(base, text_token_ids(tokenizer, text), n),
         )
         self.prompt = method.build(spec)
         # Virtual tokens go after a leading [CLS]/<s> in encoders, so that the model's own head still
