@@ -180,6 +180,23 @@ def init_prefix_from_text(
 
 
 @app.command()
+def compare(
+    recipes: Annotated[list[Path], typer.Argument(help="recipe file(s)", show_default=False)],
+    methods: Annotated[Optional[str], typer.Option(help="comma-separated methods (default: all)")] = None,  # noqa: UP045
+    seeds: Annotated[int, typer.Option(min=1, help="seeds per method (recipe seed, +1, ...)")] = 1,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="default: runs/compare-<recipe>")] = None,  # noqa: UP045
+    overwrite: Annotated[bool, typer.Option(help="write into a non-empty output folder")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override for every run, e.g. training.epochs=2")] = None,  # noqa: UP045
+) -> None:
+    """Train several methods on the same data, model, budget and seeds; write report.md, report.png, summary.json."""
+    from softprompt_cli.compare import compare as run_compare
+
+    out = output or Path("runs") / f"compare-{recipes[0].stem}"
+    run_compare(recipes, [m.strip() for m in methods.split(",")] if methods else None, seeds, out, overwrite,
+                set_ or [])
+
+
+@app.command()
 def methods() -> None:
     """List the soft-prompt methods and their options."""
     from rich.console import Console

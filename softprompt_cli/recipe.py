@@ -126,6 +126,15 @@ class Recipe(Section):
     task: TaskSection = TaskSection()
     training: TrainingSection = TrainingSection()
     output: OutputSection = OutputSection()
+    compare: dict[str, dict[str, Any]] | None = Field(
+        None, description="softprompt compare: per-method dotted overrides, e.g. prefix_tuning: {training.lr: 1e-2}")
+
+    @model_validator(mode="after")
+    def _compare_names_methods(self) -> Recipe:
+        unknown = [name for name in self.compare or {} if name not in registry()]
+        if unknown:
+            raise ValueError(f"compare: {', '.join(unknown)} is not a method; the methods are {', '.join(registry())}")
+        return self
 
     @property
     def metrics(self) -> list[str]:
