@@ -105,6 +105,8 @@ class TrainingSection(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the frozen model's activations in the backward pass: less memory, more time")
     seed: int = 42
     eval_steps: int | None = Field(None, ge=1, description="also evaluate every N optimizer steps")
     log_steps: int = Field(10, ge=1)

@@ -37,6 +37,10 @@ def build_model(recipe: Recipe, label_names: list[str]) -> tuple[SoftPromptModel
                            label_names=label_names, prefix=recipe.method.kind == "prefix")
     model = SoftPromptModel(base, recipe.method, tokenizer, recipe.task.pooling, len(label_names),
                             recipe.data.max_length, recipe.task.prompt_position)
+    if recipe.training.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, and replays the prefix,
+        # which reaches the attention layers as a forward argument rather than a cache.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
 
 

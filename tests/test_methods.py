@@ -157,3 +157,28 @@ def test_pair_mean_pools_each_text_alone(tiny_models, kind, variant):
     model(**batch(tokenizer, firsts + seconds), labels=torch.tensor([0, 1]))["loss"].backward()
     assert model.head.weight.grad.shape == (len(LABELS), 4 * model.base.config.hidden_size)
     assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("prompt."))
+
+
+@pytest.mark.parametrize("variant", ["prompt_tuning", "p_tuning_mlp", "prefix_tuning", "prefix_tuning_projection"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_models, kind, variant):
+    results = []
+    for checkpointing in (False, True):
+        model, tokenizer = build(tiny_models[kind], variant, "mean")
+        if checkpointing:
+            model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        calls = []
+        attention = next(m for m in model.base.modules() if hasattr(m, "layer_idx"))
+        attention.register_forward_hook(lambda *args: calls.append(1))
+        torch.manual_seed(5)  # the same dropout masks in both runs (checkpointing replays the RNG)
+        loss = model(**batch(tokenizer, ["one sentence here", "two"], padding_side="right"),
+                     labels=torch.tensor([0, 2]))["loss"]
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_plain, grads_plain), (loss_checkpointed, grads_checkpointed) = results
+    torch.testing.assert_close(loss_checkpointed, loss_plain)
+    assert grads_checkpointed.keys() == grads_plain.keys()
+    for name in grads_plain:
+        torch.testing.assert_close(grads_checkpointed[name], grads_plain[name], atol=1e-6, rtol=1e-5)
