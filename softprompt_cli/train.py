@@ -230,8 +230,13 @@ def train(recipe: Recipe, resume: Path | None = None) -> dict[str, Any]:
             accelerator.log(numbers | {f"eval/{k}": v for k, v in record.get("eval", {}).items()},
                             step=record["step"])
 
+    timing = {"eval_seconds": 0.0, "evaluations": 0, "real_tokens": 0, "padded_tokens": 0, "train_examples": 0}
+
     def run_eval() -> dict:
+        eval_started = time.perf_counter()
         results = evaluate(model, eval_loader, accelerator, metric_names, len(label_names))
+        timing["eval_seconds"] += time.perf_counter() - eval_started
+        timing["evaluations"] += 1
         at_epoch = step / steps_per_epoch
         log({"step": step, "epoch": round(at_epoch, 3), "eval": results,
              "elapsed_s": round(time.perf_counter() - started, 1)})
@@ -276,6 +281,9 @@ def train(recipe: Recipe, resume: Path | None = None) -> dict[str, Any]:
                     scheduler.step()
                     optimizer.zero_grad()
                 batches_done += 1
+                timing["real_tokens"] += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                timing["padded_tokens"] += batch["attention_mask"].numel() * accelerator.num_processes
+                timing["train_examples"] += batch["labels"].shape[0] * accelerator.num_processes
                 window_loss += loss.item()
                 window_batches += 1
                 window_examples += batch["labels"].shape[0] * accelerator.num_processes
@@ -314,9 +322,14 @@ def train(recipe: Recipe, resume: Path | None = None) -> dict[str, Any]:
             save_training_state()
 
     minutes = (time.perf_counter() - started) / 60
+    # Training time excludes evaluation (it includes the few milliseconds of writing small checkpoints).
+    train_seconds = 60 * minutes - timing["eval_seconds"]
     summary = {"method": recipe.method.name, "final": results, "best": best.get("metrics", {}),
                "best_step": best.get("step"), "trainable_parameters": trainable, "minutes": round(minutes, 2),
-               "output_dir": str(out)}
+               "output_dir": str(out), "train_seconds": round(train_seconds, 2),
+               "train_examples_per_s": round(timing["train_examples"] / train_seconds, 2),
+               "eval_examples_per_s": round(timing["evaluations"] * len(eval_set) / max(timing["eval_seconds"], 1e-9), 2),
+               "real_tokens": timing["real_tokens"], "padded_tokens": timing["padded_tokens"], "steps": step}
     if main:
         checkpoint_bytes = save("final", step, step / steps_per_epoch, results)
         summary["checkpoint_bytes"] = checkpoint_bytes

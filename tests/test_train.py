@@ -118,3 +118,15 @@ def test_two_processes_match_one(tmp_path, tiny_models, run_cli):
     single = json.loads((tmp_path / "eval.json").read_text())
     assert single["examples"] == 37
     assert single["metrics"] == summary["final"]
+
+
+def test_tensorboard_and_tokenizer_copy(tmp_path, tiny_models, run_cli):
+    recipe = write_recipe(tmp_path, str(tiny_models["bert"]), {"name": "prompt_tuning"},
+                          training={"max_steps": 2, "tensorboard": True}, output={"save_tokenizer": True})
+    code, out, err = run_cli("train", recipe)
+    assert code == 0, out + err
+    run = tmp_path / "run"
+    assert list(run.rglob("events.out.tfevents.*")), sorted(p.name for p in run.rglob("*"))
+    assert (run / "final" / "tokenizer.json").is_file() or (run / "final" / "vocab.txt").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["real_tokens"] <= summary["padded_tokens"] and summary["steps"] == 2

@@ -1,0 +1,231 @@
+"""softprompt against Hugging Face PEFT on the same job, measured side by side in one invocation.
+
+    python scripts/bench_vs_peft.py                       # default: ~15 minutes on a 2-core CPU
+    python scripts/bench_vs_peft.py --epochs 5 --max-train-samples 0 --repeats 1   # the full MRPC job
+
+Job: the packaged MiniLM (sentence-transformers/all-MiniLM-L6-v2) on GLUE MRPC from ../shared/data/glue,
+each method with PEFT's example hyperparameters (batch 16, AdamW, linear warmup 6%, max length 128,
+the model's own classification head). PEFT runs the loop of its example
+examples/sequence_classification/peft_no_lora_accelerate.py (shuffled batches padded to their
+longest row); softprompt runs `softprompt train` with its defaults (batches of similar lengths).
+Every run is a fresh process with the same number of threads; runs alternate A B A B so that drift of
+the machine hits both. A third process measures the floor: forward + backward through the bare frozen
+model on the same batches, lengthened by the virtual tokens, with no prompt machinery at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULTS = {  # PEFT's examples: method -> (virtual tokens, learning rate, extra PEFT / softprompt options)
+    "prompt_tuning": (10, 1e-2, {}),
+    "p_tuning": (20, 1e-2, {"encoder_hidden_size": 128}),
+    "prefix_tuning": (20, 1e-2, {}),
+}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def mrpc(glue_dir: Path, split: str, limit: int | None):
+    from softprompt_cli.sources import read_table
+
+    rows = read_table(glue_dir / "MRPC" / ("train.tsv" if split == "train" else "dev.tsv"), "tsv")
+    rows = rows[:limit] if limit else rows
+    return [(r["#1 String"], r["#2 String"]) for r in rows], [int(r["Quality"]) for r in rows]
+
+
+def model_path() -> str:
+    from softprompt_cli.hub import packaged_model_path
+
+    return packaged_model_path(MODEL)
+
+
+def worker_softprompt(args) -> dict:
+    from softprompt_cli.recipe import parse_recipe
+    from softprompt_cli.train import train
+
+    n, lr, extra = DEFAULTS[args.method]
+    with tempfile.TemporaryDirectory() as out:
+        recipe = parse_recipe({
+            "model": {"name_or_path": MODEL},
+            "data": {"glue_task": "mrpc", "dir": str(args.glue_dir), "max_train_samples": args.max_train_samples or None},
+            "method": {"name": args.method, "num_virtual_tokens": n, **extra},
+            "training": {"lr": lr, "batch_size": 16, "eval_batch_size": 64, "epochs": args.epochs, "seed": args.seed,
+                         "log_steps": 50},
+            "output": {"dir": out},
+        })
+        summary = train(recipe)
+    return {"train_examples_per_s": summary["train_examples_per_s"],
+            "real_tokens_per_s": summary["real_tokens"] / summary["train_seconds"],
+            "padding": 1 - summary["real_tokens"] / summary["padded_tokens"],
+            "eval_examples_per_s": summary["eval_examples_per_s"], "accuracy": summary["final"]["accuracy"],
+            "train_seconds": summary["train_seconds"], "steps": summary["steps"], "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_peft(args) -> dict:
+    import peft
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                              get_linear_schedule_with_warmup)
+
+    torch.manual_seed(args.seed)
+    n, lr, extra = DEFAULTS[args.method]
+    config = {"prompt_tuning": lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=n),
+              "p_tuning": lambda: peft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=n, **extra),
+              "prefix_tuning": lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=n)}[args.method]()
+    path = model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = peft.get_peft_model(AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), config)
+
+    def encode(split, limit):
+        texts, labels = mrpc(args.glue_dir, split, limit)
+        return [{**tokenizer(a, b, truncation=True, max_length=128), "labels": y} for (a, b), y in zip(texts, labels)]
+
+    train_rows, dev_rows = encode("train", args.max_train_samples or None), encode("dev", None)
+    collate = DataCollatorWithPadding(tokenizer)
+    train_loader = DataLoader(train_rows, shuffle=True, batch_size=16, collate_fn=collate)
+    dev_loader = DataLoader(dev_rows, batch_size=64, collate_fn=collate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    total = len(train_loader) * args.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(0.06 * total), total)
+    real = padded = examples = 0
+    train_seconds = eval_seconds = 0.0
+    for _ in range(args.epochs):
+        model.train()
+        start = time.perf_counter()
+        for batch in train_loader:
+            model(**batch).loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            real += int(batch["attention_mask"].sum())
+            padded += batch["attention_mask"].numel()
+            examples += len(batch["labels"])
+        train_seconds += time.perf_counter() - start
+        model.eval()
+        start = time.perf_counter()
+        correct = 0
+        with torch.no_grad():
+            for batch in dev_loader:
+                correct += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
+        eval_seconds += time.perf_counter() - start
+    return {"train_examples_per_s": examples / train_seconds, "real_tokens_per_s": real / train_seconds,
+            "padding": 1 - real / padded, "eval_examples_per_s": len(dev_rows) * args.epochs / eval_seconds,
+            "accuracy": correct / len(dev_rows), "train_seconds": train_seconds, "steps": total,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_floor(args) -> dict:
+    """Forward + backward through the bare frozen model on softprompt's batches, each lengthened by the
+    virtual tokens: the least any soft-prompt method can cost."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from softprompt_cli.data import loader, tokenize
+    from softprompt_cli.sources import Examples
+
+    torch.manual_seed(args.seed)
+    n = DEFAULTS[args.method][0]
+    path = model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model.requires_grad_(False)
+    model.train()
+    texts, labels = mrpc(args.glue_dir, "train", args.max_train_samples or None)
+    batches = loader(tokenize(Examples(texts, labels), tokenizer, 128), tokenizer, 16, True, True, args.seed)
+    embed = model.get_input_embeddings()
+    seconds, steps = 0.0, 0
+    for _ in range(args.epochs):
+        for batch in batches:
+            start = time.perf_counter()
+            tokens = embed(batch["input_ids"])
+            extra = torch.zeros(tokens.shape[0], n, tokens.shape[2], requires_grad=True)
+            mask = torch.cat([batch["attention_mask"].new_ones(tokens.shape[0], n), batch["attention_mask"]], 1)
+            types = torch.cat([batch["token_type_ids"].new_zeros(tokens.shape[0], n), batch["token_type_ids"]], 1)
+            logits = model(inputs_embeds=torch.cat([extra, tokens], 1), attention_mask=mask, token_type_ids=types).logits
+            torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+            seconds += time.perf_counter() - start
+            steps += 1
+    return {"floor_seconds_per_step": seconds / steps, "steps": steps}
+
+
+def run_worker(kind: str, method: str, args) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--method", method, "--epochs", str(args.epochs),
+               "--max-train-samples", str(args.max_train_samples), "--seed", str(args.seed),
+               "--glue-dir", str(args.glue_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"{kind} {method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="prompt_tuning,p_tuning,prefix_tuning")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-train-samples", type=int, default=1600, help="0: all 3,668")
+    parser.add_argument("--repeats", type=int, default=2, help="A B pairs per method")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--glue-dir", type=Path, default=Path("../shared/data/glue"))
+    parser.add_argument("--worker", choices=["softprompt", "peft", "floor"], help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        result = {"softprompt": worker_softprompt, "peft": worker_peft, "floor": worker_floor}[args.worker](args)
+        print("RESULT " + json.dumps(result))
+        return
+
+    rows = []
+    for method in args.methods.split(","):
+        ours, theirs, floors = [], [], []
+        for repeat in range(args.repeats):
+            order = ("softprompt", "peft") if repeat % 2 == 0 else ("peft", "softprompt")
+            for kind in order:
+                print(f"{method}: {kind} (repeat {repeat + 1})", file=sys.stderr, flush=True)
+                (ours if kind == "softprompt" else theirs).append(run_worker(kind, method, args))
+            floors.append(run_worker("floor", method, args))
+        ratio = statistics.median(a["train_examples_per_s"] / b["train_examples_per_s"] for a, b in zip(ours, theirs))
+
+        def median(runs, key):
+            return statistics.median(r[key] for r in runs)
+
+        step = median(ours, "train_seconds") / median(ours, "steps")
+        floor = median(floors, "floor_seconds_per_step")
+        rows.append([method, f"{median(ours, 'train_examples_per_s'):.1f} / {median(theirs, 'train_examples_per_s'):.1f}",
+                     f"**{ratio:.2f}x**",
+                     f"{median(ours, 'real_tokens_per_s'):.0f} / {median(theirs, 'real_tokens_per_s'):.0f}",
+                     f"{100 * median(ours, 'padding'):.0f}% / {100 * median(theirs, 'padding'):.0f}%",
+                     f"{median(ours, 'peak_rss_mb') / 1024:.2f} / {median(theirs, 'peak_rss_mb') / 1024:.2f} GB",
+                     f"{median(ours, 'eval_examples_per_s'):.0f} / {median(theirs, 'eval_examples_per_s'):.0f}",
+                     f"{100 * median(ours, 'accuracy'):.1f} / {100 * median(theirs, 'accuracy'):.1f}",
+                     f"{1000 * step:.0f} ms vs {1000 * floor:.0f} ms ({100 * (step / floor - 1):+.0f}%)"])
+    print(f"MiniLM-L6 on MRPC ({args.max_train_samples or 3668} training rows, {args.epochs} epoch(s)), "
+          f"{args.threads} threads, median of {args.repeats} alternating run(s); softprompt / PEFT:\n")
+    header = ["method", "train ex/s", "ratio", "real tokens/s", "padding", "peak RSS", "eval ex/s", "dev acc",
+              "step time vs bare-model floor"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
