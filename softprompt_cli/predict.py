@@ -125,7 +125,12 @@ def make_items(rows: list[dict], tasks: dict[str, Task], tokenizer, task_column:
         else:
             targets = list(tasks.values())
         for task in targets:
-            fields = fields_override or text_fields(task.recipe.data)
+            expected = text_fields(task.recipe.data)
+            fields = fields_override or expected
+            if len(fields) != len(expected):
+                raise UserError(f"task {task.name} reads {len(expected)} text(s) per row ({expected}), but "
+                                f"{len(fields)} were given ({fields}). Give --text-pair (or two --text-field) for "
+                                "pair tasks, one text for single-text tasks.")
             missing = [f for f in fields if f not in row]
             if missing:
                 raise UserError(f"row {number + 1} has no {', '.join(map(repr, missing))} (task {task.name} reads "

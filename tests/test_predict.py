@@ -107,14 +107,15 @@ def test_predict_mrpc_dev_file_writes_one_row_per_input(tmp_path, checkpoints, r
     (["--input", "empty.jsonl"], "no rows"),
     (["--input", "unknown_task.jsonl"], "not one of the loaded checkpoints"),
     (["--input", "no_column.jsonl"], "has no"),
+    (["--text", "only one text for a pair task"], "reads 2 text(s)"),
 ])
 def test_predict_bad_input(tmp_path, checkpoints, run_cli, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "unknown_task.jsonl").write_text(json.dumps({"task": "nope", "sentence": "x"}) + "\n")
     (tmp_path / "no_column.jsonl").write_text(json.dumps({"other": "x"}) + "\n")
-    checkpoint = tmp_path / "no_such_checkpoint" if message == "does not exist" and args[0] == "--text" \
-        else checkpoints["sst2"]
+    checkpoint = {"does not exist": tmp_path / "no_such_checkpoint", "reads 2 text(s)": checkpoints["mrpc"]}.get(
+        message, checkpoints["sst2"]) if args[0] == "--text" else checkpoints["sst2"]
     code, out, err = run_cli("predict", checkpoint, *args)
     assert code == 2, out + err
     assert message in err and "Traceback" not in out + err
