@@ -28,11 +28,11 @@ OverridesArg = Annotated[
 ]
 
 
-def _echo_error(message: str) -> None:
+def _echo_error(message: str, label: str = "error") -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(f"[bold red]{label}:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -47,6 +47,7 @@ def train(
     from softprompt_cli.recipe import load_recipe
 
     overrides = list(overrides or [])
+    arguments = " ".join([str(recipe), *overrides])
     state_dir = None
     if resume and overrides and "=" not in overrides[0]:
         state_dir = Path(overrides.pop(0))
@@ -59,7 +60,7 @@ def train(
     try:
         run_training(loaded, state_dir)
     except TrainingStopped as stopped:
-        _echo_error(str(stopped).replace("RECIPE", str(recipe)))
+        _echo_error(str(stopped).replace("RECIPE", arguments), label="stopped")
         sys.exit(130)
 
 
