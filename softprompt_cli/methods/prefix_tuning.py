@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -37,6 +38,9 @@ class PrefixTuning(MethodOptions):
             raise ValueError("init: text needs a non-empty init_text")
         if self.init == "from_checkpoint" and not self.init_checkpoint:
             raise ValueError("init: from_checkpoint needs init_checkpoint (a folder)")
+        if self.init == "from_checkpoint" and not (Path(self.init_checkpoint) / "softprompt.safetensors").is_file():
+            raise ValueError(f"init_checkpoint {self.init_checkpoint!r} is not a checkpoint folder; make one with "
+                             "softprompt init-prefix-from-text")
         if self.init in ("text", "from_checkpoint") and self.projection:
             raise ValueError(f"init: {self.init} sets the prefix itself; it needs projection: false")
         return self
@@ -53,8 +57,6 @@ class PrefixTuning(MethodOptions):
         if self.init == "text":
             start = spec.prefix_from_text(self.init_text, n)
         elif self.init == "from_checkpoint":
-            from pathlib import Path
-
             from softprompt_cli.init_prefix import read_prefix_checkpoint
 
             start = read_prefix_checkpoint(Path(self.init_checkpoint), n, width, spec.fingerprint)
