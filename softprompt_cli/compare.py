@@ -117,6 +117,7 @@ def plot(rows: dict[str, list[dict]], main_metric: str, majority: float, title: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -131,6 +132,7 @@ def plot(rows: dict[str, list[dict]], main_metric: str, majority: float, title: 
             right.plot(steps, losses, color=color, label=label, alpha=0.9 if i == 0 else 0.5)
     left.axhline(100 * majority, color="gray", linestyle="--", label="majority class")
     left.set(xlabel="epoch", ylabel=f"dev {main_metric} (%)", title=f"dev {main_metric} per epoch")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set(xlabel="optimizer step", ylabel="training loss", title="training loss (mean over log window)")
     for axis in (left, right):
         axis.grid(alpha=0.3)
