@@ -111,7 +111,7 @@ def _adapter_as_checkpoint(directory: Path, data_recipe: Recipe | None) -> tuple
         "files": {"train": "", "validation": ""}, "text_fields": ["text"]}
     recipe = {"model": {"name_or_path": model_name, "revision": config.get("revision")}, "data": data,
               "task": {"pooling": "model", "prompt_position": "start"}, "method": method}
-    info = {"label_names": label_names, "base_model": {
+    info = {"source": "peft", "label_names": label_names, "base_model": {
         "name_or_path": model_name, "fingerprint": config_fingerprint(load_config(model_name, config.get("revision")))}}
     ours = {prompt_key: tensors["prompt_embeddings"],
             **{"base." + k.removeprefix("base_model."): v for k, v in heads.items()}}

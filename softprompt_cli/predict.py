@@ -32,6 +32,8 @@ class Task:
     label_names: list[str]
     model: SoftPromptModel
     head_state: dict[str, torch.Tensor]
+    knows_its_texts: bool = True
+    """False for PEFT adapters: they do not record how many texts a row has."""
     prompt: torch.Tensor = field(init=False)
     """The prompt's inference form, computed once (P-tuning's encoder output, projected prefixes)."""
 
@@ -94,7 +96,7 @@ def load_tasks(references: list[str], model_path: str | None = None) -> tuple[di
             model.prompt.load_state_dict(prompt_state)
         except RuntimeError as err:
             raise UserError(f"checkpoint {str(directory)!r} does not fit its own recipe ({err}).") from None
-        task = Task(name, recipe, info["label_names"], model, head_state)
+        task = Task(name, recipe, info["label_names"], model, head_state, info.get("source") != "peft")
         with torch.no_grad():
             task.prompt = model.prompt()
         tasks[name] = task
@@ -127,7 +129,7 @@ def make_items(rows: list[dict], tasks: dict[str, Task], tokenizer, task_column:
         for task in targets:
             expected = text_fields(task.recipe.data)
             fields = fields_override or expected
-            if len(fields) != len(expected):
+            if task.knows_its_texts and len(fields) != len(expected):
                 raise UserError(f"task {task.name} reads {len(expected)} text(s) per row ({expected}), but "
                                 f"{len(fields)} were given ({fields}). Give --text-pair (or two --text-field) for "
                                 "pair tasks, one text for single-text tasks.")
