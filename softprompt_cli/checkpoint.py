@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+from softprompt_cli.errors import UserError
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "softprompt.safetensors"
@@ -62,10 +64,6 @@ def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], info: di
 
 def read_checkpoint(directory: Path) -> tuple[dict[str, Any], str, dict[str, torch.Tensor]]:
     """(info, recipe YAML, tensors) of a checkpoint folder; never unpickles anything."""
-    from safetensors.torch import load_file
-
-    from softprompt_cli.errors import UserError
-
     if not directory.is_dir():
         raise UserError(f"checkpoint folder {str(directory)!r} does not exist. Give a folder written by "
                         "`softprompt train` (e.g. runs/<recipe>/best).")
