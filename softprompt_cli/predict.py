@@ -236,6 +236,8 @@ def run_predict(references: list[str], input_file: Path | None, texts: list[str]
     if (input_file is None) == (not texts):
         raise UserError("give either --input FILE or --text \"...\" (not both, not neither).")
     if input_file is not None:
+        if not input_file.is_file():
+            raise UserError(f"--input {str(input_file)!r} does not exist. Give a csv, tsv or jsonl file.")
         rows = read_table(input_file)
     else:
         if text_pairs and len(text_pairs) != len(texts):
