@@ -74,18 +74,18 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     loaded = load_recipe(recipe, overrides)
     problems = []
     try:
-        train_examples, eval_examples, names = load_examples(loaded.data)
+        train_examples, eval_examples, names = load_examples(loaded.data, loaded.task)
     except UserError as err:
         problems.append(f"data: {err}")
     try:
-        check_model_available(loaded.model.name_or_path, loaded.model.revision)
+        check_model_available(loaded.model.name_or_path, loaded.model.revision, loaded.model.gguf_file)
     except UserError as err:
         problems.append(f"model.name_or_path: {err}")
     if problems:
         raise RecipeError(f"recipe {str(recipe)!r}", problems)
     typer.echo(
-        f"{recipe}: OK ({loaded.method.name}, {len(train_examples.labels)} train / {len(eval_examples.labels)} eval examples, "
-        f"labels {names}, metrics {', '.join(loaded.metrics)})"
+        f"{recipe}: OK ({loaded.method.name}, {len(train_examples)} train / {len(eval_examples)} eval examples, "
+        + (f"labels {names}, " if names else "") + f"metrics {', '.join(loaded.metrics)})"
     )
 
 

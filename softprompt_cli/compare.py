@@ -112,7 +112,7 @@ def table(rows: dict[str, list[dict]], main_metric: str, metric_names: list[str]
     return lines
 
 
-def plot(rows: dict[str, list[dict]], main_metric: str, majority: float, title: str, path: Path) -> None:
+def plot(rows: dict[str, list[dict]], main_metric: str, majority: float | None, title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,7 +130,8 @@ def plot(rows: dict[str, list[dict]], main_metric: str, majority: float, title: 
                       alpha=1.0 if i == 0 else 0.6)
             steps, losses = zip(*run["losses"]) if run["losses"] else ((), ())
             right.plot(steps, losses, color=color, label=label, alpha=0.9 if i == 0 else 0.5)
-    left.axhline(100 * majority, color="gray", linestyle="--", label="majority class")
+    if majority is not None:
+        left.axhline(100 * majority, color="gray", linestyle="--", label="majority class")
     left.set(xlabel="epoch", ylabel=f"dev {main_metric} (%)", title=f"dev {main_metric} per epoch")
     left.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set(xlabel="optimizer step", ylabel="training loss", title="training loss (mean over log window)")
@@ -164,10 +165,12 @@ def compare(recipe_paths: list[Path], methods: list[str] | None, seeds: int, out
         checked = {key: parse_recipe(r, source=f"recipe {str(recipe_path)!r} for {key[0]}")
                    for key, r in recipes.items()}
         any_recipe = next(iter(checked.values()))
-        train_examples, eval_examples, names = load_examples(any_recipe.data)
-        majority_label = max(set(train_examples.labels), key=train_examples.labels.count)
-        majority = metric_functions.compute([any_recipe.main_metric], [majority_label] * len(eval_examples.labels),
-                                            eval_examples.labels, len(names))[any_recipe.main_metric]
+        train_examples, eval_examples, names = load_examples(any_recipe.data, any_recipe.task)
+        majority = None
+        if train_examples.labels:  # free-form generation targets have no majority class
+            majority_label = max(set(train_examples.labels), key=train_examples.labels.count)
+            majority = metric_functions.compute([any_recipe.main_metric], [majority_label] * len(eval_examples),
+                                                eval_examples.labels, len(names))[any_recipe.main_metric]
         rows: dict[str, list[dict]] = {m: [] for m in methods}
         for (method, seed), recipe in recipes.items():
             print(f"[{recipe_path.stem}] {method}, seed {first_seed + seed} ...", flush=True)
@@ -179,8 +182,8 @@ def compare(recipe_paths: list[Path], methods: list[str] | None, seeds: int, out
         image = out / (f"report-{recipe_path.stem}.png" if len(recipe_paths) > 1 else "report.png")
         plot(rows, any_recipe.main_metric, majority, title, image)
         lines = table(rows, any_recipe.main_metric, any_recipe.metrics)
-        sections += [f"## {title}", "", *lines, "",
-                     f"Majority class: {any_recipe.main_metric} {100 * majority:.1f}. ![report]({image.name})", ""]
+        baseline = f"Majority class: {any_recipe.main_metric} {100 * majority:.1f}. " if majority is not None else ""
+        sections += [f"## {title}", "", *lines, "", f"{baseline}![report]({image.name})", ""]
         report["recipes"][str(recipe_path)] = {
             "majority": majority, "main_metric": any_recipe.main_metric,
             "methods": {m: [{k: v for k, v in r.items() if k not in ("losses", "evals")} for r in runs]

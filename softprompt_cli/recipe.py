@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from softprompt_cli.errors import UserError
 from softprompt_cli.methods import MethodOptions, registry
-from softprompt_cli.tasks import GLUE_TASKS, KNOWN_METRICS
+from softprompt_cli.tasks import GLUE_TASKS, KNOWN_METRICS, template_fields
 
 
 class Section(BaseModel):
@@ -27,6 +27,8 @@ class ModelSection(Section):
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    gguf_file: str | None = Field(
+        None, description="a GGUF file inside name_or_path to load (dequantized) instead of safetensors weights")
 
 
 class DataSection(Section):
@@ -66,7 +68,20 @@ class DataSection(Section):
 
 
 class TaskSection(Section):
-    type: Literal["sequence_classification"] = "sequence_classification"
+    type: Literal["sequence_classification", "causal_lm"] = Field(
+        "sequence_classification",
+        description="sequence_classification: a head over the frozen model; causal_lm (decoder models): the model "
+        "writes a target text after a prompt built from template",
+    )
+    template: str | None = Field(
+        None, description="causal_lm: the model's input, with {column} placeholders, e.g. 'Review: {sentence}\\n"
+        "Sentiment:'")
+    label_words: dict[str | int, str] | None = Field(
+        None, description="causal_lm: label name (or id) -> the text the model should write, e.g. {negative: ' bad', "
+        "positive: ' good'}; evaluation ranks the label words (rank classification)")
+    target_field: str | None = Field(
+        None, description="causal_lm: a column holding free-form target texts; evaluation generates (exact match)")
+    max_new_tokens: int = Field(32, ge=1, description="causal_lm with target_field: tokens generated at evaluation")
     pooling: Literal["model", "mean", "pair_mean"] = Field(
         "model",
         description="model: the model's own head ([CLS] pooler or last real token); "
@@ -81,6 +96,36 @@ class TaskSection(Section):
     )
     metrics: list[str] | None = Field(None, description="default: the GLUE task's metrics, else accuracy")
     main_metric: str | None = Field(None, description="selects the best checkpoint (default: the first metric)")
+
+    @model_validator(mode="after")
+    def _causal_lm_fields(self) -> TaskSection:
+        lm_only = [name for name in ("template", "label_words", "target_field") if getattr(self, name) is not None]
+        if self.type != "causal_lm":
+            if lm_only:
+                raise ValueError(f"{', '.join(lm_only)} belong to task.type: causal_lm")
+            return self
+        if not self.template:
+            raise ValueError("task.type: causal_lm needs a template, e.g. 'Review: {sentence}\\nSentiment:'")
+        try:
+            fields = template_fields(self.template)
+        except ValueError as err:
+            raise ValueError(f"template {self.template!r} is not a valid template ({err}); write columns as "
+                             "{column} and literal braces as {{ }}") from None
+        if not fields:
+            raise ValueError(f"template {self.template!r} names no column; put the input in it as {{column}}")
+        if (self.label_words is None) == (self.target_field is None):
+            raise ValueError("task.type: causal_lm needs exactly one of label_words (classification by the words the "
+                             "model writes) or target_field (free-form target texts)")
+        empty = [key for key, word in (self.label_words or {}).items() if not word.strip()]
+        if empty:
+            raise ValueError(f"label_words for {', '.join(map(repr, empty))} are empty; give every label a word")
+        words = list((self.label_words or {}).values())
+        if len(set(words)) != len(words):
+            raise ValueError("two labels have the same label word; each label needs its own")
+        if {"pooling", "prompt_position"} & self.model_fields_set:
+            raise ValueError("pooling and prompt_position are for sequence_classification; causal_lm puts the prompt "
+                             "first and reads the model's own next-token predictions")
+        return self
 
     @model_validator(mode="after")
     def _known_metrics(self) -> TaskSection:
@@ -142,6 +187,8 @@ class Recipe(Section):
     def metrics(self) -> list[str]:
         if self.task.metrics:
             return list(self.task.metrics)
+        if self.task.target_field is not None:
+            return ["exact_match"]
         if self.data.glue_task:
             return list(GLUE_TASKS[self.data.glue_task].metrics)
         return ["accuracy"]
@@ -151,7 +198,12 @@ class Recipe(Section):
         return self.task.main_metric or self.metrics[0]
 
     @model_validator(mode="after")
-    def _pair_pooling_needs_pairs(self) -> Recipe:
+    def _task_fits_data(self) -> Recipe:
+        if self.task.metrics and ("exact_match" in self.task.metrics) != (self.task.target_field is not None):
+            raise ValueError("metric exact_match is for causal_lm with target_field (generated texts), and the only "
+                             "metric there; classification metrics are for labels")
+        if self.task.type == "causal_lm" and self.data.text_fields:
+            raise ValueError("task.type: causal_lm reads the columns its template names; remove data.text_fields")
         if self.task.pooling == "pair_mean":
             fields = self.data.text_fields or (GLUE_TASKS[self.data.glue_task].text_columns if self.data.glue_task else [])
             if len(fields) != 2:

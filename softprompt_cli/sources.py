@@ -15,8 +15,8 @@ from pathlib import Path
 
 from softprompt_cli.errors import UserError
 from softprompt_cli.hub import hub_reachable
-from softprompt_cli.recipe import DataSection
-from softprompt_cli.tasks import GLUE_HUB_ID, GLUE_TASKS
+from softprompt_cli.recipe import DataSection, TaskSection
+from softprompt_cli.tasks import GLUE_HUB_ID, GLUE_TASKS, label_word_list, render, template_fields
 
 csv.field_size_limit(sys.maxsize)
 
@@ -24,7 +24,14 @@ csv.field_size_limit(sys.maxsize)
 @dataclass
 class Examples:
     texts: list[tuple[str, ...]]
+    """The input texts of each example; causal_lm: one text, the filled-in template."""
     labels: list[int]
+    """Label ids; empty for free-form causal_lm targets."""
+    targets: list[str] | None = None
+    """causal_lm: what the model should write after each input (its label word, or the target text)."""
+
+    def __len__(self) -> int:
+        return len(self.texts)
 
 
 @dataclass
@@ -45,6 +52,15 @@ def text_fields(data: DataSection) -> list[str]:
         return list(data.text_fields)
     task = GLUE_TASKS[data.glue_task]
     return list(task.text_columns if glue_dir(data) else task.hub_text_fields)
+
+
+def input_fields(data: DataSection, task: TaskSection) -> list[str]:
+    """The columns an example's input is made of: the template's for causal_lm, else the text fields."""
+    return template_fields(task.template) if task.type == "causal_lm" else text_fields(data)
+
+
+def has_labels(task: TaskSection) -> bool:
+    return task.target_field is None
 
 
 def label_field(data: DataSection) -> str:
@@ -153,62 +169,80 @@ def label_names(data: DataSection, train: Table) -> list[str]:
     return values
 
 
-def to_examples(data: DataSection, table: Table, names: list[str], max_samples: int | None) -> Examples:
-    fields = text_fields(data)
-    label = label_field(data)
+def to_examples(data: DataSection, task: TaskSection, table: Table, names: list[str], max_samples: int | None
+                ) -> Examples:
+    fields = input_fields(data, task)
+    label = label_field(data) if has_labels(task) else None
+    target = label or task.target_field
     if not table.rows:
         raise UserError(f"{table.origin} has no rows. Give a file with a header row and at least one example.")
     columns = set(table.rows[0])
-    missing = [c for c in [*fields, label] if c not in columns]
+    missing = [c for c in [*fields, target] if c not in columns]
     if missing:
+        fix = ("Name existing columns in task.template's {placeholders}" + (" and task.target_field" if label is None
+               else " (and data.label_field)") if task.type == "causal_lm"
+               else "Set data.text_fields / data.label_field")
         raise UserError(
             f"{table.origin} has no column(s) {', '.join(map(repr, missing))}; its columns are "
-            f"{', '.join(map(repr, sorted(columns)))}. Set data.text_fields / data.label_field (or data.columns "
-            "for a file without a header row)."
+            f"{', '.join(map(repr, sorted(columns)))}. {fix} (or data.columns for a file without a header row)."
         )
+    words = None
+    if task.type == "causal_lm" and label is not None:
+        try:
+            words = label_word_list(task.label_words, names)
+        except ValueError as err:
+            raise UserError(str(err)) from None
     index = {name: i for i, name in enumerate(names)}
     # Integer labels index the label list when they are not themselves label names (GLUE's 0/1).
     numeric = not any(name.lstrip("-").isdigit() for name in names)
     rows = table.rows[:max_samples] if max_samples else table.rows
-    texts, labels = [], []
+    examples = Examples([], [], [] if task.type == "causal_lm" else None)
     for number, row in enumerate(rows, 1):
-        absent = [c for c in [*fields, label] if c not in row]
+        absent = [c for c in [*fields, target] if c not in row]
         if absent:
             raise UserError(f"row {number} of {table.origin} has no value for {', '.join(map(repr, absent))}. "
-                            "Fix the row (every row needs the text and label fields).")
+                            "Fix the row (every row needs the input and label/target fields).")
+        values = tuple("" if row[f] is None else str(row[f]) for f in fields)
+        examples.texts.append((render(task.template, fields, values),) if task.type == "causal_lm" else values)
+        if label is None:
+            examples.targets.append("" if row[target] is None else str(row[target]))
+            continue
         key = _label_key(row[label])
         if key in index:
-            labels.append(index[key])
+            examples.labels.append(index[key])
         elif numeric and key.isdigit() and int(key) < len(names):
-            labels.append(int(key))
+            examples.labels.append(int(key))
         else:
             raise UserError(
                 f"row {number} of {table.origin} has label {key!r}, which is not one of {names}. Fix the row, or "
                 "list every label in data.label_names."
             )
-        texts.append(tuple("" if row[f] is None else str(row[f]) for f in fields))
-    return Examples(texts, labels)
+        if words is not None:
+            examples.targets.append(words[examples.labels[-1]])
+    return examples
 
 
-def load_split(data: DataSection, split: str, names: list[str]) -> Examples:
+def load_split(data: DataSection, task: TaskSection, split: str, names: list[str]) -> Examples:
     """One split's examples, with the label names fixed (e.g. from a checkpoint).
 
     The recipe's eval split keeps its max_eval_samples, so that evaluating a checkpoint
     reproduces the metrics printed during training.
     """
     limit = data.max_eval_samples if split == data.eval_split else None
-    return to_examples(data, read_split(data, split), names, limit)
+    return to_examples(data, task, read_split(data, split), names, limit)
 
 
-def load_examples(data: DataSection) -> tuple[Examples, Examples, list[str]]:
-    """Train and eval examples, and the label names (in id order)."""
+def load_examples(data: DataSection, task: TaskSection | None = None) -> tuple[Examples, Examples, list[str]]:
+    """Train and eval examples, and the label names (in id order; none for free-form targets).
+    Without a task section: sequence classification."""
+    task = task or TaskSection()
     train = read_split(data, data.train_split)
     evaluation = read_split(data, data.eval_split)
-    names = label_names(data, train)
-    if len(names) < 2:
+    names = label_names(data, train) if has_labels(task) else []
+    if has_labels(task) and len(names) < 2:
         raise UserError(f"{train.origin} has fewer than two distinct labels ({names}); a classifier needs two.")
     return (
-        to_examples(data, train, names, data.max_train_samples),
-        to_examples(data, evaluation, names, data.max_eval_samples),
+        to_examples(data, task, train, names, data.max_train_samples),
+        to_examples(data, task, evaluation, names, data.max_eval_samples),
         names,
     )

@@ -19,11 +19,12 @@ from transformers import get_linear_schedule_with_warmup
 
 from softprompt_cli import metrics
 from softprompt_cli.checkpoint import RECIPE_FILE, write_checkpoint
-from softprompt_cli.data import loader, tokenize
+from softprompt_cli.data import label_word_ids, loader, tokenize, tokenize_causal
 from softprompt_cli.errors import UserError
 from softprompt_cli.modeling import SoftPromptModel, config_fingerprint, load_base_model, load_tokenizer
 from softprompt_cli.recipe import Recipe
-from softprompt_cli.sources import load_examples
+from softprompt_cli.sources import Examples, load_examples
+from softprompt_cli.tasks import label_word_list
 from softprompt_cli.state import capture_rng, load_state, restore_rng, save_state
 
 console = Console(soft_wrap=True)  # logs stay one line per event when piped
@@ -31,12 +32,20 @@ console = Console(soft_wrap=True)  # logs stay one line per event when piped
 
 def build_model(recipe: Recipe, label_names: list[str]) -> tuple[SoftPromptModel, Any]:
     spec = recipe.model
-    tokenizer = load_tokenizer(spec.name_or_path, spec.revision, spec.trust_remote_code)
+    task = recipe.task
+    tokenizer = load_tokenizer(spec.name_or_path, spec.revision, spec.trust_remote_code, spec.gguf_file)
     base = load_base_model(spec.name_or_path, revision=spec.revision, dtype=spec.dtype,
-                           trust_remote_code=spec.trust_remote_code, pooling=recipe.task.pooling,
-                           label_names=label_names, prefix=recipe.method.kind == "prefix")
-    model = SoftPromptModel(base, recipe.method, tokenizer, recipe.task.pooling, len(label_names),
-                            recipe.data.max_length, recipe.task.prompt_position)
+                           trust_remote_code=spec.trust_remote_code, pooling=task.pooling,
+                           label_names=label_names, prefix=recipe.method.kind == "prefix", task_type=task.type,
+                           gguf_file=spec.gguf_file)
+    words = None
+    if task.type == "causal_lm" and task.label_words is not None:
+        try:
+            words = label_word_ids(tokenizer, label_word_list(task.label_words, label_names), label_names)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    model = SoftPromptModel(base, recipe.method, tokenizer, task.pooling, len(label_names), recipe.data.max_length,
+                            task.prompt_position, task.type, words)
     if recipe.training.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, and replays the prefix,
         # which reaches the attention layers as a forward argument rather than a cache.
@@ -44,18 +53,38 @@ def build_model(recipe: Recipe, label_names: list[str]) -> tuple[SoftPromptModel
     return model, tokenizer
 
 
+def tokenize_examples(recipe: Recipe, examples: Examples, tokenizer, training: bool):
+    if recipe.task.type == "causal_lm":
+        return tokenize_causal(examples, tokenizer, recipe.data.max_length, training,
+                               free_form=recipe.task.target_field is not None)
+    return tokenize(examples, tokenizer, recipe.data.max_length, recipe.task.pooling == "pair_mean")
+
+
 @torch.no_grad()
-def evaluate(model, eval_loader, accelerator: Accelerator, metric_names: list[str], num_labels: int) -> dict:
-    model.eval()
+def evaluate(model, eval_loader, accelerator: Accelerator, recipe: Recipe, num_labels: int, tokenizer,
+             targets: list[str] | None, with_prompt: bool = True) -> dict:
+    """The recipe's metrics on the eval loader, gathered over processes: predicted labels (a head's argmax,
+    or the most likely label word), or generated texts against `targets` (exact match)."""
+    unwrapped: SoftPromptModel = accelerator.unwrap_model(model)
+    unwrapped.eval()
     predictions, references = [], []
     for batch in eval_loader:
+        if "target_index" in batch:
+            generated = unwrapped.generate(batch["input_ids"], batch["attention_mask"], recipe.task.max_new_tokens,
+                                           tokenizer.eos_token_id, with_prompt=with_prompt)
+            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            pairs = accelerator.gather_for_metrics(
+                [(text, targets[i]) for text, i in zip(texts, batch["target_index"].tolist())])
+            predictions += [text for text, _ in pairs]
+            references += [target for _, target in pairs]
+            continue
         labels = batch.pop("labels")
-        logits = model(**batch)["logits"]
-        gathered = accelerator.gather_for_metrics((logits.argmax(-1), labels))
+        scores = unwrapped.scores(**batch, with_prompt=with_prompt)
+        gathered = accelerator.gather_for_metrics((scores.argmax(-1), labels))
         predictions += gathered[0].tolist()
         references += gathered[1].tolist()
-    model.train()
-    return metrics.compute(metric_names, predictions, references, num_labels)
+    unwrapped.train()
+    return metrics.compute(recipe.metrics, predictions, references, num_labels)
 
 
 def finish(accelerator: Accelerator) -> None:
@@ -145,11 +174,10 @@ def train(recipe: Recipe, resume: Path | None = None) -> dict[str, Any]:
         (out / RECIPE_FILE).write_text(recipe.to_yaml())
     set_seed(cfg.seed)
 
-    train_examples, eval_examples, label_names = load_examples(recipe.data)
+    train_examples, eval_examples, label_names = load_examples(recipe.data, recipe.task)
     model, tokenizer = build_model(recipe, label_names)
-    separate_pair = recipe.task.pooling == "pair_mean"
-    train_set = tokenize(train_examples, tokenizer, recipe.data.max_length, separate_pair)
-    eval_set = tokenize(eval_examples, tokenizer, recipe.data.max_length, separate_pair)
+    train_set = tokenize_examples(recipe, train_examples, tokenizer, training=True)
+    eval_set = tokenize_examples(recipe, eval_examples, tokenizer, training=False)
     train_loader = loader(train_set, tokenizer, cfg.batch_size, True, cfg.group_by_length, cfg.seed)
     eval_loader = loader(eval_set, tokenizer, cfg.eval_batch_size, False, True)
 
@@ -173,7 +201,6 @@ def train(recipe: Recipe, resume: Path | None = None) -> dict[str, Any]:
     unwrapped: SoftPromptModel = accelerator.unwrap_model(model)
     trainable = sum(p.numel() for p in unwrapped.trainable_state().values())
     fingerprint = config_fingerprint(unwrapped.base.config)
-    metric_names = recipe.metrics
     main_metric = recipe.main_metric
     step, epoch, batches_done = 0, 0, 0
     best: dict[str, Any] = {"value": -math.inf}
@@ -234,7 +261,7 @@ def train(recipe: Recipe, resume: Path | None = None) -> dict[str, Any]:
 
     def run_eval() -> dict:
         eval_started = time.perf_counter()
-        results = evaluate(model, eval_loader, accelerator, metric_names, len(label_names))
+        results = evaluate(model, eval_loader, accelerator, recipe, len(label_names), tokenizer, eval_examples.targets)
         timing["eval_seconds"] += time.perf_counter() - eval_started
         timing["evaluations"] += 1
         at_epoch = step / steps_per_epoch
