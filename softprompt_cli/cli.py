@@ -129,12 +129,27 @@ def predict(
     text_field: Annotated[Optional[list[str]], typer.Option(help="text column(s) to read (default: the recipe's)")] = None,  # noqa: UP045
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     model: Annotated[Optional[str], typer.Option(help="local copy of the same base model")] = None,  # noqa: UP045
+    max_new_tokens: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        min=1, help="causal_lm generation: tokens to generate (default: the recipe's task.max_new_tokens)")] = None,
+    do_sample: Annotated[bool, typer.Option("--do-sample", help="causal_lm generation: sample instead of greedy")] = False,
+    temperature: Annotated[float, typer.Option(min=1e-4, help="with --do-sample")] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0, help="with --do-sample: keep the k likeliest tokens (0: all)")] = 0,
+    top_p: Annotated[float, typer.Option(min=1e-4, max=1.0, help="with --do-sample: nucleus sampling")] = 1.0,
+    seed: Annotated[int, typer.Option(help="with --do-sample: the random seed")] = 0,
 ) -> None:
-    """Predict labels with one or several checkpoints; rows of different tasks share forward batches."""
-    from softprompt_cli.predict import run_predict
+    """Predict labels with one or several checkpoints; rows of different tasks share forward batches.
+    causal_lm checkpoints rank their label words, or generate text (free-form targets)."""
+    from softprompt_cli.predict import Generation, run_predict
 
+    sampling = None
+    if do_sample:
+        import torch
+
+        from softprompt_cli.modeling import Sampling
+
+        sampling = Sampling(temperature, top_k, top_p, torch.Generator().manual_seed(seed))
     run_predict(checkpoints, input_file, text or [], text_pair or [], output, task_column, text_field, batch_size,
-                model)
+                model, Generation(max_new_tokens, sampling))
 
 
 @app.command()

@@ -185,6 +185,13 @@ class SoftPromptModel(nn.Module):
         config = base.config.get_text_config()
         if self.is_decoder and getattr(base.config, "pad_token_id", None) is None:
             base.config.pad_token_id = tokenizer.pad_token_id
+        if self.causal_lm and tokenizer.eos_token_id is None:  # free-form targets end with it; generation stops there
+            eos = base.config.eos_token_id
+            eos = eos[0] if isinstance(eos, list) else eos
+            if eos is None:
+                raise UserError("the model and its tokenizer define no end-of-sequence token, which causal_lm needs "
+                                "(targets end with it). Set eos_token in the tokenizer files.")
+            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
         # Encoders read [CLS] at index 0 and take positions from the index: pad on the right. Generation
         # appends to every row at once: pad on the left.
         tokenizer.padding_side = "left" if self.causal_lm else "right" if not self.is_decoder else tokenizer.padding_side

@@ -3,6 +3,8 @@ the same forward batch (each row with its own prompt and head).
 
 Tasks can share a forward pass when their prompts have the same kind and length and their heads
 read the same thing (hidden states, or the model's own pooler); others go in separate batches.
+causal_lm checkpoints rank their label words (probabilities over the label words) or generate text,
+one task per batch.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ import yaml
 from transformers import DataCollatorWithPadding
 
 from softprompt_cli.errors import UserError
-from softprompt_cli.modeling import Encoded, SoftPromptModel, config_fingerprint, load_base_model, load_tokenizer
+from softprompt_cli.data import label_word_ids
+from softprompt_cli.modeling import (Encoded, Sampling, SoftPromptModel, config_fingerprint, load_base_model,
+                                     load_tokenizer)
 from softprompt_cli.peft_format import read_any_checkpoint
 from softprompt_cli.recipe import Recipe, parse_recipe
-from softprompt_cli.sources import read_table, text_fields
+from softprompt_cli.sources import input_fields, read_table
+from softprompt_cli.tasks import label_word_list, render
 
 
 @dataclass
@@ -39,8 +44,14 @@ class Task:
 
     @property
     def batch_key(self) -> tuple:
+        if self.model.causal_lm:
+            return ("causal_lm", self.name)
         return (self.model.kind, self.model.num_virtual_tokens, self.model.insert_at,
                 self.model.head_reads_model_pooler)
+
+    @property
+    def generates(self) -> bool:
+        return self.recipe.task.target_field is not None
 
     @property
     def separate_pair(self) -> bool:
@@ -67,19 +78,25 @@ def load_tasks(references: list[str], model_path: str | None = None) -> tuple[di
     if len(set(names)) != len(names):
         raise UserError(f"two checkpoints have the same task name ({names}); name them: NAME=DIR.")
     fingerprints = {item[2]["base_model"]["fingerprint"] for item in loaded}
+    task_types = {item[3].task.type for item in loaded}
+    if len(task_types) > 1:
+        raise UserError("the checkpoints mix causal_lm and sequence_classification tasks; predict with each kind "
+                        "separately.")
     if len(fingerprints) > 1:
         models = sorted({item[2]["base_model"]["name_or_path"] for item in loaded})
         raise UserError(f"the checkpoints were trained on different base models ({', '.join(models)}); "
                         "predict serves checkpoints of one base model at a time.")
 
     first = loaded[0][3]
-    tokenizer = load_tokenizer(first.model.name_or_path, first.model.revision, first.model.trust_remote_code)
+    tokenizer = load_tokenizer(first.model.name_or_path, first.model.revision, first.model.trust_remote_code,
+                               first.model.gguf_file)
     model_pooling = [item for item in loaded if item[3].task.pooling == "model"]
     base = load_base_model(
         first.model.name_or_path, revision=first.model.revision, dtype=first.model.dtype,
         trust_remote_code=first.model.trust_remote_code, pooling="model" if model_pooling else "mean",
         label_names=(model_pooling or loaded)[0][2]["label_names"],
-        prefix=any(item[3].method.kind == "prefix" for item in loaded),
+        prefix=any(item[3].method.kind == "prefix" for item in loaded), task_type=first.task.type,
+        gguf_file=first.model.gguf_file,
     )
     if config_fingerprint(base.config) not in fingerprints:
         raise UserError(f"{first.model.name_or_path!r} is not the base model these checkpoints were trained on "
@@ -87,11 +104,16 @@ def load_tasks(references: list[str], model_path: str | None = None) -> tuple[di
     base.eval()
     tasks = {}
     for name, directory, info, recipe, tensors in loaded:
+        words = None
+        if recipe.task.label_words is not None:
+            words = label_word_ids(tokenizer, label_word_list(recipe.task.label_words, info["label_names"]),
+                                   info["label_names"])
         model = SoftPromptModel(base, recipe.method, tokenizer, recipe.task.pooling, len(info["label_names"]),
-                                recipe.data.max_length, recipe.task.prompt_position).eval()
+                                recipe.data.max_length, recipe.task.prompt_position, recipe.task.type, words).eval()
         prompt_state = {k.removeprefix("prompt."): v for k, v in tensors.items() if k.startswith("prompt.")}
-        head_prefix = next(k for k in tensors if not k.startswith("prompt.")).rsplit(".", 1)[0] + "."
-        head_state = {k.removeprefix(head_prefix): v for k, v in tensors.items() if k.startswith(head_prefix)}
+        head_keys = [k for k in tensors if not k.startswith("prompt.")]  # none for causal_lm
+        head_prefix = head_keys[0].rsplit(".", 1)[0] + "." if head_keys else None
+        head_state = {k.removeprefix(head_prefix): v for k, v in tensors.items() if head_prefix and k.startswith(head_prefix)}
         try:
             model.prompt.load_state_dict(prompt_state)
         except RuntimeError as err:
@@ -127,7 +149,7 @@ def make_items(rows: list[dict], tasks: dict[str, Task], tokenizer, task_column:
         else:
             targets = list(tasks.values())
         for task in targets:
-            expected = text_fields(task.recipe.data)
+            expected = input_fields(task.recipe.data, task.recipe.task)
             fields = fields_override or expected
             if task.knows_its_texts and len(fields) != len(expected):
                 raise UserError(f"task {task.name} reads {len(expected)} text(s) per row ({expected}), but "
@@ -139,7 +161,10 @@ def make_items(rows: list[dict], tasks: dict[str, Task], tokenizer, task_column:
                                 f"{fields}; the row has {sorted(row)}). Name the text columns with --text-field.")
             texts = [str(row[f]) for f in fields]
             limit = task.recipe.data.max_length
-            if task.separate_pair:
+            if task.model.causal_lm:  # long inputs keep their end, where the template's cue is
+                ids = tokenizer(render(task.recipe.task.template, expected, tuple(texts)))["input_ids"][-limit:]
+                sequences = [{"input_ids": ids, "attention_mask": [1] * len(ids)}]
+            elif task.separate_pair:
                 sequences = [dict(tokenizer(t, truncation=True, max_length=limit)) for t in texts]
             else:
                 sequences = [dict(tokenizer(*texts, truncation=True, max_length=limit))]
@@ -150,6 +175,10 @@ def make_items(rows: list[dict], tasks: dict[str, Task], tokenizer, task_column:
 @torch.no_grad()
 def predict_batch(items: list[Item], collate) -> list[torch.Tensor]:
     """Probabilities for each item; all items share one forward pass through the frozen model."""
+    task = items[0].task
+    if task.model.causal_lm:  # one task per batch: the probabilities of its label words
+        batch = collate([item.sequences[0] for item in items])
+        return list(task.model.scores(batch["input_ids"], batch["attention_mask"]).softmax(-1))
     order = sorted(range(len(items)), key=lambda i: items[i].task.name)  # each task's rows contiguous
     blocks, sequences, prompts = [], [], []
     for name in dict.fromkeys(items[i].task.name for i in order):
@@ -174,7 +203,27 @@ def predict_batch(items: list[Item], collate) -> list[torch.Tensor]:
     return probabilities
 
 
-def predict(items: list[Item], tokenizer, batch_size: int, progress: bool = False) -> list[torch.Tensor]:
+@dataclass
+class Generation:
+    max_new_tokens: int | None = None
+    """None: each task's task.max_new_tokens."""
+    sampling: Sampling | None = None
+    """None: greedy."""
+
+
+def generate_batch(items: list[Item], collate, tokenizer, generation: Generation) -> list[str]:
+    task = items[0].task
+    batch = collate([item.sequences[0] for item in items])
+    tokens = task.model.generate(batch["input_ids"], batch["attention_mask"],
+                                 generation.max_new_tokens or task.recipe.task.max_new_tokens,
+                                 tokenizer.eos_token_id, generation.sampling)
+    return tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+
+def predict(items: list[Item], tokenizer, batch_size: int, progress: bool = False,
+            generation: Generation | None = None) -> list[torch.Tensor | str]:
+    """Label probabilities for each item, or its generated text (causal_lm tasks with free-form targets)."""
+    generation = generation or Generation()
     collate = DataCollatorWithPadding(tokenizer)
     # Group compatible tasks, then similar lengths, so that batches share a forward pass and pad little.
     order = sorted(range(len(items)), key=lambda i: (items[i].task.batch_key,
@@ -193,15 +242,23 @@ def predict(items: list[Item], tokenizer, batch_size: int, progress: bool = Fals
     with Progress(disable=not progress, transient=True, console=None) as bar:
         job = bar.add_task("predict", total=len(items))
         for indices in batches:
-            for i, p in zip(indices, predict_batch([items[i] for i in indices], collate)):
-                results[i] = p
+            members = [items[i] for i in indices]
+            if members[0].task.generates:
+                outputs = generate_batch(members, collate, tokenizer, generation)
+            else:
+                outputs = predict_batch(members, collate)
+            for i, output in zip(indices, outputs):
+                results[i] = output
             bar.advance(job, len(indices))
     return results
 
 
-def records(rows: list[dict], items: list[Item], probabilities: list[torch.Tensor]) -> list[dict]:
+def records(rows: list[dict], items: list[Item], outputs: list[torch.Tensor | str]) -> list[dict]:
     out = []
-    for item, p in zip(items, probabilities):
+    for item, p in zip(items, outputs):
+        if isinstance(p, str):
+            out.append({**rows[item.row], "task": item.task.name, "generated": p})
+            continue
         best = int(p.argmax())
         out.append({**rows[item.row], "task": item.task.name, "label": item.task.label_names[best],
                     "score": round(float(p[best]), 6),
@@ -221,7 +278,7 @@ def write_records(results: list[dict], output: Path | None) -> None:
     if output.suffix.lower() not in (".csv", ".tsv"):
         raise UserError(f"--output {str(output)!r}: write .jsonl, .csv or .tsv.")
     flat = [{**{k: v for k, v in r.items() if k != "probabilities"},
-             **{f"p_{name}": v for name, v in r["probabilities"].items()}} for r in results]
+             **{f"p_{name}": v for name, v in r.get("probabilities", {}).items()}} for r in results]
     columns = list(dict.fromkeys(k for r in flat for k in r))
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", newline="", encoding="utf-8") as handle:
@@ -232,7 +289,7 @@ def write_records(results: list[dict], output: Path | None) -> None:
 
 def run_predict(references: list[str], input_file: Path | None, texts: list[str], text_pairs: list[str],
                 output: Path | None, task_column: str, fields_override: list[str] | None, batch_size: int,
-                model_path: str | None) -> list[dict]:
+                model_path: str | None, generation: Generation | None = None) -> list[dict]:
     if (input_file is None) == (not texts):
         raise UserError("give either --input FILE or --text \"...\" (not both, not neither).")
     if input_file is not None:
@@ -247,7 +304,8 @@ def run_predict(references: list[str], input_file: Path | None, texts: list[str]
                 for t, p in zip(texts, text_pairs or texts)]
     tasks, tokenizer = load_tasks(references, model_path)
     items = make_items(rows, tasks, tokenizer, task_column, fields_override)
-    probabilities = predict(items, tokenizer, batch_size, progress=len(items) > 1000 and output is not None)
-    results = records(rows, items, probabilities)
+    outputs = predict(items, tokenizer, batch_size, progress=len(items) > 1000 and output is not None,
+                      generation=generation)
+    results = records(rows, items, outputs)
     write_records(results, output)
     return results

@@ -58,8 +58,6 @@ class DataSection(Section):
             )
         if self.glue_task is not None and self.glue_task not in GLUE_TASKS:
             raise ValueError(f"glue_task {self.glue_task!r} is not one of {', '.join(GLUE_TASKS)}")
-        if self.glue_task is None and self.text_fields is None:
-            raise ValueError("text_fields is required when the data is not a GLUE task")
         if self.files is not None:
             missing = [split for split in (self.train_split, self.eval_split) if split not in self.files]
             if missing:
@@ -122,7 +120,7 @@ class TaskSection(Section):
         words = list((self.label_words or {}).values())
         if len(set(words)) != len(words):
             raise ValueError("two labels have the same label word; each label needs its own")
-        if {"pooling", "prompt_position"} & self.model_fields_set:
+        if self.pooling != "model" or self.prompt_position != "after_special":
             raise ValueError("pooling and prompt_position are for sequence_classification; causal_lm puts the prompt "
                              "first and reads the model's own next-token predictions")
         return self
@@ -202,6 +200,9 @@ class Recipe(Section):
         if self.task.metrics and ("exact_match" in self.task.metrics) != (self.task.target_field is not None):
             raise ValueError("metric exact_match is for causal_lm with target_field (generated texts), and the only "
                              "metric there; classification metrics are for labels")
+        if self.task.type != "causal_lm" and self.data.glue_task is None and self.data.text_fields is None:
+            raise ValueError("data.text_fields is required when the data is not a GLUE task (causal_lm reads the "
+                             "columns its template names instead)")
         if self.task.type == "causal_lm" and self.data.text_fields:
             raise ValueError("task.type: causal_lm reads the columns its template names; remove data.text_fields")
         if self.task.pooling == "pair_mean":
@@ -322,7 +323,7 @@ def format_validation_errors(err: ValidationError, cls: type[BaseModel]) -> list
         else:
             field_loc = loc
             allowed_loc = loc[:-1]
-        where = ".".join(str(p) for p in field_loc) or "(top level)"
+        where = ".".join(str(p) for p in field_loc) or "recipe"
         kind = error["type"]
         value = error.get("input")
         if kind == "extra_forbidden":

@@ -32,7 +32,7 @@ def _tokenizer():
 
 def _save_tiny(kind: str, folder: Path) -> Path:
     import torch
-    from transformers import BertConfig, GPT2Config, LlamaConfig, AutoModel
+    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig
 
     tokenizer = _tokenizer()
     vocab = tokenizer.vocab_size
@@ -46,7 +46,8 @@ def _save_tiny(kind: str, folder: Path) -> Path:
                              bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id),
     }
     torch.manual_seed(0)
-    model = AutoModel.from_config(configs[kind])
+    # Decoders are saved with their LM head (causal_lm loads it; AutoModel drops it).
+    model = (AutoModel if kind == "bert" else AutoModelForCausalLM).from_config(configs[kind])
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

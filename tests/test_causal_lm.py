@@ -1,0 +1,300 @@
+"""causal_lm: soft prompts for decoders that write a target (label words or free-form texts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import GLUE_DIR, write_recipe
+
+METHODS = {
+    "prompt_tuning": {"name": "prompt_tuning"},
+    "p_tuning": {"name": "p_tuning", "encoder_hidden_size": 16},
+    "prefix_tuning": {"name": "prefix_tuning"},
+    "prefix_projection": {"name": "prefix_tuning", "projection": True, "encoder_hidden_size": 16},
+}
+DECODERS = ("llama", "gpt2")
+SST2_TASK = {"type": "causal_lm", "template": "Review: {sentence} Sentiment:",
+             "label_words": {"negative": " bad", "positive": " good"}}
+
+
+def lm_recipe(model_dir, method: dict, task: dict | None = None, **data):
+    from softprompt_cli.recipe import parse_recipe
+
+    return parse_recipe({
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"glue_task": "sst2", "dir": str(GLUE_DIR), **data},
+        "task": task or SST2_TASK,
+        "method": {"num_virtual_tokens": 3, **method},
+    })
+
+
+def build(model_dir, method: dict, task: dict | None = None):
+    from softprompt_cli.train import build_model
+
+    torch.manual_seed(0)
+    model, tokenizer = build_model(lm_recipe(model_dir, method, task), ["negative", "positive"])
+    return model.eval(), tokenizer
+
+
+def greedy_without_cache(model, ids: list[int], steps: int, eos: int) -> list[int]:
+    """The reference: the whole sequence through the model at every step, no cache."""
+    ids, new = list(ids), []
+    for _ in range(steps):
+        row = torch.tensor([ids])
+        with torch.no_grad():
+            last = model.encode(row, torch.ones_like(row), None, model.prompt()).states[:, -1]
+            token = int(model.lm_head(last).argmax(-1))
+        new.append(token)
+        ids.append(token)
+        if token == eos:
+            break
+    return new
+
+
+def until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("method", METHODS)
+def test_training_step_reaches_the_prompt_only_through_target_tokens(tiny_models, decoder, method):
+    model, tokenizer = build(tiny_models[decoder], METHODS[method])
+    model.train()
+    prompt_ids = tokenizer(["a fine film", "dull"])["input_ids"]
+    target = tokenizer(" good", add_special_tokens=False)["input_ids"]
+    rows = [{"input_ids": p + target, "labels": [-100] * len(p) + target} for p in prompt_ids]
+    width = max(len(r["input_ids"]) for r in rows)
+    # Left padding, as the collator does for causal_lm.
+    input_ids = torch.tensor([[0] * (width - len(r["input_ids"])) + r["input_ids"] for r in rows])
+    labels = torch.tensor([[-100] * (width - len(r["labels"])) + r["labels"] for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r["input_ids"])) + [1] * len(r["input_ids"]) for r in rows])
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(n.startswith("prompt.") for n in grads)  # no head: only the prompt trains
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert not any(p.grad is not None for p in model.base.parameters())
+
+    # The loss is the mean cross-entropy of the target tokens given everything before them (no dropout).
+    model.eval()
+    with torch.no_grad():
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)["loss"]
+        states = model.encode(input_ids, attention_mask, None, model.prompt()).states[:, -width:]
+        log_probs = model.lm_head(states).log_softmax(-1)
+        expected = -torch.stack([log_probs[b, t - 1, labels[b, t]] for b in range(2) for t in range(width)
+                                 if labels[b, t] != -100]).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("method", METHODS)
+def test_generation_equals_a_greedy_loop_without_cache(tiny_models, decoder, method):
+    model, tokenizer = build(tiny_models[decoder], METHODS[method])
+    eos = tokenizer.eos_token_id
+    ids = tokenizer("the movie was")["input_ids"]
+    row = torch.tensor([ids])
+    generated = model.generate(row, torch.ones_like(row), max_new_tokens=8, eos_token_id=eos)[0].tolist()
+    assert until_eos(generated, eos) == greedy_without_cache(model, ids, 8, eos)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_left_padded_batch_generation_equals_one_at_a_time(tiny_models, decoder, method):
+    model, tokenizer = build(tiny_models[decoder], METHODS[method])
+    eos = tokenizer.eos_token_id
+    texts = ["a", "the movie was long and rather dull", "good fun"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    assert tokenizer.padding_side == "left" and (batch["attention_mask"][:, 0] == 0).any()
+    together = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=6, eos_token_id=eos)
+    for text, row in zip(texts, together.tolist()):
+        alone = tokenizer(text, return_tensors="pt")
+        single = model.generate(alone["input_ids"], alone["attention_mask"], max_new_tokens=6, eos_token_id=eos)
+        assert until_eos(row, eos) == until_eos(single[0].tolist(), eos)
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator(tiny_models):
+    from softprompt_cli.modeling import Sampling
+
+    model, tokenizer = build(tiny_models["llama"], METHODS["prompt_tuning"])
+    batch = tokenizer(["the movie", "a"], padding=True, return_tensors="pt")
+
+    def sample(seed):
+        sampling = Sampling(temperature=1.5, top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(seed))
+        return model.generate(batch["input_ids"], batch["attention_mask"], 10, -1, sampling)
+
+    assert torch.equal(sample(1), sample(1))
+    assert not torch.equal(sample(1), sample(2))
+    greedy = model.generate(batch["input_ids"], batch["attention_mask"], 10, -1)
+    nearly_greedy = model.generate(batch["input_ids"], batch["attention_mask"], 10, -1, Sampling(top_k=1))
+    assert torch.equal(greedy, nearly_greedy)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_label_word_scores_are_the_words_log_likelihood(tiny_models, method):
+    model, tokenizer = build(tiny_models["llama"], METHODS[method],
+                             {**SST2_TASK, "label_words": {"negative": " terrible film", "positive": " good"}})
+    assert [len(w) for w in model.label_word_ids] == [2, 1]  # the multi-token path
+    batch = tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt")
+    scores = model.scores(batch["input_ids"], batch["attention_mask"])
+    for row, text in enumerate(["a fine film", "dull"]):
+        ids = tokenizer(text)["input_ids"]
+        for label, word in enumerate(model.label_word_ids):
+            full = torch.tensor([ids + word])
+            with torch.no_grad():
+                states = model.encode(full, torch.ones_like(full), None, model.prompt()).states[0, -len(word) - 1:-1]
+                expected = model.lm_head(states).log_softmax(-1)[torch.arange(len(word)), word].sum()
+            torch.testing.assert_close(scores[row, label], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_single_token_label_words_score_in_one_pass(tiny_models):
+    model, tokenizer = build(tiny_models["gpt2"], METHODS["prefix_tuning"])
+    assert all(len(w) == 1 for w in model.label_word_ids)
+    texts = ["a fine film", "dull"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    scores = model.scores(batch["input_ids"], batch["attention_mask"])
+    for row, text in enumerate(texts):
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            last = model.encode(ids, torch.ones_like(ids), None, model.prompt()).states[0, -1]
+            expected = model.lm_head(last).log_softmax(-1)[[w[0] for w in model.label_word_ids]]
+        torch.testing.assert_close(scores[row], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_gradient_checkpointing_gives_the_same_causal_lm_loss_and_gradients(tiny_models, decoder):
+    model, tokenizer = build(tiny_models[decoder], METHODS["prefix_tuning"])
+    model.train()
+    for module in model.modules():  # dropout off, so that both passes see the same network
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    ids = tokenizer("a fine film good")["input_ids"]
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+             "labels": torch.tensor([[-100] * (len(ids) - 2) + ids[-2:]])}
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**batch)["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    plain = loss_and_grads()
+    model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = loss_and_grads()
+    torch.testing.assert_close(plain, checkpointed)
+
+
+def sst2_lm_recipe(tmp_path, model_dir, method: dict, **task):
+    return write_recipe(
+        tmp_path, str(model_dir), method,
+        data={"glue_task": "sst2", "max_train_samples": 32, "max_eval_samples": 24},
+        task={**SST2_TASK, **task}, training={"epochs": 1, "lr": 3e-2},
+    )
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_train_eval_predict_with_label_words_from_the_cli(tmp_path, tiny_models, run_cli, method):
+    recipe = sst2_lm_recipe(tmp_path, tiny_models["llama"], METHODS[method])
+    code, out, err = run_cli("train", recipe)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["final"]) == {"accuracy"} and 0 <= summary["final"]["accuracy"] <= 1
+    assert summary["trainable_parameters"] == sum(
+        t.numel() for t in __import__("safetensors.torch").torch.load_file(
+            tmp_path / "run" / "final" / "softprompt.safetensors").values())
+
+    report = tmp_path / "eval.json"
+    code, _, err = run_cli("eval", tmp_path / "run" / "final", "--output", report)
+    assert code == 0, err
+    assert json.loads(report.read_text())["metrics"] == summary["final"]  # eval reproduces training's numbers
+
+    code, out, err = run_cli("predict", tmp_path / "run" / "final", "--text", "a fine film", "--text", "dull")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["text"] for r in rows] == ["a fine film", "dull"]
+    assert all(r["label"] in ("negative", "positive") for r in rows)
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)
+
+
+def test_free_form_targets_train_and_generate(tmp_path, tiny_models, run_cli):
+    rows = [{"question": f"{a} plus {b}", "answer": str(a + b)} for a in range(6) for b in range(4)]
+    for split, part in (("train", rows), ("dev", rows[:8])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    recipe = write_recipe(
+        tmp_path, str(tiny_models["gpt2"]), {"name": "prefix_tuning"},
+        data={"files": {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "dev.jsonl")},
+              "max_train_samples": None, "max_eval_samples": None},
+        task={"type": "causal_lm", "template": "Q: {question} A:", "target_field": "answer", "max_new_tokens": 4},
+        training={"epochs": 1},
+    )
+    data = yaml.safe_load(recipe.read_text())
+    del data["data"]["glue_task"], data["data"]["dir"]
+    recipe.write_text(yaml.safe_dump(data))
+    code, out, err = run_cli("train", recipe)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["final"]) == {"exact_match"}
+
+    code, out, err = run_cli("predict", tmp_path / "run" / "final", "--input", tmp_path / "dev.jsonl",
+                             "--max-new-tokens", "3")
+    assert code == 0, err
+    predictions = [json.loads(line) for line in out.splitlines()]
+    assert len(predictions) == 8 and all(isinstance(p["generated"], str) for p in predictions)
+    code, out, err = run_cli("predict", tmp_path / "run" / "final", "--input", tmp_path / "dev.jsonl",
+                             "--do-sample", "--seed", "3", "--temperature", "0.7")
+    assert code == 0, err
+    again = run_cli("predict", tmp_path / "run" / "final", "--input", tmp_path / "dev.jsonl",
+                    "--do-sample", "--seed", "3", "--temperature", "0.7")[1]
+    assert out == again
+
+
+def test_causal_lm_on_an_encoder_is_refused(tmp_path, tiny_models, run_cli):
+    recipe = sst2_lm_recipe(tmp_path, tiny_models["bert"], METHODS["prompt_tuning"])
+    code, _, err = run_cli("train", recipe)
+    assert code == 2
+    assert "decoder-only" in err and "Traceback" not in err
+
+
+def test_template_naming_a_missing_column_is_refused(tmp_path, tiny_models, run_cli):
+    recipe = sst2_lm_recipe(tmp_path, tiny_models["llama"], METHODS["prompt_tuning"],
+                            template="Review: {review} Sentiment:")
+    for command in ("validate", "train"):
+        code, _, err = run_cli(command, recipe)
+        assert code == 2
+        assert "'review'" in err and "template" in err and "'sentence'" in err
+
+
+def test_label_words_that_tokenize_to_nothing_are_refused(tmp_path, tiny_models, run_cli):
+    recipe = sst2_lm_recipe(tmp_path, tiny_models["llama"], METHODS["prompt_tuning"],
+                            label_words={"negative": "\u0007", "positive": " good"})
+    code, _, err = run_cli("train", recipe)
+    assert code == 2
+    assert "tokenize to nothing" in err and "negative" in err
+    assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.parametrize("task, message", [
+    ({"type": "causal_lm", "label_words": {"0": "a", "1": "b"}}, "needs a template"),
+    ({"type": "causal_lm", "template": "{sentence}"}, "exactly one of label_words"),
+    ({"type": "causal_lm", "template": "no column", "target_field": "x"}, "names no column"),
+    ({"type": "causal_lm", "template": "{sentence", "target_field": "x"}, "not a valid template"),
+    ({"type": "causal_lm", "template": "{sentence}", "label_words": {"0": " a", "1": " a"}}, "same label word"),
+    ({"type": "causal_lm", "template": "{sentence}", "target_field": "x", "pooling": "mean"}, "pooling"),
+    ({"template": "{sentence}"}, "belong to task.type: causal_lm"),
+])
+def test_inconsistent_causal_lm_task_sections_are_refused(task, message):
+    from softprompt_cli.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        lm_recipe("x", METHODS["prompt_tuning"], task)
+
+
+def test_label_words_must_cover_the_labels(tmp_path, tiny_models, run_cli):
+    recipe = sst2_lm_recipe(tmp_path, tiny_models["llama"], METHODS["prompt_tuning"],
+                            label_words={"negative": " bad", "happy": " good"})
+    code, _, err = run_cli("validate", recipe)
+    assert code == 2 and "'positive'" in err
