@@ -178,6 +178,7 @@ def init_prefix_from_text(
     chat_template: Annotated[bool, typer.Option(help="apply the tokenizer's chat template first")] = False,
     revision: Annotated[Optional[str], typer.Option(help="hub revision of the model")] = None,  # noqa: UP045
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
+    gguf_file: Annotated[Optional[str], typer.Option(help="a GGUF file in the model folder (as model.gguf_file)")] = None,  # noqa: UP045
 ) -> None:
     """Write a prefix-tuning checkpoint from the keys and values a text leaves in the frozen model.
 
@@ -190,7 +191,7 @@ def init_prefix_from_text(
         text = text_file.read_text(encoding="utf-8")
     from softprompt_cli.init_prefix import init_prefix_from_text as run
 
-    tokens, size = run(model, text, num_virtual_tokens, output, revision, chat_template, overwrite)
+    tokens, size = run(model, text, num_virtual_tokens, output, revision, chat_template, overwrite, gguf_file)
     typer.echo(f"wrote {output}: a {num_virtual_tokens}-token prefix from a {tokens}-token text "
                f"({size / 1024:.1f} KB)")
 

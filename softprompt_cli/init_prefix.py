@@ -77,7 +77,8 @@ def read_prefix_checkpoint(directory: Path, num_virtual_tokens: int, width: int,
 
 
 def init_prefix_from_text(model_name: str, text: str, num_virtual_tokens: int, out: Path, revision: str | None = None,
-                          chat_template: bool = False, overwrite: bool = False) -> tuple[int, int]:
+                          chat_template: bool = False, overwrite: bool = False, gguf_file: str | None = None
+                          ) -> tuple[int, int]:
     """Write a prefix-tuning checkpoint from `text`; return (tokens in the text, bytes written)."""
     from softprompt_cli.modeling import config_fingerprint, load_base_model, load_tokenizer
 
@@ -86,11 +87,11 @@ def init_prefix_from_text(model_name: str, text: str, num_virtual_tokens: int, o
     if not text.strip():
         raise UserError("the text is empty. Give a text of at least --num-virtual-tokens tokens.")
     try:
-        tokenizer = load_tokenizer(model_name, revision)
+        tokenizer = load_tokenizer(model_name, revision, gguf_file=gguf_file)
     except UserError as err:
         raise UserError(f"{model_name!r} has no usable tokenizer ({err})") from None
     base = load_base_model(model_name, revision=revision, dtype="float32", trust_remote_code=False, pooling="mean",
-                           label_names=[], prefix=True)
+                           label_names=[], prefix=True, gguf_file=gguf_file)
     ids = text_token_ids(tokenizer, text, chat_template)
     prefix = prefix_from_ids(base, ids, num_virtual_tokens)
     write_prefix_checkpoint(out, prefix, model_name, revision, config_fingerprint(base.config), text)

@@ -34,6 +34,10 @@ def export_peft(checkpoint: Path, out: Path, model_path: str | None = None) -> P
 
     recipe, model, _, label_names = load_trained(checkpoint, model_path)
     method = recipe.method
+    causal_lm = recipe.task.type == "causal_lm"
+    if recipe.model.gguf_file is not None:
+        raise UserError(f"checkpoint {str(checkpoint)!r} was trained on a GGUF file, which PEFT cannot load as a base "
+                        "model. Export checkpoints of models stored as safetensors.")
     if recipe.task.pooling != "model":
         raise UserError(f"checkpoint {str(checkpoint)!r} uses task.pooling: {recipe.task.pooling}, a head PEFT does "
                         "not have. Only task.pooling: model checkpoints can be exported to PEFT.")
@@ -50,10 +54,10 @@ def export_peft(checkpoint: Path, out: Path, model_path: str | None = None) -> P
     tensors |= {f"base_model.{name.removeprefix('base.')}": t for name, t in model.trainable_state().items()
                 if not name.startswith("prompt.")}
     config: dict[str, Any] = {
-        "peft_type": PEFT_TYPES[method.name], "task_type": "SEQ_CLS", "inference_mode": True, "auto_mapping": None,
+        "peft_type": PEFT_TYPES[method.name], "task_type": "CAUSAL_LM" if causal_lm else "SEQ_CLS", "inference_mode": True, "auto_mapping": None,
         "base_model_name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision,
         "num_virtual_tokens": method.num_virtual_tokens, "num_transformer_submodules": 1,
-        "num_layers": spec.num_hidden_layers, "modules_to_save": ["classifier", "score"],
+        "num_layers": spec.num_hidden_layers, "modules_to_save": None if causal_lm else ["classifier", "score"],
         "num_attention_heads": num_kv_heads if method.kind == "prefix" else spec.num_attention_heads,
         "token_dim": num_kv_heads * head_dim if method.kind == "prefix" else spec.hidden_size,
     }
@@ -81,7 +85,8 @@ def _adapter_as_checkpoint(directory: Path, data_recipe: Recipe | None) -> tuple
     kind = {v: k for k, v in PEFT_TYPES.items()}.get(config.get("peft_type"))
     if kind is None or config.get("task_type") != "SEQ_CLS" or config.get("num_transformer_submodules", 1) != 1:
         raise UserError(f"{str(directory)!r} is a PEFT {config.get('peft_type')} {config.get('task_type')} adapter; "
-                        "softprompt reads prompt tuning, P-tuning and prefix tuning adapters for SEQ_CLS.")
+                        "softprompt reads prompt tuning, P-tuning and prefix tuning adapters for SEQ_CLS (a "
+                        "CAUSAL_LM adapter says nothing of the template and label words it was trained with).")
     if not (directory / ADAPTER_WEIGHTS).is_file():
         raise UserError(f"PEFT adapter {str(directory)!r} has no {ADAPTER_WEIGHTS}.")
     tensors = load_file(directory / ADAPTER_WEIGHTS)

