@@ -91,11 +91,29 @@ def test_train_real_minilm_on_real_mrpc_slice(tmp_path, run_cli):
     assert "trainable parameters" in out and "KB of weights" in out
 
 
-def test_two_processes_match_one(tmp_path, tiny_models, run_cli):
+def generation_recipe(tmp_path, model_dir):
+    """causal_lm with free-form targets: evaluation gathers generated texts (objects, not tensors)."""
+    rows = [{"question": f"{a} plus {b}", "answer": str(a + b)} for a in range(8) for b in range(8)]
+    (tmp_path / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"model": {"name_or_path": str(model_dir)},
+              "data": {"files": {"train": str(tmp_path / "sums.jsonl"), "validation": str(tmp_path / "sums.jsonl")},
+                       "max_eval_samples": 37},
+              "task": {"type": "causal_lm", "template": "{question} =", "target_field": "answer", "max_new_tokens": 3},
+              "method": {"name": "prefix_tuning", "num_virtual_tokens": 4},
+              "training": {"batch_size": 8, "eval_batch_size": 8, "epochs": 1}, "output": {"dir": str(tmp_path / "run")}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return tmp_path / "recipe.yaml"
+
+
+@pytest.mark.parametrize("task", ["classification", "generation"])
+def test_two_processes_match_one(tmp_path, tiny_models, run_cli, task):
     """Two gloo processes (what `accelerate launch --multi_gpu` really starts on CPU): one checkpoint
     written, and its gathered eval metric equals a single-process eval of the same checkpoint."""
-    recipe = write_recipe(tmp_path, str(tiny_models["bert"]), {"name": "prompt_tuning"},
-                          data={"max_eval_samples": 37})  # odd: exercises gather_for_metrics' de-duplication
+    if task == "classification":
+        recipe = write_recipe(tmp_path, str(tiny_models["bert"]), {"name": "prompt_tuning"},
+                              data={"max_eval_samples": 37})  # odd: exercises gather_for_metrics' de-duplication
+    else:
+        recipe = generation_recipe(tmp_path, tiny_models["gpt2"])
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     with socket.socket() as probe:  # a free port, so that parallel runs do not collide on 29500
         probe.bind(("127.0.0.1", 0))
