@@ -1,40 +1,58 @@
-"""Tokenize once, pad per batch, and order examples so that batches hold similar lengths."""
+"""Tokenize once, pad per batch, and order examples so that batches hold similar lengths.
+
+Tokenized examples stay plain Python lists (no Arrow tables): a few MB for GLUE-sized data, and the
+process does not pay for importing `datasets`/pyarrow (about 90 MB of resident memory).
+"""
 
 from __future__ import annotations
 
-import datasets
 import torch
-from datasets import Dataset
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
 from softprompt_cli.errors import UserError
 from softprompt_cli.sources import Examples
 
-datasets.disable_progress_bars()  # tokenizing takes a second; the training bar is the one that matters
+
+class TokenizedRows(Dataset):
+    """Columns of equal length (name -> list); `rows[i]` is one example as a dict, `rows["name"]` a column."""
+
+    def __init__(self, columns: dict[str, list]):
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.columns["input_ids"])
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self.columns[key]
+        return {name: values[key] for name, values in self.columns.items()}
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.columns)
+
+    def without(self, name: str) -> TokenizedRows:
+        return TokenizedRows({k: v for k, v in self.columns.items() if k != name})
 
 
-def tokenize(examples: Examples, tokenizer, max_length: int, separate_pair: bool = False) -> Dataset:
+def tokenize(examples: Examples, tokenizer, max_length: int, separate_pair: bool = False) -> TokenizedRows:
     """Token ids per example; with `separate_pair`, each text of a pair as its own sequence (`*_b` columns)."""
-    pair = len(examples.texts[0]) == 2
-    columns = {"text": [t[0] for t in examples.texts], "labels": examples.labels}
-    if pair:
-        columns["text_pair"] = [t[1] for t in examples.texts]
-
-    def encode(batch):
-        if not separate_pair:
-            return tokenizer(batch["text"], batch["text_pair"] if pair else None, truncation=True,
-                             max_length=max_length)
-        first = tokenizer(batch["text"], truncation=True, max_length=max_length)
-        second = tokenizer(batch["text_pair"], truncation=True, max_length=max_length)
-        return {**first, **{f"{k}_b": v for k, v in second.items()}}
-
-    dataset = Dataset.from_dict(columns)
-    dataset = dataset.map(encode, batched=True, remove_columns=[c for c in columns if c != "labels"])
-    return dataset.map(lambda row: {"length": max(len(row["input_ids"]), len(row.get("input_ids_b") or []))})
+    first = [t[0] for t in examples.texts]
+    second = [t[1] for t in examples.texts] if len(examples.texts[0]) == 2 else None
+    if separate_pair:
+        columns = dict(tokenizer(first, truncation=True, max_length=max_length))
+        columns |= {f"{k}_b": v for k, v in tokenizer(second, truncation=True, max_length=max_length).items()}
+        columns["length"] = [max(len(a), len(b)) for a, b in zip(columns["input_ids"], columns["input_ids_b"])]
+    else:
+        columns = dict(tokenizer(first, second, truncation=True, max_length=max_length))
+        columns["length"] = [len(ids) for ids in columns["input_ids"]]
+    columns["labels"] = list(examples.labels)
+    return TokenizedRows(columns)
 
 
-def tokenize_causal(examples: Examples, tokenizer, max_length: int, training: bool, free_form: bool) -> Dataset:
+def tokenize_causal(examples: Examples, tokenizer, max_length: int, training: bool, free_form: bool
+                    ) -> TokenizedRows:
     """causal_lm rows. Training: input + target tokens, `labels` -100 except on the target (plus EOS for free-form
     targets, so that the model learns to stop). Evaluation: the input alone, with the label id or, for free-form
     targets, `target_index` (the row's index in examples.targets). Inputs longer than max_length keep their end,
@@ -55,7 +73,7 @@ def tokenize_causal(examples: Examples, tokenizer, max_length: int, training: bo
             columns["labels"] = list(examples.labels)
     columns["attention_mask"] = [[1] * len(ids) for ids in columns["input_ids"]]
     columns["length"] = [len(ids) for ids in columns["input_ids"]]
-    return Dataset.from_dict(columns)
+    return TokenizedRows(columns)
 
 
 def label_word_ids(tokenizer, words: list[str], label_names: list[str]) -> list[list[int]]:
@@ -135,7 +153,7 @@ class LengthGroupedSampler(Sampler[int]):
             yield from batch
 
 
-def loader(dataset: Dataset, tokenizer, batch_size: int, shuffle: bool, group_by_length: bool,
+def loader(dataset: TokenizedRows, tokenizer, batch_size: int, shuffle: bool, group_by_length: bool,
            seed: int = 0) -> DataLoader:
     sampler = LengthGroupedSampler(dataset["length"], batch_size, shuffle, group_by_length, seed)
     if "input_ids_b" in dataset.column_names:
@@ -146,5 +164,5 @@ def loader(dataset: Dataset, tokenizer, batch_size: int, shuffle: bool, group_by
         collate = DataCollatorWithPadding(tokenizer)
     # Its own generator: creating an iterator then never draws from the global RNG, whose stream
     # (dropout) must only depend on the training steps taken, so that a resumed run continues exactly.
-    return DataLoader(dataset.remove_columns("length"), batch_size=batch_size, sampler=sampler, collate_fn=collate,
+    return DataLoader(dataset.without("length"), batch_size=batch_size, sampler=sampler, collate_fn=collate,
                       generator=torch.Generator().manual_seed(seed))

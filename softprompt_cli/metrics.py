@@ -1,14 +1,16 @@
-"""Metrics by name: through `evaluate` when the metric can be loaded, else identical scikit-learn values.
+"""Metrics by name: through `evaluate` when the metric can be loaded, else computed here.
 
 `evaluate.load` fetches metric scripts from the Hub; offline it fails after ~10 s, so it is only
-tried when the Hub is reachable.
+tried when the Hub is reachable. The local definitions give scikit-learn's values (binary averaging
+for two labels, macro averaging over the labels that occur otherwise, 0 where a ratio is undefined;
+tested against scikit-learn), without importing scikit-learn and SciPy into the training process
+(about 140 MB of resident memory).
 """
 
 from __future__ import annotations
 
 import functools
-
-from sklearn import metrics as sk
+import math
 
 from softprompt_cli.hub import hub_reachable
 
@@ -17,13 +19,40 @@ def _average(num_labels: int) -> str:
     return "binary" if num_labels == 2 else "macro"
 
 
-def _sklearn(name: str, predictions: list[int], references: list[int], num_labels: int) -> float:
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else 0.0
+
+
+def _per_label(name: str, predictions: list[int], references: list[int], label: int) -> float:
+    true_positives = sum(p == label and r == label for p, r in zip(predictions, references))
+    predicted = sum(p == label for p in predictions)
+    actual = sum(r == label for r in references)
+    precision, recall = _ratio(true_positives, predicted), _ratio(true_positives, actual)
+    return {"precision": precision, "recall": recall,
+            "f1": _ratio(2 * true_positives, predicted + actual)}[name]
+
+
+def _matthews(predictions: list[int], references: list[int]) -> float:
+    labels = sorted(set(predictions) | set(references))
+    samples = len(references)
+    correct = sum(p == r for p, r in zip(predictions, references))
+    true_counts = [references.count(label) for label in labels]
+    predicted_counts = [predictions.count(label) for label in labels]
+    covariance = correct * samples - sum(t * p for t, p in zip(true_counts, predicted_counts))
+    spread_predicted = samples ** 2 - sum(p * p for p in predicted_counts)
+    spread_true = samples ** 2 - sum(t * t for t in true_counts)
+    return _ratio(covariance, math.sqrt(spread_true * spread_predicted))
+
+
+def local_metric(name: str, predictions: list[int], references: list[int], num_labels: int) -> float:
     if name == "accuracy":
-        return float(sk.accuracy_score(references, predictions))
+        return _ratio(sum(p == r for p, r in zip(predictions, references)), len(references))
     if name == "matthews_correlation":
-        return float(sk.matthews_corrcoef(references, predictions))
-    scorer = {"f1": sk.f1_score, "precision": sk.precision_score, "recall": sk.recall_score}[name]
-    return float(scorer(references, predictions, average=_average(num_labels), zero_division=0))
+        return _matthews(predictions, references)
+    if _average(num_labels) == "binary":
+        return _per_label(name, predictions, references, 1)
+    labels = sorted(set(predictions) | set(references))
+    return sum(_per_label(name, predictions, references, label) for label in labels) / len(labels)
 
 
 @functools.cache
@@ -34,7 +63,7 @@ def _evaluate_module(name: str):
         import evaluate
 
         return evaluate.load(name)
-    except Exception:  # any failure to fetch or build the metric script means: use scikit-learn
+    except Exception:  # any failure to fetch or build the metric script means: compute it here
         return None
 
 
@@ -48,7 +77,7 @@ def compute(names: list[str], predictions: list, references: list, num_labels: i
             continue
         module = _evaluate_module(name)
         if module is None:
-            results[name] = _sklearn(name, predictions, references, num_labels)
+            results[name] = local_metric(name, predictions, references, num_labels)
             continue
         kwargs = {"average": _average(num_labels)} if name in ("f1", "precision", "recall") else {}
         results[name] = float(module.compute(predictions=predictions, references=references, **kwargs)[name])

@@ -15,7 +15,6 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import gather_object, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import get_linear_schedule_with_warmup
 
 from softprompt_cli import metrics
 from softprompt_cli.checkpoint import RECIPE_FILE, write_checkpoint
@@ -36,7 +35,7 @@ def build_model(recipe: Recipe, label_names: list[str]) -> tuple[SoftPromptModel
     tokenizer = load_tokenizer(spec.name_or_path, spec.revision, spec.trust_remote_code, spec.gguf_file)
     base = load_base_model(spec.name_or_path, revision=spec.revision, dtype=spec.dtype,
                            trust_remote_code=spec.trust_remote_code, pooling=task.pooling,
-                           label_names=label_names, prefix=recipe.method.kind == "prefix", task_type=task.type,
+                           label_names=label_names, task_type=task.type,
                            gguf_file=spec.gguf_file)
     words = None
     if task.type == "causal_lm" and task.label_words is not None:
@@ -51,6 +50,18 @@ def build_model(recipe: Recipe, label_names: list[str]) -> tuple[SoftPromptModel
         # which reaches the attention layers as a forward argument rather than a cache.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+def linear_warmup_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the learning rate, then linear decay to 0 (transformers' linear schedule; its import
+    pulls in the Trainer's dependencies, SciPy and PEFT among them)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def tokenize_examples(recipe: Recipe, examples: Examples, tokenizer, training: bool):
@@ -193,7 +204,7 @@ def train(recipe: Recipe, resume: Path | None = None) -> dict[str, Any]:
     epochs = math.ceil(total_steps / steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
     # The prepared scheduler steps once per process per optimizer step, hence the scaling.
-    scheduler = accelerator.prepare(get_linear_schedule_with_warmup(
+    scheduler = accelerator.prepare(linear_warmup_schedule(
         optimizer, warmup * accelerator.num_processes, total_steps * accelerator.num_processes))
     if cfg.tensorboard:
         accelerator.init_trackers("tensorboard", config={"lr": cfg.lr, "batch_size": cfg.batch_size})

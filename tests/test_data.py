@@ -556,3 +556,31 @@ def test_loader_batches_labels_and_padding(mrpc_train, tokenizer):
     padded = batch["input_ids"][batch["attention_mask"] == 0]
     assert (padded == tokenizer.pad_token_id).all()
     assert "length" not in batch
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+@pytest.mark.parametrize("num_labels", [2, 3, 4])
+@pytest.mark.parametrize("seed", range(6))
+def test_local_metrics_equal_scikit_learn(num_labels, seed):
+    import random
+
+    from sklearn import metrics as sk
+
+    from softprompt_cli.metrics import local_metric
+
+    rng = random.Random(seed)
+    size = rng.choice([1, 5, 40])
+    references = [rng.randrange(num_labels) for _ in range(size)]
+    predictions = [rng.randrange(num_labels) for _ in range(size)] if seed % 3 else [references[0]] * size
+    average = "binary" if num_labels == 2 else "macro"
+    expected = {
+        "accuracy": sk.accuracy_score(references, predictions),
+        "matthews_correlation": sk.matthews_corrcoef(references, predictions),
+        "f1": sk.f1_score(references, predictions, average=average, zero_division=0),
+        "precision": sk.precision_score(references, predictions, average=average, zero_division=0),
+        "recall": sk.recall_score(references, predictions, average=average, zero_division=0),
+    }
+    for name, value in expected.items():
+        assert local_metric(name, predictions, references, num_labels) == pytest.approx(value, abs=1e-12), name
