@@ -1,5 +1,4 @@
-"""The frozen model's attention, registered with transformers' attention interface: prefix tuning's
-keys and values, and attention activations that are recomputed rather than stored.
+"""Prefix tuning through transformers' attention interface.
 
 A dict passed as `softprompt_capture` receives every layer's (keys, values) instead: the keys and
 values that a text leaves in the model, to start a prefix from.
@@ -11,32 +10,16 @@ checkpointing, and the result equals passing the same prefix as a `DynamicCache`
 
 The mask function must be registered under the same name too: transformers builds no attention
 mask at all for attention implementations it does not know (padding would be silently ignored).
-
-With attention dropout in training, PyTorch's CPU attention takes its non-fused path and keeps the
-[batch, heads, length, length] scores, probabilities and dropout mask of every layer for the backward
-pass: the largest activations of a small encoder. Only the prompt trains, so the attention core is
-checkpointed instead (the same dropout mask is replayed in the backward pass): a few percent more
-compute, a few hundred MB less peak memory on MiniLM.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-ATTENTION_NAME = "softprompt"
-
-
-def _sdpa(module, query, key, value, attention_mask, **kwargs):
-    if kwargs.get("dropout", 0.0) > 0 and torch.is_grad_enabled():
-        def core(query, key, value, attention_mask):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
-
-        return checkpoint(core, query, key, value, attention_mask, use_reentrant=False), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+ATTENTION_NAME = "softprompt_prefix"
 
 
 def prefix_attention(module, query, key, value, attention_mask, softprompt_prefix=None, softprompt_capture=None,
@@ -44,7 +27,7 @@ def prefix_attention(module, query, key, value, attention_mask, softprompt_prefi
     if softprompt_capture is not None:  # init-prefix-from-text: keep every layer's keys and values
         softprompt_capture[module.layer_idx] = (key, value)
     if softprompt_prefix is None:
-        return _sdpa(module, query, key, value, attention_mask, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     prefix_key, prefix_value = softprompt_prefix[module.layer_idx]
     batch, _, query_length, _ = query.shape
     key_length = key.shape[2]
@@ -68,7 +51,7 @@ def prefix_attention(module, query, key, value, attention_mask, softprompt_prefi
         )
         attention_mask = torch.cat([fill, attention_mask], dim=-1)
     kwargs["is_causal"] = False
-    return _sdpa(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 AttentionInterface.register(ATTENTION_NAME, prefix_attention)

@@ -58,8 +58,7 @@ def tokenize_causal(examples: Examples, tokenizer, max_length: int, training: bo
     targets, `target_index` (the row's index in examples.targets). Inputs longer than max_length keep their end,
     where the template puts its cue ("Sentiment:")."""
     inputs = tokenizer([text for text, in examples.texts])["input_ids"]
-    columns: dict[str, list] = {"input_ids": [], "labels": []} if training or not free_form else {
-        "input_ids": [], "target_index": list(range(len(inputs)))}
+    columns: dict[str, list] = {"input_ids": [], "labels": []}
     if training:
         targets = tokenizer(examples.targets, add_special_tokens=False)["input_ids"]
         for ids, target in zip(inputs, targets):
@@ -67,10 +66,10 @@ def tokenize_causal(examples: Examples, tokenizer, max_length: int, training: bo
             ids = ids[len(ids) - (max_length - len(target)):] if len(ids) + len(target) > max_length else ids
             columns["input_ids"].append(ids + target)
             columns["labels"].append([-100] * len(ids) + target)
+    elif free_form:
+        columns = {"input_ids": [ids[-max_length:] for ids in inputs], "target_index": list(range(len(inputs)))}
     else:
-        columns["input_ids"] = [ids[-max_length:] for ids in inputs]
-        if not free_form:
-            columns["labels"] = list(examples.labels)
+        columns = {"input_ids": [ids[-max_length:] for ids in inputs], "labels": list(examples.labels)}
     columns["attention_mask"] = [[1] * len(ids) for ids in columns["input_ids"]]
     columns["length"] = [len(ids) for ids in columns["input_ids"]]
     return TokenizedRows(columns)
@@ -147,8 +146,14 @@ class LengthGroupedSampler(Sampler[int]):
         # Keep one short batch (if any) last, so that every other batch is full.
         full = [b for b in batches if len(b) == self.batch_size]
         short = [b for b in batches if len(b) < self.batch_size]
-        for i in torch.randperm(len(full), generator=generator).tolist():
-            yield from full[i]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        # The longest batch first: the memory it needs is then taken while the heap is unfragmented, and
+        # every later (shorter) batch reuses it; running out of memory happens at once, not hours in.
+        longest = max(range(len(shuffled)), key=lambda i: self.lengths[shuffled[i][0]], default=None)
+        if longest is not None:
+            shuffled.insert(0, shuffled.pop(longest))
+        for batch in shuffled:
+            yield from batch
         for batch in short:
             yield from batch
 

@@ -99,12 +99,13 @@ def _is_decoder_config(config) -> bool:
 
 
 def load_base_model(reference: str, *, revision: str | None, dtype: str, trust_remote_code: bool,
-                    pooling: str, label_names: list[str], task_type: str = "sequence_classification",
+                    pooling: str, label_names: list[str], prefix: bool, task_type: str = "sequence_classification",
                     gguf_file: str | None = None) -> nn.Module:
     hf_logging.set_verbosity_error()  # "newly initialized head" warnings are expected here
     hf_logging.disable_progress_bar()
-    kwargs: dict[str, Any] = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-                                  attn_implementation=attention.ATTENTION_NAME)
+    kwargs: dict[str, Any] = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    if prefix:
+        kwargs["attn_implementation"] = attention.ATTENTION_NAME
     if task_type == "causal_lm":
         config = _load(AutoConfig, reference, revision, gguf_file, trust_remote_code=trust_remote_code)
         if config.is_encoder_decoder or not _is_decoder_config(config):
@@ -191,9 +192,10 @@ class SoftPromptModel(nn.Module):
                 raise UserError("the model and its tokenizer define no end-of-sequence token, which causal_lm needs "
                                 "(targets end with it). Set eos_token in the tokenizer files.")
             tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
-        # Encoders read [CLS] at index 0 and take positions from the index: pad on the right. Generation
-        # appends to every row at once: pad on the left.
-        tokenizer.padding_side = "left" if self.causal_lm else "right" if not self.is_decoder else tokenizer.padding_side
+        if self.causal_lm:  # generation appends to every row at once: pad on the left
+            tokenizer.padding_side = "left"
+        elif not self.is_decoder:  # encoders read [CLS] at index 0 and take positions from the index
+            tokenizer.padding_side = "right"
         max_positions = getattr(config, "max_position_embeddings", None)
         if max_positions and method.num_virtual_tokens + max_length > max_positions:
             raise UserError(

@@ -468,6 +468,8 @@ def test_sampler_batches_are_sorted_by_length(mrpc_train):
             assert batch_lengths == sorted(batch_lengths, reverse=True)
         # 3668 = 229 * 16 + 4: every batch is full except the last one.
         assert [len(b) for b in batches] == [16] * 229 + [4]
+        # The longest full batch comes first: peak memory is reached at once, on an unfragmented heap.
+        assert lengths[batches[0][0]] == max(lengths[b[0]] for b in batches[:-1])
 
 
 def test_sampler_several_buckets_and_a_short_batch():
