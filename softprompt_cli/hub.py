@@ -52,7 +52,12 @@ def packaged_model_path(reference: str, revision: str | None = None, gguf_file: 
     folder = Path(next(iter(spec.submodule_search_locations)))
     candidates = [folder, *(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("__"))]
     wanted = gguf_file or "config.json"
-    return next((str(c) for c in candidates if (c / wanted).is_file()), None)
+    found = next((str(c) for c in candidates if (c / wanted).is_file()), None)
+    ggufs = sorted(g.name for c in candidates for g in c.glob("*.gguf"))
+    if found is None and ggufs:
+        raise UserError(f"the packaged copy of {reference!r} has no {'GGUF file ' + repr(gguf_file) if gguf_file else 'config.json'}"
+                        f"; it has {', '.join(ggufs)}: set model.gguf_file to it.")
+    return found
 
 
 def resolve_model_reference(reference: str, revision: str | None = None, gguf_file: str | None = None

@@ -136,8 +136,6 @@ class Item:
 
 def make_items(rows: list[dict], tasks: dict[str, Task], tokenizer, task_column: str | None,
                fields_override: list[str] | None) -> list[Item]:
-    if not rows:
-        raise UserError("the input has no rows. Give at least one text.")
     items = []
     for number, row in enumerate(rows):
         if task_column and task_column in row:
@@ -302,6 +300,8 @@ def run_predict(references: list[str], input_file: Path | None, texts: list[str]
         fields_override = ["text", "text_pair"] if text_pairs else ["text"]
         rows = [{"text": t, **({"text_pair": p} if text_pairs else {})}
                 for t, p in zip(texts, text_pairs or texts)]
+    if not rows:  # before loading any model
+        raise UserError("the input has no rows. Give at least one text.")
     tasks, tokenizer = load_tasks(references, model_path)
     items = make_items(rows, tasks, tokenizer, task_column, fields_override)
     outputs = predict(items, tokenizer, batch_size, progress=len(items) > 1000 and output is not None,
