@@ -1,12 +1,18 @@
-"""Prefix tuning through transformers' attention interface.
+"""softprompt's attention function, registered with transformers' attention interface for every method.
 
-A dict passed as `softprompt_capture` receives every layer's (keys, values) instead: the keys and
-values that a text leaves in the model, to start a prefix from.
+It adds two things to transformers' SDPA path:
 
-The prefix keys/values reach each attention layer as the keyword argument `softprompt_prefix`
-([layers, 2, batch or 1, kv_heads, n, head_dim]), which transformers 5 forwards from the model's
-`forward` down to the attention function. Nothing is cached, so it works with gradient
-checkpointing, and the result equals passing the same prefix as a `DynamicCache`.
+- Prefix tuning: the prefix keys/values reach each attention layer as the keyword argument
+  `softprompt_prefix` ([layers, 2, batch or 1, kv_heads, n, head_dim]), which transformers 5 forwards
+  from the model's `forward` down to the attention function. Nothing is cached, so it works with
+  gradient checkpointing, and the result equals passing the same prefix as a `DynamicCache`.
+  A dict passed as `softprompt_capture` receives every layer's (keys, values) instead: the keys and
+  values that a text leaves in the model, to start a prefix from.
+- Attention dropout with less memory. The frozen model keeps its attention dropout while training (as
+  PEFT does), but PyTorch's CPU SDPA cannot fuse dropout, so it falls back to a path that keeps three
+  float [batch, heads, length, length] tensors per layer for the backward pass. `DropoutAttention`
+  keeps the probabilities and a boolean keep-mask (5 bytes per score instead of 12), and computes the
+  same function and gradients.
 
 The mask function must be registered under the same name too: transformers builds no attention
 mask at all for attention implementations it does not know (padding would be silently ignored).
@@ -16,31 +22,85 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-ATTENTION_NAME = "softprompt_prefix"
+ATTENTION_NAME = "softprompt"
 
 
-def prefix_attention(module, query, key, value, attention_mask, softprompt_prefix=None, softprompt_capture=None,
-                     **kwargs):
+class DropoutAttention(torch.autograd.Function):
+    """softmax(q kᵀ · scale + mask) with dropout, times v; saves q, k, v, the probabilities and the keep-mask."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, scale: float, dropout: float):
+        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)
+        if mask is not None and mask.dtype == torch.bool:
+            # the lowest finite value, not -inf: a row with nothing to attend to stays finite, as in SDPA
+            scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        elif mask is not None:
+            scores.add_(mask)
+        # in half precision the softmax runs in float32, as transformers' eager attention does
+        probs = torch.softmax(scores, -1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
+        del scores
+        keep = torch.empty(probs.shape, dtype=torch.bool, device=probs.device).bernoulli_(1 - dropout)
+        output = torch.matmul(probs * keep, value).div_(1 - dropout)
+        ctx.save_for_backward(query, key, value, probs, keep)
+        ctx.scale, ctx.dropout = scale, dropout
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, probs, keep = ctx.saved_tensors
+        rescale = 1 / (1 - ctx.dropout)
+        grad_value = torch.matmul((probs * keep).transpose(-1, -2), grad_output).mul_(rescale)
+        grad_probs = torch.matmul(grad_output, value.transpose(-1, -2)).mul_(keep).mul_(rescale)
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).mul_(ctx.scale)
+        grad_query = torch.matmul(grad_scores, key)
+        grad_key = torch.matmul(grad_scores.transpose(-1, -2), query)
+        return grad_query, grad_key, grad_value, None, None, None
+
+
+def _causal_mask(query_length: int, key_length: int, device) -> torch.Tensor:
+    # aligned to the end: with keys in front (a prefix, a cache) the last query sees every key
+    return torch.ones(query_length, key_length, dtype=torch.bool, device=device).tril(key_length - query_length)[None, None]
+
+
+def dropout_attention(module, query, key, value, attention_mask, dropout: float, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs):
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and is_causal and query.shape[2] > 1:
+        attention_mask = _causal_mask(query.shape[2], key.shape[2], query.device)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    output = DropoutAttention.apply(query, key, value, attention_mask, scale, dropout)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def softprompt_attention(module, query, key, value, attention_mask, softprompt_prefix=None, softprompt_capture=None,
+                         **kwargs):
     if softprompt_capture is not None:  # init-prefix-from-text: keep every layer's keys and values
         softprompt_capture[module.layer_idx] = (key, value)
-    if softprompt_prefix is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    prefix_key, prefix_value = softprompt_prefix[module.layer_idx]
+    if softprompt_prefix is not None:
+        key, value, attention_mask = _with_prefix(module, query, key, value, attention_mask,
+                                                  softprompt_prefix[module.layer_idx])
+        kwargs["is_causal"] = False
+    unusual = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+    if kwargs.get("dropout", 0.0) > 0 and not unusual:
+        return dropout_attention(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _with_prefix(module, query, key, value, attention_mask, prefix):
+    prefix_key, prefix_value = prefix
     batch, _, query_length, _ = query.shape
-    key_length = key.shape[2]
-    num_prefix = prefix_key.shape[-2]
+    num_prefix, key_length = prefix_key.shape[-2], key.shape[2]
     key = torch.cat([prefix_key.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
     value = torch.cat([prefix_value.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
-
     if attention_mask is None and getattr(module, "is_causal", False) and query_length > 1:
         # The mask was skipped because SDPA's is_causal would do; with the prefix in front of the
         # keys is_causal would be misaligned, so spell the causal pattern out.
-        attention_mask = torch.ones(query_length, key_length, dtype=torch.bool, device=query.device).tril(
-            key_length - query_length
-        )[None, None]
+        attention_mask = _causal_mask(query_length, key_length, query.device)
     if attention_mask is not None:
         # Every query may attend to every prefix position: True in a boolean mask, 0 in an additive one.
         shape = (*attention_mask.shape[:3], num_prefix)
@@ -50,9 +110,8 @@ def prefix_attention(module, query, key, value, attention_mask, softprompt_prefi
             else torch.zeros(shape, dtype=attention_mask.dtype, device=attention_mask.device)
         )
         attention_mask = torch.cat([fill, attention_mask], dim=-1)
-    kwargs["is_causal"] = False
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return key, value, attention_mask
 
 
-AttentionInterface.register(ATTENTION_NAME, prefix_attention)
+AttentionInterface.register(ATTENTION_NAME, softprompt_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)

@@ -91,7 +91,7 @@ def init_prefix_from_text(model_name: str, text: str, num_virtual_tokens: int, o
     except UserError as err:
         raise UserError(f"{model_name!r} has no usable tokenizer ({err})") from None
     base = load_base_model(model_name, revision=revision, dtype="float32", trust_remote_code=False, pooling="mean",
-                           label_names=[], prefix=True, gguf_file=gguf_file)
+                           label_names=[], gguf_file=gguf_file)
     ids = text_token_ids(tokenizer, text, chat_template)
     prefix = prefix_from_ids(base, ids, num_virtual_tokens)
     write_prefix_checkpoint(out, prefix, model_name, revision, config_fingerprint(base.config), text)

@@ -99,13 +99,12 @@ def _is_decoder_config(config) -> bool:
 
 
 def load_base_model(reference: str, *, revision: str | None, dtype: str, trust_remote_code: bool,
-                    pooling: str, label_names: list[str], prefix: bool, task_type: str = "sequence_classification",
+                    pooling: str, label_names: list[str], task_type: str = "sequence_classification",
                     gguf_file: str | None = None) -> nn.Module:
     hf_logging.set_verbosity_error()  # "newly initialized head" warnings are expected here
     hf_logging.disable_progress_bar()
-    kwargs: dict[str, Any] = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    if prefix:
-        kwargs["attn_implementation"] = attention.ATTENTION_NAME
+    kwargs: dict[str, Any] = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+                                  attn_implementation=attention.ATTENTION_NAME)
     if task_type == "causal_lm":
         config = _load(AutoConfig, reference, revision, gguf_file, trust_remote_code=trust_remote_code)
         if config.is_encoder_decoder or not _is_decoder_config(config):

@@ -95,7 +95,7 @@ def load_tasks(references: list[str], model_path: str | None = None) -> tuple[di
         first.model.name_or_path, revision=first.model.revision, dtype=first.model.dtype,
         trust_remote_code=first.model.trust_remote_code, pooling="model" if model_pooling else "mean",
         label_names=(model_pooling or loaded)[0][2]["label_names"],
-        prefix=any(item[3].method.kind == "prefix" for item in loaded), task_type=first.task.type,
+        task_type=first.task.type,
         gguf_file=first.model.gguf_file,
     )
     if config_fingerprint(base.config) not in fingerprints:

@@ -35,7 +35,7 @@ def build_model(recipe: Recipe, label_names: list[str]) -> tuple[SoftPromptModel
     tokenizer = load_tokenizer(spec.name_or_path, spec.revision, spec.trust_remote_code, spec.gguf_file)
     base = load_base_model(spec.name_or_path, revision=spec.revision, dtype=spec.dtype,
                            trust_remote_code=spec.trust_remote_code, pooling=task.pooling,
-                           label_names=label_names, prefix=recipe.method.kind == "prefix", task_type=task.type,
+                           label_names=label_names, task_type=task.type,
                            gguf_file=spec.gguf_file)
     words = None
     if task.type == "causal_lm" and task.label_words is not None:

@@ -17,7 +17,7 @@ TEXT = "the quick brown fox jumps over the lazy dog near the river bank"
 def test_prefix_from_text_equals_the_text_in_context(tiny_models, kind):
     """Hidden states (hence logits) for X with the prefix made from T equal those for T+X at X's positions."""
     base = load_base_model(str(tiny_models[kind]), revision=None, dtype="float32", trust_remote_code=False,
-                           pooling="mean", label_names=[], prefix=True).eval()
+                           pooling="mean", label_names=[]).eval()
     tokenizer = load_tokenizer(str(tiny_models[kind]))
     text_ids = tokenizer(TEXT)["input_ids"]
     n = 7

@@ -29,7 +29,7 @@ def build(path, variant: str, pooling: str = "model") -> tuple[SoftPromptModel, 
     options = method_options(variant)
     tokenizer = load_tokenizer(str(path))
     base = load_base_model(str(path), revision=None, dtype="float32", trust_remote_code=False, pooling=pooling,
-                           label_names=LABELS, prefix=options.kind == "prefix")
+                           label_names=LABELS)
     torch.manual_seed(0)
     return SoftPromptModel(base, options, tokenizer, pooling, len(LABELS), max_length=64), tokenizer
 
@@ -92,7 +92,7 @@ def test_encoders_pad_right(tiny_models):
     tokenizer = load_tokenizer(str(tiny_models["bert"]))
     tokenizer.padding_side = "left"
     SoftPromptModel(load_base_model(str(tiny_models["bert"]), revision=None, dtype="float32", trust_remote_code=False,
-                                    pooling="model", label_names=LABELS, prefix=False),
+                                    pooling="model", label_names=LABELS),
                     method_options("prompt_tuning"), tokenizer, "model", len(LABELS), max_length=64)
     assert tokenizer.padding_side == "right"
 
