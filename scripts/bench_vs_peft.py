@@ -8,15 +8,18 @@ each method with PEFT's example hyperparameters (batch 16, AdamW, linear warmup 
 the model's own classification head). PEFT runs the loop of its example
 examples/sequence_classification/peft_no_lora_accelerate.py (shuffled batches padded to their
 longest row); softprompt runs `softprompt train` with its defaults (batches of similar lengths).
-Every run is a fresh process with the same number of threads; runs alternate A B A B so that drift of
-the machine hits both. A third process measures the floor: forward + backward through the bare frozen
-model on the same batches, lengthened by the virtual tokens, with no prompt machinery at all.
+Every run is a fresh process with the same number of threads; runs alternate A B B A so that drift of
+the machine hits both. A third process, once per method between the pairs, measures the floor: forward +
+backward through the bare frozen model on the same batches, lengthened by the virtual tokens, with no
+prompt machinery at all. Besides dev accuracy, both report their mean training loss over the last epoch:
+a short budget can leave both at the majority class, and the loss still shows whether they learn alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -57,21 +60,24 @@ def worker_softprompt(args) -> dict:
     from softprompt_cli.train import train
 
     n, lr, extra = DEFAULTS[args.method]
+    steps_per_epoch = math.ceil((args.max_train_samples or 3668) / 16)
     with tempfile.TemporaryDirectory() as out:
         recipe = parse_recipe({
             "model": {"name_or_path": MODEL},
             "data": {"glue_task": "mrpc", "dir": str(args.glue_dir), "max_train_samples": args.max_train_samples or None},
             "method": {"name": args.method, "num_virtual_tokens": n, **extra},
             "training": {"lr": lr, "batch_size": 16, "eval_batch_size": 64, "epochs": args.epochs, "seed": args.seed,
-                         "log_steps": 50},
+                         "log_steps": steps_per_epoch},  # one log record per epoch: its mean training loss
             "output": {"dir": out},
         })
         summary = train(recipe)
+        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    last_epoch_loss = [r["loss"] for r in records if "loss" in r][-1]
     return {"train_examples_per_s": summary["train_examples_per_s"],
             "real_tokens_per_s": summary["real_tokens"] / summary["train_seconds"],
             "padding": 1 - summary["real_tokens"] / summary["padded_tokens"],
             "eval_examples_per_s": summary["eval_examples_per_s"], "accuracy": summary["final"]["accuracy"],
-            "train_seconds": summary["train_seconds"], "steps": summary["steps"], "peak_rss_mb": peak_rss_mb()}
+            "last_epoch_loss": last_epoch_loss, "train_seconds": summary["train_seconds"], "steps": summary["steps"], "peak_rss_mb": peak_rss_mb()}
 
 
 def worker_peft(args) -> dict:
@@ -106,14 +112,17 @@ def worker_peft(args) -> dict:
     for _ in range(args.epochs):
         model.train()
         start = time.perf_counter()
+        epoch_losses = []
         for batch in train_loader:
-            model(**batch).loss.backward()
+            loss = model(**batch).loss
+            loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
             real += int(batch["attention_mask"].sum())
             padded += batch["attention_mask"].numel()
             examples += len(batch["labels"])
+            epoch_losses.append(loss.item())
         train_seconds += time.perf_counter() - start
         model.eval()
         start = time.perf_counter()
@@ -124,7 +133,8 @@ def worker_peft(args) -> dict:
         eval_seconds += time.perf_counter() - start
     return {"train_examples_per_s": examples / train_seconds, "real_tokens_per_s": real / train_seconds,
             "padding": 1 - real / padded, "eval_examples_per_s": len(dev_rows) * args.epochs / eval_seconds,
-            "accuracy": correct / len(dev_rows), "train_seconds": train_seconds, "steps": total,
+            "accuracy": correct / len(dev_rows), "last_epoch_loss": statistics.mean(epoch_losses),
+            "train_seconds": train_seconds, "steps": total,
             "peak_rss_mb": peak_rss_mb()}
 
 
@@ -198,11 +208,13 @@ def main() -> None:
     for method in args.methods.split(","):
         ours, theirs, floors = [], [], []
         for repeat in range(args.repeats):
+            # A B, then the floor once per method, then B A: softprompt, PEFT, floor, PEFT, softprompt
             order = ("softprompt", "peft") if repeat % 2 == 0 else ("peft", "softprompt")
             for kind in order:
                 print(f"{method}: {kind} (repeat {repeat + 1})", file=sys.stderr, flush=True)
                 (ours if kind == "softprompt" else theirs).append(run_worker(kind, method, args))
-            floors.append(run_worker("floor", method, args))
+            if repeat == 0:
+                floors.append(run_worker("floor", method, args))
         ratio = statistics.median(a["train_examples_per_s"] / b["train_examples_per_s"] for a, b in zip(ours, theirs))
 
         def median(runs, key):
@@ -217,11 +229,12 @@ def main() -> None:
                      f"{median(ours, 'peak_rss_mb') / 1024:.2f} / {median(theirs, 'peak_rss_mb') / 1024:.2f} GB",
                      f"{median(ours, 'eval_examples_per_s'):.0f} / {median(theirs, 'eval_examples_per_s'):.0f}",
                      f"{100 * median(ours, 'accuracy'):.1f} / {100 * median(theirs, 'accuracy'):.1f}",
+                     f"{median(ours, 'last_epoch_loss'):.3f} / {median(theirs, 'last_epoch_loss'):.3f}",
                      f"{1000 * step:.0f} ms vs {1000 * floor:.0f} ms ({100 * (step / floor - 1):+.0f}%)"])
     print(f"MiniLM-L6 on MRPC ({args.max_train_samples or 3668} training rows, {args.epochs} epoch(s)), "
           f"{args.threads} threads, median of {args.repeats} alternating run(s); softprompt / PEFT:\n")
     header = ["method", "train ex/s", "ratio", "real tokens/s", "padding", "peak RSS", "eval ex/s", "dev acc",
-              "step time vs bare-model floor"]
+              "train loss, last epoch", "step time vs bare-model floor"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
