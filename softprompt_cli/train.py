@@ -16,7 +16,7 @@ from accelerate.utils import gather_object, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from softprompt_cli import metrics
+from softprompt_cli import memory, metrics
 from softprompt_cli.checkpoint import RECIPE_FILE, write_checkpoint
 from softprompt_cli.data import label_word_ids, loader, tokenize, tokenize_causal
 from softprompt_cli.errors import UserError
@@ -272,7 +272,9 @@ def train(recipe: Recipe, resume: Path | None = None) -> dict[str, Any]:
 
     def run_eval() -> dict:
         eval_started = time.perf_counter()
+        memory.release_free_memory()  # evaluation's larger batches would otherwise grow the heap further
         results = evaluate(model, eval_loader, accelerator, recipe, len(label_names), tokenizer, eval_examples.targets)
+        memory.release_free_memory()
         timing["eval_seconds"] += time.perf_counter() - eval_started
         timing["evaluations"] += 1
         at_epoch = step / steps_per_epoch
@@ -328,6 +330,8 @@ def train(recipe: Recipe, resume: Path | None = None) -> dict[str, Any]:
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
+                if step % memory.EVERY_STEPS == 0:
+                    memory.release_free_memory()
                 if step % cfg.log_steps == 0 or step == total_steps:
                     elapsed = time.perf_counter() - window_start
                     record = {"step": step, "epoch": round(step / steps_per_epoch, 3),
