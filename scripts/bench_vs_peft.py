@@ -11,7 +11,9 @@ longest row); softprompt runs `softprompt train` with its defaults (batches of s
 Every run is a fresh process with the same number of threads; runs alternate A B B A so that drift of
 the machine hits both. Right after training, each softprompt process measures the floor: forward +
 backward through the bare frozen model on the same batches, lengthened by the virtual tokens, with no
-prompt machinery at all (in the same process, so that the two step times are a fair pair). Besides dev accuracy, both report their mean training loss over the last epoch:
+prompt machinery at all (in the same process, so that the two step times are a fair pair). Last, one
+process per method runs both tools' training steps alternating batch by batch: a throughput ratio that
+no drift of the machine between runs can touch. Besides dev accuracy, both report their mean training loss over the last epoch:
 a short budget can leave both at the majority class, and the loss still shows whether they learn alike.
 """
 
@@ -55,22 +57,26 @@ def model_path() -> str:
     return packaged_model_path(MODEL)
 
 
-def worker_softprompt(args) -> dict:
+def softprompt_recipe(args, out: str):
     from softprompt_cli.recipe import parse_recipe
-    from softprompt_cli.train import train
 
     n, lr, extra = DEFAULTS[args.method]
     steps_per_epoch = math.ceil((args.max_train_samples or 3668) / 16)
+    return parse_recipe({
+        "model": {"name_or_path": MODEL},
+        "data": {"glue_task": "mrpc", "dir": str(args.glue_dir), "max_train_samples": args.max_train_samples or None},
+        "method": {"name": args.method, "num_virtual_tokens": n, **extra},
+        "training": {"lr": lr, "batch_size": 16, "eval_batch_size": 64, "epochs": args.epochs, "seed": args.seed,
+                     "log_steps": steps_per_epoch},  # one log record per epoch: its mean training loss
+        "output": {"dir": out},
+    })
+
+
+def worker_softprompt(args) -> dict:
+    from softprompt_cli.train import train
+
     with tempfile.TemporaryDirectory() as out:
-        recipe = parse_recipe({
-            "model": {"name_or_path": MODEL},
-            "data": {"glue_task": "mrpc", "dir": str(args.glue_dir), "max_train_samples": args.max_train_samples or None},
-            "method": {"name": args.method, "num_virtual_tokens": n, **extra},
-            "training": {"lr": lr, "batch_size": 16, "eval_batch_size": 64, "epochs": args.epochs, "seed": args.seed,
-                         "log_steps": steps_per_epoch},  # one log record per epoch: its mean training loss
-            "output": {"dir": out},
-        })
-        summary = train(recipe)
+        summary = train(softprompt_recipe(args, out))
         peak = peak_rss_mb()  # before the floor loads a second model
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     last_epoch_loss = [r["loss"] for r in records if "loss" in r][-1]
@@ -82,7 +88,8 @@ def worker_softprompt(args) -> dict:
             "floor_seconds_per_step": floor_seconds_per_step(args)}
 
 
-def worker_peft(args) -> dict:
+def peft_job(args):
+    """PEFT's model, optimizer, schedule and loaders, as in its example."""
     import peft
     import torch
     from torch.utils.data import DataLoader
@@ -109,6 +116,13 @@ def worker_peft(args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     total = len(train_loader) * args.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(0.06 * total), total)
+    return model, optimizer, scheduler, train_loader, dev_loader, len(dev_rows)
+
+
+def worker_peft(args) -> dict:
+    import torch
+
+    model, optimizer, scheduler, train_loader, dev_loader, dev_size = peft_job(args)
     real = padded = examples = 0
     train_seconds = eval_seconds = 0.0
     for _ in range(args.epochs):
@@ -134,10 +148,52 @@ def worker_peft(args) -> dict:
                 correct += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
         eval_seconds += time.perf_counter() - start
     return {"train_examples_per_s": examples / train_seconds, "real_tokens_per_s": real / train_seconds,
-            "padding": 1 - real / padded, "eval_examples_per_s": len(dev_rows) * args.epochs / eval_seconds,
-            "accuracy": correct / len(dev_rows), "last_epoch_loss": statistics.mean(epoch_losses),
-            "train_seconds": train_seconds, "steps": total,
+            "padding": 1 - real / padded, "eval_examples_per_s": dev_size * args.epochs / eval_seconds,
+            "accuracy": correct / dev_size, "last_epoch_loss": statistics.mean(epoch_losses),
+            "train_seconds": train_seconds, "steps": len(train_loader) * args.epochs,
             "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_interleaved(args) -> dict:
+    """Both tools' training steps in one process, alternating batch by batch through one epoch (each on its
+    own batches), so that no drift of the machine falls between them. softprompt's side is its model,
+    loader and AdamW step without the `softprompt train` loop around them (logging, progress, memory trims)."""
+    import torch
+
+    from softprompt_cli.data import loader
+    from softprompt_cli.sources import load_examples
+    from softprompt_cli.train import build_model, tokenize_examples
+
+    with tempfile.TemporaryDirectory() as out:
+        recipe = softprompt_recipe(args, out)
+    examples, _, label_names = load_examples(recipe.data, recipe.task)
+    ours, tokenizer = build_model(recipe, label_names)
+    our_batches = loader(tokenize_examples(recipe, examples, tokenizer, training=True), tokenizer, 16, True, True,
+                         args.seed)
+    our_optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=DEFAULTS[args.method][1])
+    theirs, their_optimizer, their_scheduler, their_batches, _, _ = peft_job(args)
+    ours.train()
+    theirs.train()
+
+    def our_step(batch):
+        ours(**batch)["loss"].backward()
+        our_optimizer.step()
+        our_optimizer.zero_grad()
+
+    def their_step(batch):
+        theirs(**batch).loss.backward()
+        their_optimizer.step()
+        their_scheduler.step()
+        their_optimizer.zero_grad()
+
+    seconds = {our_step: 0.0, their_step: 0.0}
+    for i, (our_batch, their_batch) in enumerate(zip(our_batches, their_batches, strict=True)):
+        pairs = [(our_step, our_batch), (their_step, their_batch)]
+        for step, batch in pairs if i % 2 == 0 else pairs[::-1]:
+            start = time.perf_counter()
+            step(batch)
+            seconds[step] += time.perf_counter() - start
+    return {"interleaved_ratio": seconds[their_step] / seconds[our_step]}
 
 
 def floor_seconds_per_step(args) -> float:
@@ -189,18 +245,18 @@ def main() -> None:
     parser.add_argument("--methods", default="prompt_tuning,p_tuning,prefix_tuning")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-train-samples", type=int, default=800, help="0: all 3,668")
-    parser.add_argument("--repeats", type=int, default=3, help="A B pairs per method (B A in every other pair)")
+    parser.add_argument("--repeats", type=int, default=2, help="A B pairs per method (B A in every other pair)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--glue-dir", type=Path, default=Path("../shared/data/glue"))
-    parser.add_argument("--worker", choices=["softprompt", "peft"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["softprompt", "peft", "interleaved"], help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-        result = {"softprompt": worker_softprompt, "peft": worker_peft}[args.worker](args)
+        result = {"softprompt": worker_softprompt, "peft": worker_peft, "interleaved": worker_interleaved}[args.worker](args)
         print("RESULT " + json.dumps(result))
         return
 
@@ -212,6 +268,8 @@ def main() -> None:
             for kind in order:
                 print(f"{method}: {kind} (repeat {repeat + 1})", file=sys.stderr, flush=True)
                 (ours if kind == "softprompt" else theirs).append(run_worker(kind, method, args))
+        print(f"{method}: both in one process", file=sys.stderr, flush=True)
+        interleaved = run_worker("interleaved", method, args)["interleaved_ratio"]
         ratio = statistics.median(a["train_examples_per_s"] / b["train_examples_per_s"] for a, b in zip(ours, theirs))
 
         def median(runs, key):
@@ -220,7 +278,7 @@ def main() -> None:
         step = median(ours, "train_seconds") / median(ours, "steps")
         floor = median(ours, "floor_seconds_per_step")
         rows.append([method, f"{median(ours, 'train_examples_per_s'):.1f} / {median(theirs, 'train_examples_per_s'):.1f}",
-                     f"**{ratio:.2f}x**",
+                     f"**{ratio:.2f}x**", f"{interleaved:.2f}x",
                      f"{median(ours, 'real_tokens_per_s'):.0f} / {median(theirs, 'real_tokens_per_s'):.0f}",
                      f"{100 * median(ours, 'padding'):.0f}% / {100 * median(theirs, 'padding'):.0f}%",
                      f"{median(ours, 'peak_rss_mb') / 1024:.2f} / {median(theirs, 'peak_rss_mb') / 1024:.2f} GB",
@@ -229,8 +287,9 @@ def main() -> None:
                      f"{median(ours, 'last_epoch_loss'):.3f} / {median(theirs, 'last_epoch_loss'):.3f}",
                      f"{1000 * step:.0f} ms vs {1000 * floor:.0f} ms ({100 * (step / floor - 1):+.0f}%)"])
     print(f"MiniLM-L6 on MRPC ({args.max_train_samples or 3668} training rows, {args.epochs} epoch(s)), "
-          f"{args.threads} threads, median of {args.repeats} alternating run(s); softprompt / PEFT:\n")
-    header = ["method", "train ex/s", "ratio", "real tokens/s", "padding", "peak RSS", "eval ex/s", "dev acc",
+          f"{args.threads} threads, median of {args.repeats} alternating run(s); softprompt / PEFT. "
+          "'ratio, one process': both tools' steps alternating batch by batch in one process, one epoch:\n")
+    header = ["method", "train ex/s", "ratio", "ratio, one process", "real tokens/s", "padding", "peak RSS", "eval ex/s", "dev acc",
               "train loss, last epoch", "step time vs bare-model floor"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
