@@ -72,6 +72,17 @@ def softprompt_recipe(args, out: str):
     })
 
 
+def softprompt_batches(recipe, tokenizer, seed: int):
+    """The training batches `softprompt train` makes for this recipe (epoch 0), and the label names."""
+    from softprompt_cli.data import loader
+    from softprompt_cli.sources import load_examples
+    from softprompt_cli.train import tokenize_examples
+
+    examples, _, label_names = load_examples(recipe.data, recipe.task)
+    rows = tokenize_examples(recipe, examples, tokenizer, training=True)
+    return loader(rows, tokenizer, recipe.training.batch_size, True, True, seed), label_names
+
+
 def worker_softprompt(args) -> dict:
     from softprompt_cli.train import train
 
@@ -160,16 +171,13 @@ def worker_interleaved(args) -> dict:
     loader and AdamW step without the `softprompt train` loop around them (logging, progress, memory trims)."""
     import torch
 
-    from softprompt_cli.data import loader
-    from softprompt_cli.sources import load_examples
-    from softprompt_cli.train import build_model, tokenize_examples
+    from softprompt_cli.modeling import load_tokenizer
+    from softprompt_cli.train import build_model
 
     with tempfile.TemporaryDirectory() as out:
         recipe = softprompt_recipe(args, out)
-    examples, _, label_names = load_examples(recipe.data, recipe.task)
-    ours, tokenizer = build_model(recipe, label_names)
-    our_batches = loader(tokenize_examples(recipe, examples, tokenizer, training=True), tokenizer, 16, True, True,
-                         args.seed)
+    our_batches, label_names = softprompt_batches(recipe, load_tokenizer(MODEL), args.seed)
+    ours, _ = build_model(recipe, label_names)
     our_optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=DEFAULTS[args.method][1])
     theirs, their_optimizer, their_scheduler, their_batches, _, _ = peft_job(args)
     ours.train()
@@ -200,20 +208,17 @@ def floor_seconds_per_step(args) -> float:
     """Forward + backward through the bare frozen model on softprompt's batches, each lengthened by the
     virtual tokens: the least any soft-prompt method can cost."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    from softprompt_cli.data import loader, tokenize
-    from softprompt_cli.sources import Examples
+    from softprompt_cli.modeling import load_tokenizer
 
     torch.manual_seed(args.seed)
     n = DEFAULTS[args.method][0]
-    path = model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=2)
     model.requires_grad_(False)
     model.train()
-    texts, labels = mrpc(args.glue_dir, "train", args.max_train_samples or None)
-    batches = loader(tokenize(Examples(texts, labels), tokenizer, 128), tokenizer, 16, True, True, args.seed)
+    with tempfile.TemporaryDirectory() as out:
+        batches, _ = softprompt_batches(softprompt_recipe(args, out), load_tokenizer(MODEL), args.seed)
     embed = model.get_input_embeddings()
     seconds = 0.0
     for batch in batches:  # the first epoch's batches: later epochs hold the same ones in another order
