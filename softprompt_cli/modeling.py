@@ -22,6 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from softprompt_cli import attention
 from softprompt_cli.errors import UserError
+from softprompt_cli.first_token import enable_first_token_only
 from softprompt_cli.hub import hub_reachable, offline_model_error, resolve_model_reference
 from softprompt_cli.init_prefix import prefix_from_ids, text_token_ids
 from softprompt_cli.methods import MethodOptions
@@ -236,6 +237,8 @@ class SoftPromptModel(nn.Module):
             if self.head_reads_model_pooler and not hasattr(self.head, "softprompt_input"):
                 self.head.softprompt_input = None
                 self.head.register_forward_pre_hook(_keep_head_input)
+        # the head reads [CLS] alone: the last layer need not compute the other tokens
+        self.first_token_only = self.head_reads_model_pooler and enable_first_token_only(base)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
@@ -357,6 +360,8 @@ class SoftPromptModel(nn.Module):
         next_position = attention_mask.sum(-1) + offset
         if self.head_reads_model_pooler:
             # The model's own head pipeline ([CLS] pooler, dropout) runs; a hook keeps the head's input.
+            if self.first_token_only:
+                inputs["softprompt_first_token"] = True
             self.base(**inputs)
             states, self.head.softprompt_input = self.head.softprompt_input, None
             return Encoded(states, real_tokens, attention_mask, next_position)

@@ -1,0 +1,80 @@
+"""The last encoder layer computed for [CLS] alone: the same logits and gradients as the full layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt_cli.first_token import last_bert_layer
+from softprompt_cli.modeling import SoftPromptModel, load_base_model, load_tokenizer
+from tests.test_methods import LABELS, method_options
+
+
+def build(path, variant: str, pooling: str = "model", dtype: str = "float64") -> tuple[SoftPromptModel, object]:
+    tokenizer = load_tokenizer(str(path))
+    torch.manual_seed(0)  # the new head's initial weights
+    base = load_base_model(str(path), revision=None, dtype=dtype, trust_remote_code=False, pooling=pooling,
+                           label_names=LABELS)
+    for module in base.modules():  # the full and the shortcut layer draw different dropout masks
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return SoftPromptModel(base, method_options(variant), tokenizer, pooling, len(LABELS), max_length=64), tokenizer
+
+
+def full_last_layer(model: SoftPromptModel) -> None:
+    del model.base.base_model.encoder.layer[-1].forward  # back to the class's forward
+
+
+def loss_and_gradients(model: SoftPromptModel, tokenizer) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    # pairs of different lengths: right padding, token types, and a [B, 1, L, L] mask to slice
+    rows = dict(tokenizer(["a short one", "a sentence with quite a few more words in it"], ["yes", "no it is not"],
+                          padding=True, return_tensors="pt"))
+    output = model(**rows, labels=torch.tensor([0, 2]))
+    output["loss"].backward()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return output["loss"].detach(), output["logits"].detach(), gradients
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("variant", ["prompt_tuning", "p_tuning_mlp", "prefix_tuning"])
+def test_first_token_shortcut_gives_the_full_layers_loss_logits_and_gradients(tiny_models, variant, checkpointing):
+    results = []
+    for shortcut in (True, False):
+        model, tokenizer = build(tiny_models["bert"], variant)
+        assert last_bert_layer(model.base) is not None
+        if not shortcut:
+            full_last_layer(model)
+        if checkpointing:
+            model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        results.append(loss_and_gradients(model, tokenizer))
+    (loss, logits, gradients), (full_loss, full_logits, full_gradients) = results
+    torch.testing.assert_close(loss, full_loss)
+    torch.testing.assert_close(logits, full_logits)
+    assert gradients.keys() == full_gradients.keys() and any(n.startswith("prompt.") for n in gradients)
+    for name in gradients:
+        torch.testing.assert_close(gradients[name], full_gradients[name])
+
+
+def test_the_shortcut_computes_only_the_first_token(tiny_models):
+    model, tokenizer = build(tiny_models["bert"], "prompt_tuning")
+    shapes = []
+    model.base.base_model.encoder.register_forward_hook(lambda m, args, out: shapes.append(out.last_hidden_state.shape))
+    model.eval()
+    model.scores(**dict(tokenizer(["one two three", "four"], padding=True, return_tensors="pt")))
+    assert shapes == [torch.Size([2, 1, 32])]
+
+
+def test_the_shortcut_keeps_attention_dropout_in_training(tiny_models):
+    model, tokenizer = build(tiny_models["bert"], "prompt_tuning", dtype="float32")
+    model.base.base_model.encoder.layer[-1].attention.self.dropout.p = 0.5
+    model.train()
+    rows = dict(tokenizer(["one two three four five"], return_tensors="pt"))
+    draws = {float(model(**rows)["logits"][0, 0].detach()) for _ in range(4)}
+    assert len(draws) > 1
+
+
+@pytest.mark.parametrize("kind, pooling", [("bert", "mean"), ("gpt2", "model"), ("llama", "model")])
+def test_no_shortcut_where_the_head_reads_more_than_the_first_token(tiny_models, kind, pooling):
+    model, _ = build(tiny_models[kind], "prompt_tuning", pooling, dtype="float32")
+    assert not any("forward" in vars(module) for module in model.base.modules())
