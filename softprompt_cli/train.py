@@ -20,7 +20,8 @@ from softprompt_cli import memory, metrics
 from softprompt_cli.checkpoint import RECIPE_FILE, write_checkpoint
 from softprompt_cli.data import label_word_ids, loader, tokenize, tokenize_causal
 from softprompt_cli.errors import UserError
-from softprompt_cli.modeling import SoftPromptModel, config_fingerprint, load_base_model, load_tokenizer
+from softprompt_cli.modeling import (SoftPromptModel, config_fingerprint, enable_checkpointing, load_base_model,
+                                    load_tokenizer)
 from softprompt_cli.recipe import Recipe
 from softprompt_cli.sources import Examples, load_examples
 from softprompt_cli.tasks import label_word_list
@@ -46,9 +47,7 @@ def build_model(recipe: Recipe, label_names: list[str]) -> tuple[SoftPromptModel
     model = SoftPromptModel(base, recipe.method, tokenizer, task.pooling, len(label_names), recipe.data.max_length,
                             task.prompt_position, task.type, words)
     if recipe.training.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad, and replays the prefix,
-        # which reaches the attention layers as a forward argument rather than a cache.
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base)
     return model, tokenizer
 
 

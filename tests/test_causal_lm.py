@@ -182,8 +182,10 @@ def test_gradient_checkpointing_gives_the_same_causal_lm_loss_and_gradients(tiny
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
+    from softprompt_cli.modeling import enable_checkpointing
+
     plain = loss_and_grads()
-    model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model.base)
     checkpointed = loss_and_grads()
     torch.testing.assert_close(plain, checkpointed)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from softprompt_cli.first_token import last_bert_layer
-from softprompt_cli.modeling import SoftPromptModel, load_base_model, load_tokenizer
+from softprompt_cli.modeling import SoftPromptModel, enable_checkpointing, load_base_model, load_tokenizer
 from tests.test_methods import LABELS, method_options
 
 
@@ -45,7 +45,7 @@ def test_first_token_shortcut_gives_the_full_layers_loss_logits_and_gradients(ti
         if not shortcut:
             full_last_layer(model)
         if checkpointing:
-            model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model.base)
         model.train()
         results.append(loss_and_gradients(model, tokenizer))
     (loss, logits, gradients), (full_loss, full_logits, full_gradients) = results

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from softprompt_cli.methods import registry
-from softprompt_cli.modeling import SoftPromptModel, load_base_model, load_tokenizer
+from softprompt_cli.modeling import SoftPromptModel, enable_checkpointing, load_base_model, load_tokenizer
 
 KINDS = ("bert", "gpt2", "llama")
 METHODS = {
@@ -166,7 +166,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_models, k
     for checkpointing in (False, True):
         model, tokenizer = build(tiny_models[kind], variant, "mean")
         if checkpointing:
-            model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model.base)
         model.train()
         calls = []
         attention = next(m for m in model.base.modules() if hasattr(m, "layer_idx"))
