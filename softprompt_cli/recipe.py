@@ -260,6 +260,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+            value = raw  # "Question: {text}" is a template, not a mapping; {a: 1} stays one
         node = data
         parts = key.split(".")
         for part in parts[:-1]:

@@ -230,6 +230,11 @@ def test_override_yaml_typed_values():
     assert type(data["c"]) is float and type(data["d"]) is int
 
 
+def test_override_text_with_a_colon_stays_text():
+    data = apply_overrides({}, ["task.template=Question: {text} Answer:", "a=x: y", "b={k: 1}"])
+    assert data == {"task": {"template": "Question: {text} Answer:"}, "a": "x: y", "b": {"k": 1}}
+
+
 def test_override_creates_nested_mappings():
     data = apply_overrides({"keep": 1}, ["a.b.c=1", "a.b.d=two", "a.e=[1, 2]"])
     assert data == {"keep": 1, "a": {"b": {"c": 1, "d": "two"}, "e": [1, 2]}}
