@@ -130,7 +130,7 @@ def load_base_model(reference: str, *, revision: str | None, dtype: str, trust_r
 def enable_checkpointing(base: nn.Module) -> None:
     """Activation checkpointing, non-reentrant: it needs no input that requires grad, and replays the
     forward arguments (the prefix reaches the attention layers as one, not as a cache)."""
-    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.23; the older name warns there
+    if hasattr(base, "activation_checkpointing_enable"):  # the current name; where it exists, the older one warns
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
