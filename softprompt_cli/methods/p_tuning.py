@@ -30,11 +30,11 @@ class PTuning(MethodOptions):
 
         from softprompt_cli.methods._layers import LstmMlp, VirtualTokens, mlp, vocabulary_sample
 
-        width = spec.hidden_size
+        vocabulary = spec.input_embeddings.weight.detach().float()
+        width = vocabulary.shape[1]  # the input embeddings' width: below hidden_size in ELECTRA, ALBERT
         if self.encoder == "mlp":
             encoder = mlp(width, self.encoder_hidden_size, width, self.encoder_num_layers, nn.ReLU,
                           self.encoder_dropout)
         else:
             encoder = LstmMlp(width, self.encoder_hidden_size, self.encoder_num_layers, self.encoder_dropout)
-        vocabulary = spec.input_embeddings.weight.detach().float()
         return VirtualTokens(vocabulary_sample(vocabulary, self.num_virtual_tokens), encoder)
