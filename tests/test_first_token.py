@@ -35,12 +35,32 @@ def loss_and_gradients(model: SoftPromptModel, tokenizer) -> tuple[torch.Tensor,
     return output["loss"].detach(), output["logits"].detach(), gradients
 
 
+@pytest.fixture(scope="module")
+def bert_family(tiny_models, tmp_path_factory) -> dict[str, object]:
+    """Tiny random RoBERTa and ELECTRA (transformers' copies of BERT's layer, with their own heads)."""
+    from transformers import AutoModel, AutoTokenizer, ElectraConfig, RobertaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["bert"])
+    shape = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=37, max_position_embeddings=160)
+    folders = {"bert": tiny_models["bert"]}
+    for kind, config in (("roberta", RobertaConfig(**shape, pad_token_id=0)), ("electra", ElectraConfig(**shape, embedding_size=16))):
+        folder = tmp_path_factory.mktemp(kind)
+        torch.manual_seed(0)
+        AutoModel.from_config(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[kind] = folder
+    return folders
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("variant", ["prompt_tuning", "p_tuning_mlp", "prefix_tuning"])
-def test_first_token_shortcut_gives_the_full_layers_loss_logits_and_gradients(tiny_models, variant, checkpointing):
+@pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
+def test_first_token_shortcut_gives_the_full_layers_loss_logits_and_gradients(bert_family, kind, variant,
+                                                                              checkpointing):
     results = []
     for shortcut in (True, False):
-        model, tokenizer = build(tiny_models["bert"], variant)
+        model, tokenizer = build(bert_family[kind], variant)
         assert last_bert_layer(model.base) is not None
         if not shortcut:
             full_last_layer(model)
