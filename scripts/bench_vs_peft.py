@@ -104,6 +104,8 @@ def peft_job(args):
     import peft
     import torch
     from torch.utils.data import DataLoader
+
+    from softprompt_cli.peft_compat import expose_past_key_values
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                               get_linear_schedule_with_warmup)
 
@@ -114,7 +116,9 @@ def peft_job(args):
               "prefix_tuning": lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=n)}[args.method]()
     path = model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = peft.get_peft_model(AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), config)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    # PEFT <= 0.21.2 looks for `past_key_values` in BERT's forward, which transformers 5 calls `cache`.
+    model = peft.get_peft_model(expose_past_key_values(base), config)
 
     def encode(split, limit):
         texts, labels = mrpc(args.glue_dir, split, limit)
@@ -233,6 +237,10 @@ def floor_seconds_per_step(args) -> float:
     return seconds / len(batches)
 
 
+class WorkerFailed(Exception):
+    """One side of a method's runs ended without a result; the table reports it and goes on."""
+
+
 def run_worker(kind: str, method: str, args) -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--method", method, "--epochs", str(args.epochs),
                "--max-train-samples", str(args.max_train_samples), "--seed", str(args.seed),
@@ -241,8 +249,42 @@ def run_worker(kind: str, method: str, args) -> dict:
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        raise SystemExit(f"{kind} {method} failed:\n{done.stderr[-3000:]}")
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"{kind} {method} failed:\n{done.stderr[-3000:]}", file=sys.stderr, flush=True)
+        raise WorkerFailed(f"{kind} failed: {last[:160]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+HEADER = ["method", "train ex/s", "ratio", "ratio, one process", "real tokens/s", "padding", "peak RSS", "eval ex/s",
+          "dev acc", "train loss, last epoch", "step time vs bare-model floor"]
+
+
+def method_row(method: str, args) -> list[str]:
+    """One table row: alternating separate runs of both tools, then both in one process."""
+    ours, theirs = [], []
+    for repeat in range(args.repeats):
+        order = ("softprompt", "peft") if repeat % 2 == 0 else ("peft", "softprompt")
+        for kind in order:
+            print(f"{method}: {kind} (repeat {repeat + 1})", file=sys.stderr, flush=True)
+            (ours if kind == "softprompt" else theirs).append(run_worker(kind, method, args))
+    print(f"{method}: both in one process", file=sys.stderr, flush=True)
+    interleaved = run_worker("interleaved", method, args)["interleaved_ratio"]
+    ratio = statistics.median(a["train_examples_per_s"] / b["train_examples_per_s"] for a, b in zip(ours, theirs))
+
+    def median(runs, key):
+        return statistics.median(r[key] for r in runs)
+
+    step = median(ours, "train_seconds") / median(ours, "steps")
+    floor = median(ours, "floor_seconds_per_step")
+    return [method, f"{median(ours, 'train_examples_per_s'):.1f} / {median(theirs, 'train_examples_per_s'):.1f}",
+            f"**{ratio:.2f}x**", f"{interleaved:.2f}x",
+            f"{median(ours, 'real_tokens_per_s'):.0f} / {median(theirs, 'real_tokens_per_s'):.0f}",
+            f"{100 * median(ours, 'padding'):.0f}% / {100 * median(theirs, 'padding'):.0f}%",
+            f"{median(ours, 'peak_rss_mb') / 1024:.2f} / {median(theirs, 'peak_rss_mb') / 1024:.2f} GB",
+            f"{median(ours, 'eval_examples_per_s'):.0f} / {median(theirs, 'eval_examples_per_s'):.0f}",
+            f"{100 * median(ours, 'accuracy'):.1f} / {100 * median(theirs, 'accuracy'):.1f}",
+            f"{median(ours, 'last_epoch_loss'):.3f} / {median(theirs, 'last_epoch_loss'):.3f}",
+            f"{1000 * step:.0f} ms vs {1000 * floor:.0f} ms ({100 * (step / floor - 1):+.0f}%)"]
 
 
 def main() -> None:
@@ -265,40 +307,21 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    rows = []
-    for method in args.methods.split(","):
-        ours, theirs = [], []
-        for repeat in range(args.repeats):
-            order = ("softprompt", "peft") if repeat % 2 == 0 else ("peft", "softprompt")
-            for kind in order:
-                print(f"{method}: {kind} (repeat {repeat + 1})", file=sys.stderr, flush=True)
-                (ours if kind == "softprompt" else theirs).append(run_worker(kind, method, args))
-        print(f"{method}: both in one process", file=sys.stderr, flush=True)
-        interleaved = run_worker("interleaved", method, args)["interleaved_ratio"]
-        ratio = statistics.median(a["train_examples_per_s"] / b["train_examples_per_s"] for a, b in zip(ours, theirs))
-
-        def median(runs, key):
-            return statistics.median(r[key] for r in runs)
-
-        step = median(ours, "train_seconds") / median(ours, "steps")
-        floor = median(ours, "floor_seconds_per_step")
-        rows.append([method, f"{median(ours, 'train_examples_per_s'):.1f} / {median(theirs, 'train_examples_per_s'):.1f}",
-                     f"**{ratio:.2f}x**", f"{interleaved:.2f}x",
-                     f"{median(ours, 'real_tokens_per_s'):.0f} / {median(theirs, 'real_tokens_per_s'):.0f}",
-                     f"{100 * median(ours, 'padding'):.0f}% / {100 * median(theirs, 'padding'):.0f}%",
-                     f"{median(ours, 'peak_rss_mb') / 1024:.2f} / {median(theirs, 'peak_rss_mb') / 1024:.2f} GB",
-                     f"{median(ours, 'eval_examples_per_s'):.0f} / {median(theirs, 'eval_examples_per_s'):.0f}",
-                     f"{100 * median(ours, 'accuracy'):.1f} / {100 * median(theirs, 'accuracy'):.1f}",
-                     f"{median(ours, 'last_epoch_loss'):.3f} / {median(theirs, 'last_epoch_loss'):.3f}",
-                     f"{1000 * step:.0f} ms vs {1000 * floor:.0f} ms ({100 * (step / floor - 1):+.0f}%)"])
+    # Each row is printed as soon as its method is done, so that a later failure loses nothing.
     print(f"MiniLM-L6 on MRPC ({args.max_train_samples or 3668} training rows, {args.epochs} epoch(s)), "
           f"{args.threads} threads, median of {args.repeats} alternating run(s); softprompt / PEFT. "
           "'ratio, one process': both tools' steps alternating batch by batch in one process, one epoch:\n")
-    header = ["method", "train ex/s", "ratio", "ratio, one process", "real tokens/s", "padding", "peak RSS", "eval ex/s", "dev acc",
-              "train loss, last epoch", "step time vs bare-model floor"]
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print("| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER), flush=True)
+    failed = False
+    for method in args.methods.split(","):
+        try:
+            row = method_row(method, args)
+        except WorkerFailed as err:
+            failed = True
+            row = [method, f"failed ({err})"] + [""] * (len(HEADER) - 2)
+        print("| " + " | ".join(row) + " |", flush=True)
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

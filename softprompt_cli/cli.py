@@ -164,7 +164,10 @@ def export(
         raise UserError(f"--format {format!r} is not supported; the supported format is peft.")
     from softprompt_cli.peft_format import export_peft
 
-    typer.echo(f"wrote {export_peft(checkpoint, out, model)}")
+    written, note = export_peft(checkpoint, out, model)
+    typer.echo(f"wrote {written}")
+    if note:
+        typer.echo(note, err=True)
 
 
 @app.command("init-prefix-from-text")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from softprompt_cli.checkpoint import atomic_folder, read_checkpoint
 from softprompt_cli.errors import UserError
+from softprompt_cli.peft_compat import peft_refusal_note
 from softprompt_cli.recipe import Recipe
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -29,7 +30,9 @@ def is_peft_adapter(directory: Path) -> bool:
     return (directory / ADAPTER_CONFIG).is_file()
 
 
-def export_peft(checkpoint: Path, out: Path, model_path: str | None = None) -> Path:
+def export_peft(checkpoint: Path, out: Path, model_path: str | None = None) -> tuple[Path, str | None]:
+    """Write the adapter folder; return it and, where PEFT will refuse the adapter on this base model, what
+    to do about it."""
     from softprompt_cli.evaluation import load_trained
 
     recipe, model, _, label_names = load_trained(checkpoint, model_path)
@@ -75,7 +78,7 @@ def export_peft(checkpoint: Path, out: Path, model_path: str | None = None) -> P
                   metadata={"format": "pt"})
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (staging / "label_names.json").write_text(json.dumps(label_names) + "\n")
-    return out
+    return out, peft_refusal_note(model.base, config["peft_type"], config["task_type"])
 
 
 def _adapter_as_checkpoint(directory: Path, data_recipe: Recipe | None) -> tuple[dict, str, dict]:

@@ -20,14 +20,31 @@ EXPORTABLE = {
 PAIRS = (["the first sentence of a pair", "short"], ["its second sentence", "another, longer second sentence"])
 
 
+PEFT_REFUSES_PREFIX = "Model does not support past key values"
+
+
 def peft_logits(base_path, adapter, texts, pairs):
+    """PEFT's logits for the adapter. Where this PEFT refuses prefix tuning on the model (it looks for
+    `past_key_values`, which transformers 5 calls `cache`), the refusal is checked to be that one, and the
+    logits come from the model with `expose_past_key_values`, the documented way around it."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from softprompt_cli.peft_compat import expose_past_key_values, names_past_key_values
+
     base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2)
-    model = peft.PeftModel.from_pretrained(base, adapter).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
+    inputs = tokenizer(texts, pairs, padding=True, return_tensors="pt")
+    model = peft.PeftModel.from_pretrained(base, adapter).eval()
     with torch.no_grad():
-        return model(**tokenizer(texts, pairs, padding=True, return_tensors="pt")).logits
+        if model.peft_config["default"].peft_type != "PREFIX_TUNING" or names_past_key_values(base):
+            return model(**inputs).logits
+        try:
+            return model(**inputs).logits  # a PEFT that no longer needs the name
+        except ValueError as err:
+            assert PEFT_REFUSES_PREFIX in str(err)
+        base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2)
+        model = peft.PeftModel.from_pretrained(expose_past_key_values(base), adapter).eval()
+        return model(**inputs).logits
 
 
 def our_logits(folder, texts, pairs, data_recipe=None):
@@ -47,6 +64,9 @@ def test_exported_checkpoint_gives_the_same_logits_in_peft(tmp_path, tiny_models
     assert run_cli("train", recipe)[0] == 0
     code, out, err = run_cli("export", tmp_path / "run" / "final", tmp_path / "adapter", "--format", "peft")
     assert code == 0, out + err
+    # Where PEFT would refuse the adapter (prefix tuning on a forward without past_key_values), export says how
+    # to load it; the logits below are computed that way.
+    assert ("expose_past_key_values" in err) == variant.startswith("prefix_tuning"), err
     # PEFT's decoder classifiers read the last position: compare on rows without padding there.
     rows = (PAIRS[0][:1], PAIRS[1][:1]) if kind == "gpt2" else PAIRS
     expected = peft_logits(tiny_models[kind], tmp_path / "adapter", *rows)
@@ -123,3 +143,20 @@ def test_peft_adapter_evaluates_and_predicts_here(tmp_path, tiny_models, run_cli
     assert code == 0 and '"label": "LABEL_' in out, out + err
     code, out, err = run_cli("eval", tmp_path / "adapter")
     assert code == 2 and "--recipe" in err and "Traceback" not in out + err
+
+
+def test_expose_past_key_values_hands_the_prefix_on_as_the_cache():
+    from softprompt_cli.peft_compat import expose_past_key_values, names_past_key_values
+
+    class Model:
+        def forward(self, input_ids=None, cache=None, **kwargs):
+            return {"input_ids": input_ids, "cache": cache, **kwargs}
+
+    model = Model()
+    assert not names_past_key_values(model)
+    assert expose_past_key_values(model) is model and names_past_key_values(model)
+    assert model.forward(1, past_key_values="prefix", flag=True) == {"input_ids": 1, "cache": "prefix", "flag": True}
+    assert model.forward(input_ids=2) == {"input_ids": 2, "cache": None}
+    wrapped = model.forward
+    assert expose_past_key_values(model).forward is wrapped  # applied once
+    assert not names_past_key_values(Model())  # the class is untouched
