@@ -18,9 +18,10 @@ from pathlib import Path
 def zero_shot(recipe) -> tuple[dict, float]:
     from accelerate import Accelerator
 
-    from softprompt_cli.data import loader
-    from softprompt_cli.sources import load_examples
-    from softprompt_cli.train import build_model, evaluate, tokenize_examples
+    from softprompt_cli.assemble import build_model
+    from softprompt_cli.data.batching import loader, tokenize_examples
+    from softprompt_cli.data.sources import load_examples
+    from softprompt_cli.training.evaluate import evaluate
 
     _, eval_examples, label_names = load_examples(recipe.data, recipe.task)
     model, tokenizer = build_model(recipe, label_names)
@@ -39,8 +40,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    from softprompt_cli.recipe import load_recipe
-    from softprompt_cli.train import train
+    from softprompt_cli.config.load import load_recipe
+    from softprompt_cli.training.loop import train
 
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.task.type != "causal_lm":

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from softprompt_cli.predict import load_tasks, make_items, predict
-from softprompt_cli.sources import read_table
+from softprompt_cli.commands.predict import load_tasks, make_items, predict
+from softprompt_cli.data.sources import read_table
 
 
 def main() -> None:

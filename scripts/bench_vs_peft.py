@@ -44,7 +44,7 @@ def peak_rss_mb() -> float:
 
 
 def mrpc(glue_dir: Path, split: str, limit: int | None):
-    from softprompt_cli.sources import read_table
+    from softprompt_cli.data.sources import read_table
 
     rows = read_table(glue_dir / "MRPC" / ("train.tsv" if split == "train" else "dev.tsv"), "tsv")
     rows = rows[:limit] if limit else rows
@@ -58,7 +58,7 @@ def model_path() -> str:
 
 
 def softprompt_recipe(args, out: str):
-    from softprompt_cli.recipe import parse_recipe
+    from softprompt_cli.config.load import parse_recipe
 
     n, lr, extra = DEFAULTS[args.method]
     steps_per_epoch = math.ceil((args.max_train_samples or 3668) / 16)
@@ -74,9 +74,8 @@ def softprompt_recipe(args, out: str):
 
 def softprompt_batches(recipe, tokenizer, seed: int):
     """The training batches `softprompt train` makes for this recipe (epoch 0), and the label names."""
-    from softprompt_cli.data import loader
-    from softprompt_cli.sources import load_examples
-    from softprompt_cli.train import tokenize_examples
+    from softprompt_cli.data.batching import loader, tokenize_examples
+    from softprompt_cli.data.sources import load_examples
 
     examples, _, label_names = load_examples(recipe.data, recipe.task)
     rows = tokenize_examples(recipe, examples, tokenizer, training=True)
@@ -84,7 +83,7 @@ def softprompt_batches(recipe, tokenizer, seed: int):
 
 
 def worker_softprompt(args) -> dict:
-    from softprompt_cli.train import train
+    from softprompt_cli.training.loop import train
 
     with tempfile.TemporaryDirectory() as out:
         summary = train(softprompt_recipe(args, out))
@@ -104,10 +103,14 @@ def peft_job(args):
     import peft
     import torch
     from torch.utils.data import DataLoader
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        get_linear_schedule_with_warmup,
+    )
 
     from softprompt_cli.peft_compat import expose_past_key_values
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              get_linear_schedule_with_warmup)
 
     torch.manual_seed(args.seed)
     n, lr, extra = DEFAULTS[args.method]
@@ -175,8 +178,8 @@ def worker_interleaved(args) -> dict:
     loader and AdamW step without the `softprompt train` loop around them (logging, progress, memory trims)."""
     import torch
 
-    from softprompt_cli.modeling import load_tokenizer
-    from softprompt_cli.train import build_model
+    from softprompt_cli.assemble import build_model
+    from softprompt_cli.model.loading import load_tokenizer
 
     with tempfile.TemporaryDirectory() as out:
         recipe = softprompt_recipe(args, out)
@@ -214,7 +217,7 @@ def floor_seconds_per_step(args) -> float:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from softprompt_cli.modeling import load_tokenizer
+    from softprompt_cli.model.loading import load_tokenizer
 
     torch.manual_seed(args.seed)
     n = DEFAULTS[args.method][0]

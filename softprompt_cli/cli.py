@@ -44,7 +44,7 @@ def train(
                          "recipe: softprompt train RECIPE --resume DIR)")] = False,
 ) -> None:
     """Train a soft prompt as the recipe says; writes best/ and final/ checkpoints."""
-    from softprompt_cli.recipe import load_recipe
+    from softprompt_cli.config.load import load_recipe
 
     overrides = list(overrides or [])
     arguments = " ".join([str(recipe), *overrides])
@@ -54,11 +54,10 @@ def train(
     loaded = load_recipe(recipe, overrides)
     if resume and state_dir is None:
         state_dir = Path(loaded.output.dir) / "state"
-    from softprompt_cli.train import TrainingStopped
-    from softprompt_cli.train import train as run_training
+    from softprompt_cli.commands.train import TrainingStopped, run_train
 
     try:
-        run_training(loaded, state_dir)
+        run_train(loaded, state_dir)
     except TrainingStopped as stopped:
         _echo_error(str(stopped).replace("RECIPE", arguments), label="stopped")
         sys.exit(130)
@@ -67,26 +66,9 @@ def train(
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Check a recipe, its data files and its model reference without loading the model."""
-    from softprompt_cli.hub import check_model_available
-    from softprompt_cli.recipe import RecipeError, load_recipe
-    from softprompt_cli.sources import load_examples
+    from softprompt_cli.commands.validate import validate_recipe
 
-    loaded = load_recipe(recipe, overrides)
-    problems = []
-    try:
-        train_examples, eval_examples, names = load_examples(loaded.data, loaded.task)
-    except UserError as err:
-        problems.append(f"data: {err}")
-    try:
-        check_model_available(loaded.model.name_or_path, loaded.model.revision, loaded.model.gguf_file)
-    except UserError as err:
-        problems.append(f"model.name_or_path: {err}")
-    if problems:
-        raise RecipeError(f"recipe {str(recipe)!r}", problems)
-    typer.echo(
-        f"{recipe}: OK ({loaded.method.name}, {len(train_examples)} train / {len(eval_examples)} eval examples, "
-        + (f"labels {names}, " if names else "") + f"metrics {', '.join(loaded.metrics)})"
-    )
+    typer.echo(validate_recipe(recipe, overrides))
 
 
 @app.command("eval")
@@ -98,8 +80,8 @@ def evaluate(
     recipe: Annotated[Optional[Path], typer.Option(help="data (and labels) for a PEFT adapter folder")] = None,  # noqa: UP045
 ) -> None:
     """Evaluate a checkpoint (or a PEFT prompt-learning adapter) on its recipe's eval split or another split."""
-    from softprompt_cli.evaluation import evaluate_checkpoint
-    from softprompt_cli.recipe import load_recipe
+    from softprompt_cli.commands.evaluate import evaluate_checkpoint
+    from softprompt_cli.config.load import load_recipe
 
     report = evaluate_checkpoint(checkpoint, split, model, output, load_recipe(recipe) if recipe else None)
     from accelerate import PartialState
@@ -139,13 +121,13 @@ def predict(
 ) -> None:
     """Predict labels with one or several checkpoints; rows of different tasks share forward batches.
     causal_lm checkpoints rank their label words, or generate text (free-form targets)."""
-    from softprompt_cli.predict import Generation, run_predict
+    from softprompt_cli.commands.predict import Generation, run_predict
 
     sampling = None
     if do_sample:
         import torch
 
-        from softprompt_cli.modeling import Sampling
+        from softprompt_cli.model.lm import Sampling
 
         sampling = Sampling(temperature, top_k, top_p, torch.Generator().manual_seed(seed))
     run_predict(checkpoints, input_file, text or [], text_pair or [], output, task_column, text_field, batch_size,
@@ -162,7 +144,7 @@ def export(
     """Export a checkpoint for other tools (PEFT: PeftModel.from_pretrained(base_model, OUT))."""
     if format != "peft":
         raise UserError(f"--format {format!r} is not supported; the supported format is peft.")
-    from softprompt_cli.peft_format import export_peft
+    from softprompt_cli.commands.export import export_peft
 
     written, note = export_peft(checkpoint, out, model)
     typer.echo(f"wrote {written}")
@@ -192,7 +174,7 @@ def init_prefix_from_text(
         if not text_file.is_file():
             raise UserError(f"--text-file {str(text_file)!r} does not exist.")
         text = text_file.read_text(encoding="utf-8")
-    from softprompt_cli.init_prefix import init_prefix_from_text as run
+    from softprompt_cli.commands.init_prefix import init_prefix_from_text as run
 
     tokens, size = run(model, text, num_virtual_tokens, output, revision, chat_template, overwrite, gguf_file)
     typer.echo(f"wrote {output}: a {num_virtual_tokens}-token prefix from a {tokens}-token text "
@@ -209,7 +191,7 @@ def compare(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override for every run, e.g. training.epochs=2")] = None,  # noqa: UP045
 ) -> None:
     """Train several methods on the same data, model, budget and seeds; write report.md, report.png, summary.json."""
-    from softprompt_cli.compare import compare as run_compare
+    from softprompt_cli.commands.compare import compare as run_compare
 
     out = output or Path("runs") / f"compare-{recipes[0].stem}"
     run_compare(recipes, [m.strip() for m in methods.split(",")] if methods else None, seeds, out, overwrite,
@@ -219,24 +201,9 @@ def compare(
 @app.command()
 def methods() -> None:
     """List the soft-prompt methods and their options."""
-    from rich.console import Console
-    from rich.table import Table
+    from softprompt_cli.commands.methods import print_methods
 
-    from softprompt_cli.methods import MethodOptions, registry
-
-    console = Console()
-    for name, options in registry().items():
-        table = Table(title=f"{name}: {options.__doc__.strip()}", title_justify="left", show_edge=False)
-        for column in ("option", "type", "default", "description"):
-            table.add_column(column)
-        for field_name, field in options.model_fields.items():
-            if field_name == "name":
-                continue
-            annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
-            table.add_row(field_name, annotation.replace("typing.", ""), repr(field.default),
-                          field.description or ("" if field_name not in MethodOptions.model_fields else ""))
-        console.print(table)
-        console.print()
+    print_methods()
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ import math
 
 from softprompt_cli.hub import hub_reachable
 
+KNOWN_METRICS = ("accuracy", "f1", "precision", "recall", "matthews_correlation", "exact_match")
+
 
 def _average(num_labels: int) -> str:
     return "binary" if num_labels == 2 else "macro"

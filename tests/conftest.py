@@ -24,8 +24,9 @@ def _private_hf_cache(tmp_path_factory):
 
 
 def _tokenizer():
-    from softprompt_cli.hub import packaged_model_path
     from transformers import AutoTokenizer
+
+    from softprompt_cli.hub import packaged_model_path
 
     return AutoTokenizer.from_pretrained(packaged_model_path("sentence-transformers/all-MiniLM-L6-v2"))
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from softprompt_cli.attention import DropoutAttention, dropout_attention
+from softprompt_cli.model.attention import DropoutAttention, dropout_attention
 
 
 def reference(query, key, value, mask, scale, keep, dropout):

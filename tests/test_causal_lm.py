@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import yaml
-
 from conftest import GLUE_DIR, write_recipe
 
 METHODS = {
@@ -22,7 +21,7 @@ SST2_TASK = {"type": "causal_lm", "template": "Review: {sentence} Sentiment:",
 
 
 def lm_recipe(model_dir, method: dict, task: dict | None = None, **data):
-    from softprompt_cli.recipe import parse_recipe
+    from softprompt_cli.config.load import parse_recipe
 
     return parse_recipe({
         "model": {"name_or_path": str(model_dir)},
@@ -33,7 +32,7 @@ def lm_recipe(model_dir, method: dict, task: dict | None = None, **data):
 
 
 def build(model_dir, method: dict, task: dict | None = None):
-    from softprompt_cli.train import build_model
+    from softprompt_cli.assemble import build_model
 
     torch.manual_seed(0)
     model, tokenizer = build_model(lm_recipe(model_dir, method, task), ["negative", "positive"])
@@ -118,7 +117,7 @@ def test_left_padded_batch_generation_equals_one_at_a_time(tiny_models, decoder,
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator(tiny_models):
-    from softprompt_cli.modeling import Sampling
+    from softprompt_cli.model.lm import Sampling
 
     model, tokenizer = build(tiny_models["llama"], METHODS["prompt_tuning"])
     batch = tokenizer(["the movie", "a"], padding=True, return_tensors="pt")
@@ -182,7 +181,7 @@ def test_gradient_checkpointing_gives_the_same_causal_lm_loss_and_gradients(tiny
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
-    from softprompt_cli.modeling import enable_checkpointing
+    from softprompt_cli.model.loading import enable_checkpointing
 
     plain = loss_and_grads()
     enable_checkpointing(model.base)
@@ -318,7 +317,7 @@ def test_packaged_smollm2_gguf_scores_label_words(tmp_path):
                        {**SST2_TASK, "template": "Review: {sentence}\nSentiment:",
                         "label_words": {"negative": " negative", "positive": " positive"}})
     recipe.model.gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    from softprompt_cli.train import build_model
+    from softprompt_cli.assemble import build_model
 
     model, tokenizer = build_model(recipe, ["negative", "positive"])
     batch = tokenizer(["Review: an awful, boring mess.\nSentiment:", "Review: a wonderful, moving film.\nSentiment:"],

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import GLUE_DIR
+
+from softprompt_cli.config.schema import DataSection
+from softprompt_cli.data.sources import glue_dir, label_field, load_examples, read_table, text_fields
 from softprompt_cli.errors import UserError
-from softprompt_cli.recipe import DataSection
-from softprompt_cli.sources import glue_dir, label_field, load_examples, read_table, text_fields
 
 MRPC_NAMES = ["not_equivalent", "equivalent"]
 
@@ -409,7 +409,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def mrpc_train(tokenizer):
-    from softprompt_cli.data import tokenize
+    from softprompt_cli.data.batching import tokenize
 
     train, _, _ = load_examples(DataSection(glue_task="mrpc", dir=str(GLUE_DIR)))
     return tokenize(train, tokenizer, max_length=128)
@@ -427,8 +427,8 @@ def test_tokenize_pairs(mrpc_train, tokenizer):
 
 
 def test_tokenize_single_texts_truncates(tokenizer):
-    from softprompt_cli.data import tokenize
-    from softprompt_cli.sources import Examples
+    from softprompt_cli.data.batching import tokenize
+    from softprompt_cli.data.sources import Examples
 
     dataset = tokenize(Examples([("short",), ("word " * 100,)], [0, 1]), tokenizer, max_length=16)
     assert dataset["length"] == [3, 16]
@@ -436,7 +436,7 @@ def test_tokenize_single_texts_truncates(tokenizer):
 
 
 def sampler_for(dataset, **kwargs):
-    from softprompt_cli.data import LengthGroupedSampler
+    from softprompt_cli.data.batching import LengthGroupedSampler
 
     options = {"batch_size": 16, "shuffle": True, "group": True, "seed": 0, **kwargs}
     return LengthGroupedSampler(dataset["length"], **options)
@@ -473,7 +473,7 @@ def test_sampler_batches_are_sorted_by_length(mrpc_train):
 
 
 def test_sampler_several_buckets_and_a_short_batch():
-    from softprompt_cli.data import LengthGroupedSampler
+    from softprompt_cli.data.batching import LengthGroupedSampler
 
     lengths = [(i * 37) % 101 for i in range(103)]
     sampler = LengthGroupedSampler(lengths, batch_size=4, shuffle=True, group=True, seed=5, bucket_batches=3)
@@ -523,7 +523,7 @@ def test_sampler_unshuffled(mrpc_train):
 
 
 def pad_tokens(dataset, tokenizer, group: bool, epoch: int = 0) -> tuple[int, int]:
-    from softprompt_cli.data import loader
+    from softprompt_cli.data.batching import loader
 
     batches = loader(dataset, tokenizer, batch_size=16, shuffle=True, group_by_length=group, seed=0)
     batches.sampler.set_epoch(epoch)
@@ -548,7 +548,7 @@ def test_grouping_reduces_padding(mrpc_train, tokenizer):
 
 
 def test_loader_batches_labels_and_padding(mrpc_train, tokenizer):
-    from softprompt_cli.data import loader
+    from softprompt_cli.data.batching import loader
 
     batches = loader(mrpc_train, tokenizer, batch_size=16, shuffle=False, group_by_length=False)
     batch = next(iter(batches))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt_cli.first_token import last_bert_layer
-from softprompt_cli.modeling import SoftPromptModel, enable_checkpointing, load_base_model, load_tokenizer
+from softprompt_cli.model.first_token import last_bert_layer
+from softprompt_cli.model.loading import enable_checkpointing, load_base_model, load_tokenizer, prepare_frozen
+from softprompt_cli.model.soft_prompt import SoftPromptModel
 from tests.test_methods import LABELS, method_options
 
 
@@ -18,6 +19,7 @@ def build(path, variant: str, pooling: str = "model", dtype: str = "float64") ->
     for module in base.modules():  # the full and the shortcut layer draw different dropout masks
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+    prepare_frozen(base, tokenizer, pooling=pooling)
     return SoftPromptModel(base, method_options(variant), tokenizer, pooling, len(LABELS), max_length=64), tokenizer
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import write_recipe
 from safetensors.torch import load_file
 
-from conftest import write_recipe
-from softprompt_cli.init_prefix import prefix_from_ids
-from softprompt_cli.modeling import load_base_model, load_tokenizer
+from softprompt_cli.model.loading import load_base_model, load_tokenizer
+from softprompt_cli.model.prefix_capture import prefix_from_ids
 
 TEXT = "the quick brown fox jumps over the lazy dog near the river bank"
 
@@ -43,7 +43,7 @@ def test_cli_writes_a_prefix_that_training_starts_from(tmp_path, tiny_models, ru
     prefix = load_file(tmp_path / "prefix" / "softprompt.safetensors")["prompt.tokens.embedding"]
     assert prefix.shape == (6, 2 * 2 * 2 * 8)  # layers * (key, value) * kv_heads * head_dim
 
-    from softprompt_cli.evaluation import load_trained
+    from softprompt_cli.assemble import load_trained
 
     recipe = write_recipe(tmp_path, model, {"name": "prefix_tuning", "num_virtual_tokens": 6,
                                             "init": "from_checkpoint", "init_checkpoint": str(tmp_path / "prefix")},

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt_cli.methods import registry
-from softprompt_cli.modeling import SoftPromptModel, enable_checkpointing, load_base_model, load_tokenizer
+from softprompt_cli.methods.base import registry
+from softprompt_cli.model.loading import enable_checkpointing, load_base_model, load_tokenizer, prepare_frozen
+from softprompt_cli.model.soft_prompt import SoftPromptModel
 
 KINDS = ("bert", "gpt2", "llama")
 METHODS = {
@@ -30,6 +31,7 @@ def build(path, variant: str, pooling: str = "model") -> tuple[SoftPromptModel, 
     tokenizer = load_tokenizer(str(path))
     base = load_base_model(str(path), revision=None, dtype="float32", trust_remote_code=False, pooling=pooling,
                            label_names=LABELS)
+    prepare_frozen(base, tokenizer, pooling=pooling)
     torch.manual_seed(0)
     return SoftPromptModel(base, options, tokenizer, pooling, len(LABELS), max_length=64), tokenizer
 
@@ -91,9 +93,10 @@ def test_padding_does_not_change_logits(tiny_models, kind, variant, pooling, pad
 def test_encoders_pad_right(tiny_models):
     tokenizer = load_tokenizer(str(tiny_models["bert"]))
     tokenizer.padding_side = "left"
-    SoftPromptModel(load_base_model(str(tiny_models["bert"]), revision=None, dtype="float32", trust_remote_code=False,
-                                    pooling="model", label_names=LABELS),
-                    method_options("prompt_tuning"), tokenizer, "model", len(LABELS), max_length=64)
+    base = load_base_model(str(tiny_models["bert"]), revision=None, dtype="float32", trust_remote_code=False,
+                           pooling="model", label_names=LABELS)
+    prepare_frozen(base, tokenizer)  # once per base model and tokenizer, before any soft prompt is built on them
+    SoftPromptModel(base, method_options("prompt_tuning"), tokenizer, "model", len(LABELS), max_length=64)
     assert tokenizer.padding_side == "right"
 
 

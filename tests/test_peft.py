@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import write_recipe
 
 peft = pytest.importorskip("peft")
@@ -48,7 +47,7 @@ def peft_logits(base_path, adapter, texts, pairs):
 
 
 def our_logits(folder, texts, pairs, data_recipe=None):
-    from softprompt_cli.evaluation import load_trained
+    from softprompt_cli.assemble import load_trained
 
     _, model, tokenizer, _ = load_trained(folder, data_recipe=data_recipe)
     model.eval()
@@ -78,7 +77,7 @@ def test_exported_causal_lm_checkpoint_gives_the_same_next_token_logits_in_peft(
                                                                                 variant):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from softprompt_cli.evaluation import load_trained
+    from softprompt_cli.assemble import load_trained
 
     recipe = write_recipe(tmp_path, str(tiny_models["llama"]), EXPORTABLE[variant], training={"max_steps": 2},
                           data={"glue_task": "sst2"}, task={"type": "causal_lm", "template": "{sentence} It was",
@@ -123,7 +122,7 @@ PEFT_CONFIGS = {
 def test_peft_adapter_evaluates_and_predicts_here(tmp_path, tiny_models, run_cli, variant):
     from transformers import AutoModelForSequenceClassification
 
-    from softprompt_cli.recipe import load_recipe
+    from softprompt_cli.config.load import load_recipe
 
     torch.manual_seed(1)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2)

@@ -13,17 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import GLUE_DIR, REPO
+
+from softprompt_cli.config.load import RecipeError, apply_overrides, load_recipe, parse_recipe, read_yaml
 from softprompt_cli.errors import UserError
-from softprompt_cli.methods import registry
-from softprompt_cli.recipe import (
-    RecipeError,
-    apply_overrides,
-    load_recipe,
-    parse_recipe,
-    read_yaml,
-)
+from softprompt_cli.methods.base import registry
 
 MRPC_RECIPE = REPO / "recipes" / "mrpc_prompt_tuning.yaml"
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

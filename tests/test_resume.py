@@ -7,9 +7,8 @@ import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import write_recipe
+from safetensors.torch import load_file
 
 METHODS = {
     "p_tuning_lstm": {"name": "p_tuning", "encoder": "lstm", "encoder_hidden_size": 8},

@@ -7,11 +7,9 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, write_recipe
 
 

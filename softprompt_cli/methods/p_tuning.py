@@ -6,12 +6,10 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field
 
-from softprompt_cli.methods import MethodOptions, register
+from softprompt_cli.methods.base import MethodOptions, ModelSpec, register
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from softprompt_cli.modeling import ModelSpec
 
 
 @register

@@ -7,12 +7,10 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from softprompt_cli.methods import MethodOptions, register
+from softprompt_cli.methods.base import MethodOptions, ModelSpec, register
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from softprompt_cli.modeling import ModelSpec
 
 
 @register
@@ -57,9 +55,7 @@ class PrefixTuning(MethodOptions):
         if self.init == "text":
             start = spec.prefix_from_text(self.init_text, n)
         elif self.init == "from_checkpoint":
-            from softprompt_cli.init_prefix import read_prefix_checkpoint
-
-            start = read_prefix_checkpoint(Path(self.init_checkpoint), n, width, spec.fingerprint)
+            start = spec.prefix_from_checkpoint(Path(self.init_checkpoint), n, width)
         else:
             start = torch.zeros(n, input_width) if self.init == "zero" else torch.randn(n, input_width)
         encoder = mlp(spec.hidden_size, self.encoder_hidden_size, width, 1, nn.Tanh) if self.projection else None

@@ -7,12 +7,10 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from softprompt_cli.errors import UserError
-from softprompt_cli.methods import MethodOptions, register
+from softprompt_cli.methods.base import MethodOptions, ModelSpec, register
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from softprompt_cli.modeling import ModelSpec
 
 
 @register

@@ -17,17 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from rich.progress import Progress
 from transformers import DataCollatorWithPadding
 
+from softprompt_cli.assemble import Trained, attach_trained, load_frozen, read_trained
+from softprompt_cli.config.schema import Recipe
+from softprompt_cli.data.sources import input_fields, read_table
+from softprompt_cli.data.templates import render
 from softprompt_cli.errors import UserError
-from softprompt_cli.data import label_word_ids
-from softprompt_cli.modeling import (Encoded, Sampling, SoftPromptModel, config_fingerprint, load_base_model,
-                                     load_tokenizer)
-from softprompt_cli.peft_format import read_any_checkpoint
-from softprompt_cli.recipe import Recipe, parse_recipe
-from softprompt_cli.sources import input_fields, read_table
-from softprompt_cli.tasks import label_word_list, render
+from softprompt_cli.model.lm import Sampling
+from softprompt_cli.model.soft_prompt import Encoded, SoftPromptModel
 
 
 @dataclass
@@ -63,62 +62,37 @@ def _parse_reference(reference: str) -> tuple[str | None, Path]:
     return (name, Path(path)) if sep and name and not Path(reference).exists() else (None, Path(reference))
 
 
-def load_tasks(references: list[str], model_path: str | None = None) -> tuple[dict[str, Task], Any]:
-    """Load checkpoints (`DIR` or `NAME=DIR`) onto one shared frozen base model."""
-    loaded = []
+def _read_named(references: list[str], model_path: str | None) -> dict[str, Trained]:
+    """Each checkpoint (`DIR` or `NAME=DIR`) read, by task name; one kind of task, one base model."""
+    named: dict[str, Trained] = {}
     for reference in references:
         name, directory = _parse_reference(reference)
-        info, recipe_yaml, tensors = read_any_checkpoint(directory)
-        recipe = parse_recipe(yaml.safe_load(recipe_yaml), source=f"recipe in checkpoint {str(directory)!r}")
-        if model_path is not None:
-            recipe.model.name_or_path = model_path
         name = name or (directory.parent.name if directory.name in ("best", "final") else directory.name)
-        loaded.append((name, directory, info, recipe, tensors))
-    names = [item[0] for item in loaded]
-    if len(set(names)) != len(names):
-        raise UserError(f"two checkpoints have the same task name ({names}); name them: NAME=DIR.")
-    fingerprints = {item[2]["base_model"]["fingerprint"] for item in loaded}
-    task_types = {item[3].task.type for item in loaded}
-    if len(task_types) > 1:
+        if name in named:
+            raise UserError(f"two checkpoints have the same task name ({name!r}); name them: NAME=DIR.")
+        named[name] = read_trained(directory, model_path)
+    if len({t.recipe.task.type for t in named.values()}) > 1:
         raise UserError("the checkpoints mix causal_lm and sequence_classification tasks; predict with each kind "
                         "separately.")
-    if len(fingerprints) > 1:
-        models = sorted({item[2]["base_model"]["name_or_path"] for item in loaded})
+    if len({t.base_model["fingerprint"] for t in named.values()}) > 1:
+        models = sorted({t.base_model["name_or_path"] for t in named.values()})
         raise UserError(f"the checkpoints were trained on different base models ({', '.join(models)}); "
                         "predict serves checkpoints of one base model at a time.")
+    return named
 
-    first = loaded[0][3]
-    tokenizer = load_tokenizer(first.model.name_or_path, first.model.revision, first.model.trust_remote_code,
-                               first.model.gguf_file)
-    model_pooling = [item for item in loaded if item[3].task.pooling == "model"]
-    base = load_base_model(
-        first.model.name_or_path, revision=first.model.revision, dtype=first.model.dtype,
-        trust_remote_code=first.model.trust_remote_code, pooling="model" if model_pooling else "mean",
-        label_names=(model_pooling or loaded)[0][2]["label_names"],
-        task_type=first.task.type,
-        gguf_file=first.model.gguf_file,
-    )
-    if config_fingerprint(base.config) not in fingerprints:
-        raise UserError(f"{first.model.name_or_path!r} is not the base model these checkpoints were trained on "
-                        "(config fingerprint differs). Use the model they were trained on.")
+
+def load_tasks(references: list[str], model_path: str | None = None) -> tuple[dict[str, Task], Any]:
+    """Load checkpoints (`DIR` or `NAME=DIR`) onto one shared frozen base model."""
+    named = _read_named(references, model_path)
+    first = next(iter(named.values()))
+    own_head = [t for t in named.values() if t.recipe.task.pooling == "model"]
+    base, tokenizer = load_frozen(first.recipe, (own_head or [first])[0].label_names,
+                                  pooling="model" if own_head else "mean")
     base.eval()
     tasks = {}
-    for name, directory, info, recipe, tensors in loaded:
-        words = None
-        if recipe.task.label_words is not None:
-            words = label_word_ids(tokenizer, label_word_list(recipe.task.label_words, info["label_names"]),
-                                   info["label_names"])
-        model = SoftPromptModel(base, recipe.method, tokenizer, recipe.task.pooling, len(info["label_names"]),
-                                recipe.data.max_length, recipe.task.prompt_position, recipe.task.type, words).eval()
-        prompt_state = {k.removeprefix("prompt."): v for k, v in tensors.items() if k.startswith("prompt.")}
-        head_keys = [k for k in tensors if not k.startswith("prompt.")]  # none for causal_lm
-        head_prefix = head_keys[0].rsplit(".", 1)[0] + "." if head_keys else None
-        head_state = {k.removeprefix(head_prefix): v for k, v in tensors.items() if head_prefix and k.startswith(head_prefix)}
-        try:
-            model.prompt.load_state_dict(prompt_state)
-        except RuntimeError as err:
-            raise UserError(f"checkpoint {str(directory)!r} does not fit its own recipe ({err}).") from None
-        task = Task(name, recipe, info["label_names"], model, head_state, info.get("source") != "peft")
+    for name, trained in named.items():
+        model, head_state = attach_trained(trained, base, tokenizer)
+        task = Task(name, trained.recipe, trained.label_names, model, head_state, not trained.from_peft)
         with torch.no_grad():
             task.prompt = model.prompt()
         tasks[name] = task
@@ -235,8 +209,6 @@ def predict(items: list[Item], tokenizer, batch_size: int, progress: bool = Fals
         current.append(i)
     if current:
         batches.append(current)
-    from rich.progress import Progress
-
     with Progress(disable=not progress, transient=True, console=None) as bar:
         job = bar.add_task("predict", total=len(items))
         for indices in batches:

@@ -10,8 +10,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
+from softprompt_cli.config.schema import Recipe
+from softprompt_cli.data.sources import Examples
 from softprompt_cli.errors import UserError
-from softprompt_cli.sources import Examples
 
 
 class TokenizedRows(Dataset):
@@ -49,6 +50,14 @@ def tokenize(examples: Examples, tokenizer, max_length: int, separate_pair: bool
         columns["length"] = [len(ids) for ids in columns["input_ids"]]
     columns["labels"] = list(examples.labels)
     return TokenizedRows(columns)
+
+
+def tokenize_examples(recipe: Recipe, examples: Examples, tokenizer, training: bool) -> TokenizedRows:
+    """The recipe's tokenization of examples: causal-LM rows, or classification rows (pairs apart for pair_mean)."""
+    if recipe.task.type == "causal_lm":
+        return tokenize_causal(examples, tokenizer, recipe.data.max_length, training,
+                               free_form=recipe.task.target_field is not None)
+    return tokenize(examples, tokenizer, recipe.data.max_length, recipe.task.pooling == "pair_mean")
 
 
 def tokenize_causal(examples: Examples, tokenizer, max_length: int, training: bool, free_form: bool
@@ -171,3 +180,9 @@ def loader(dataset: TokenizedRows, tokenizer, batch_size: int, shuffle: bool, gr
     # (dropout) must only depend on the training steps taken, so that a resumed run continues exactly.
     return DataLoader(dataset.without("length"), batch_size=batch_size, sampler=sampler, collate_fn=collate,
                       generator=torch.Generator().manual_seed(seed))
+
+
+def evaluation_loader(recipe: Recipe, examples: Examples, tokenizer) -> DataLoader:
+    """Examples -> tokens -> batches of similar lengths, longest first, for evaluation."""
+    rows = tokenize_examples(recipe, examples, tokenizer, training=False)
+    return loader(rows, tokenizer, recipe.training.eval_batch_size, False, True)

@@ -1,4 +1,4 @@
-"""Interop with Hugging Face PEFT's prompt-learning adapters (SEQ_CLS), both ways, without PEFT.
+"""Interop with Hugging Face PEFT's prompt-learning adapters (SEQ_CLS, CAUSAL_LM), both ways, without PEFT.
 
 Export writes `adapter_config.json` + `adapter_model.safetensors` (the prompt's inference form as
 `prompt_embeddings`, the head under `base_model.<classifier|score>.*`) for
@@ -16,10 +16,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from softprompt_cli.checkpoint import atomic_folder, read_checkpoint
+from softprompt_cli.artifacts.checkpoint import PREFIX_KEY, atomic_folder, read_checkpoint
+from softprompt_cli.config.schema import Recipe
+from softprompt_cli.data.glue import GLUE_TASKS
 from softprompt_cli.errors import UserError
+from softprompt_cli.model.loading import Geometry, config_fingerprint, load_config
+from softprompt_cli.model.soft_prompt import PROMPT_PREFIX, SoftPromptModel, split_trained
 from softprompt_cli.peft_compat import peft_refusal_note
-from softprompt_cli.recipe import Recipe
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -30,39 +33,31 @@ def is_peft_adapter(directory: Path) -> bool:
     return (directory / ADAPTER_CONFIG).is_file()
 
 
-def export_peft(checkpoint: Path, out: Path, model_path: str | None = None) -> tuple[Path, str | None]:
-    """Write the adapter folder; return it and, where PEFT will refuse the adapter on this base model, what
-    to do about it."""
-    from softprompt_cli.evaluation import load_trained
-
-    recipe, model, _, label_names = load_trained(checkpoint, model_path)
-    method = recipe.method
-    causal_lm = recipe.task.type == "causal_lm"
+def _refuse_inexpressible(name: str, recipe: Recipe, model: SoftPromptModel) -> None:
     if recipe.model.gguf_file is not None:
-        raise UserError(f"checkpoint {str(checkpoint)!r} was trained on a GGUF file, which PEFT cannot load as a base "
+        raise UserError(f"checkpoint {name!r} was trained on a GGUF file, which PEFT cannot load as a base "
                         "model. Export checkpoints of models stored as safetensors.")
     if recipe.task.pooling != "model":
-        raise UserError(f"checkpoint {str(checkpoint)!r} uses task.pooling: {recipe.task.pooling}, a head PEFT does "
+        raise UserError(f"checkpoint {name!r} uses task.pooling: {recipe.task.pooling}, a head PEFT does "
                         "not have. Only task.pooling: model checkpoints can be exported to PEFT.")
-    if method.kind == "input" and model.insert_at != 0:
-        raise UserError(f"checkpoint {str(checkpoint)!r} puts its virtual tokens after [CLS]; PEFT puts them at the "
+    if recipe.method.kind == "input" and model.insert_at != 0:
+        raise UserError(f"checkpoint {name!r} puts its virtual tokens after [CLS]; PEFT puts them at the "
                         "start, so the exported adapter would compute something else. Train with "
                         "task.prompt_position: start to export to PEFT.")
-    spec = model.base.config.get_text_config()
-    num_kv_heads = getattr(spec, "num_key_value_heads", None) or spec.num_attention_heads
-    head_dim = getattr(spec, "head_dim", None) or spec.hidden_size // spec.num_attention_heads
-    with torch.no_grad():
-        prompt = model.prompt.tokens() if method.kind == "prefix" else model.prompt()
-    tensors = {"prompt_embeddings": prompt}
-    tensors |= {f"base_model.{name.removeprefix('base.')}": t for name, t in model.trainable_state().items()
-                if not name.startswith("prompt.")}
+
+
+def _adapter_config(recipe: Recipe, geometry: Geometry) -> dict[str, Any]:
+    method = recipe.method
+    causal_lm = recipe.task.type == "causal_lm"
+    prefix = method.kind == "prefix"
     config: dict[str, Any] = {
-        "peft_type": PEFT_TYPES[method.name], "task_type": "CAUSAL_LM" if causal_lm else "SEQ_CLS", "inference_mode": True, "auto_mapping": None,
+        "peft_type": PEFT_TYPES[method.name], "task_type": "CAUSAL_LM" if causal_lm else "SEQ_CLS",
+        "inference_mode": True, "auto_mapping": None,
         "base_model_name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision,
         "num_virtual_tokens": method.num_virtual_tokens, "num_transformer_submodules": 1,
-        "num_layers": spec.num_hidden_layers, "modules_to_save": None if causal_lm else ["classifier", "score"],
-        "num_attention_heads": num_kv_heads if method.kind == "prefix" else spec.num_attention_heads,
-        "token_dim": num_kv_heads * head_dim if method.kind == "prefix" else spec.hidden_size,
+        "num_layers": geometry.num_layers, "modules_to_save": None if causal_lm else ["classifier", "score"],
+        "num_attention_heads": geometry.num_kv_heads if prefix else geometry.num_attention_heads,
+        "token_dim": geometry.num_kv_heads * geometry.head_dim if prefix else geometry.hidden_size,
     }
     if method.name == "prompt_tuning":
         config |= {"prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
@@ -72,18 +67,43 @@ def export_peft(checkpoint: Path, out: Path, model_path: str | None = None) -> t
                    "encoder_hidden_size": method.encoder_hidden_size, "encoder_num_layers": method.encoder_num_layers,
                    "encoder_dropout": method.encoder_dropout}
     else:  # the projection MLP's output is exported: PEFT sees a prefix without projection
-        config |= {"encoder_hidden_size": spec.hidden_size, "prefix_projection": False, "init_weights": None}
+        config |= {"encoder_hidden_size": geometry.hidden_size, "prefix_projection": False, "init_weights": None}
+    return config
+
+
+def write_peft_adapter(out: Path, name: str, recipe: Recipe, model: SoftPromptModel,
+                       label_names: list[str]) -> str | None:
+    """Write a trained model as a PEFT adapter folder; return what to tell the user where PEFT will refuse to
+    apply it to this base model (else None)."""
+    _refuse_inexpressible(name, recipe, model)
+    with torch.no_grad():
+        prompt = model.prompt.tokens() if recipe.method.kind == "prefix" else model.prompt()
+    _, head = split_trained(model.trainable_state())
+    tensors = {"prompt_embeddings": prompt, **{f"base_model.{k.removeprefix('base.')}": t for k, t in head.items()}}
+    config = _adapter_config(recipe, Geometry.of(model.base.config))
     with atomic_folder(out) as staging:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, staging / ADAPTER_WEIGHTS,
                   metadata={"format": "pt"})
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (staging / "label_names.json").write_text(json.dumps(label_names) + "\n")
-    return out, peft_refusal_note(model.base, config["peft_type"], config["task_type"])
+    return peft_refusal_note(model.base, config["peft_type"], config["task_type"])
 
 
-def _adapter_as_checkpoint(directory: Path, data_recipe: Recipe | None) -> tuple[dict, str, dict]:
-    from softprompt_cli.modeling import config_fingerprint, load_config
+def _adapter_label_names(directory: Path, num_labels: int, data_recipe: Recipe | None) -> list[str]:
+    names_file = directory / "label_names.json"
+    label_names = json.loads(names_file.read_text()) if names_file.is_file() else [f"LABEL_{i}" for i in
+                                                                                    range(num_labels)]
+    if data_recipe is not None and data_recipe.data.label_names:
+        label_names = list(data_recipe.data.label_names)
+    elif data_recipe is not None and data_recipe.data.glue_task:
+        label_names = list(GLUE_TASKS[data_recipe.data.glue_task].label_names)
+    if len(label_names) != num_labels:
+        raise UserError(f"PEFT adapter {str(directory)!r} has {num_labels} classes, the recipe {len(label_names)}.")
+    return label_names
 
+
+def _read_adapter(directory: Path) -> tuple[dict[str, Any], str, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(adapter config, our method name, all tensors, head tensors) of a PEFT adapter folder we can read."""
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     kind = {v: k for k, v in PEFT_TYPES.items()}.get(config.get("peft_type"))
     if kind is None or config.get("task_type") != "SEQ_CLS" or config.get("num_transformer_submodules", 1) != 1:
@@ -96,25 +116,20 @@ def _adapter_as_checkpoint(directory: Path, data_recipe: Recipe | None) -> tuple
     heads = {k: v for k, v in tensors.items() if k.startswith("base_model.")}
     if "prompt_embeddings" not in tensors or not heads:
         raise UserError(f"PEFT adapter {str(directory)!r} lacks prompt_embeddings or a classifier/score head.")
+    return config, kind, tensors, heads
+
+
+def _adapter_as_checkpoint(directory: Path, data_recipe: Recipe | None) -> tuple[dict, str, dict]:
+    config, kind, tensors, heads = _read_adapter(directory)
     model_name = config.get("base_model_name_or_path") or (data_recipe.model.name_or_path if data_recipe else None)
     if not model_name:
         raise UserError(f"PEFT adapter {str(directory)!r} does not name its base model; give --model.")
     num_labels = next(v for k, v in heads.items() if k.endswith(".weight")).shape[0]
-    names_file = directory / "label_names.json"
-    label_names = json.loads(names_file.read_text()) if names_file.is_file() else [f"LABEL_{i}" for i in
-                                                                                    range(num_labels)]
-    if data_recipe is not None and data_recipe.data.label_names:
-        label_names = list(data_recipe.data.label_names)
-    elif data_recipe is not None and data_recipe.data.glue_task:
-        from softprompt_cli.tasks import GLUE_TASKS
-
-        label_names = list(GLUE_TASKS[data_recipe.data.glue_task].label_names)
-    if len(label_names) != num_labels:
-        raise UserError(f"PEFT adapter {str(directory)!r} has {num_labels} classes, the recipe {len(label_names)}.")
+    label_names = _adapter_label_names(directory, num_labels, data_recipe)
     n = config["num_virtual_tokens"]
-    method = {"name": "prefix_tuning", "num_virtual_tokens": n} if kind == "prefix_tuning" else {
-        "name": "prompt_tuning", "num_virtual_tokens": n}  # P-tuning adapters carry the encoder's output only
-    prompt_key = "prompt.tokens.embedding" if kind == "prefix_tuning" else "prompt.embedding"
+    # P-tuning adapters carry the encoder's output only: they are prompt tuning here
+    method = {"name": "prefix_tuning" if kind == "prefix_tuning" else "prompt_tuning", "num_virtual_tokens": n}
+    prompt_key = PREFIX_KEY if kind == "prefix_tuning" else f"{PROMPT_PREFIX}embedding"
     data = data_recipe.model_dump(mode="json")["data"] if data_recipe else {
         "files": {"train": "", "validation": ""}, "text_fields": ["text"]}
     recipe = {"model": {"name_or_path": model_name, "revision": config.get("revision")}, "data": data,

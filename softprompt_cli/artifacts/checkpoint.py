@@ -24,6 +24,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "softprompt.safetensors"
 INFO_FILE = "checkpoint.json"
 RECIPE_FILE = "recipe.yaml"
+PREFIX_KEY = "prompt.tokens.embedding"
 
 
 @contextlib.contextmanager
@@ -77,3 +78,44 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], str, dict[str, tor
     except Exception as err:  # JSON, I/O and safetensors' own errors all mean a damaged folder
         raise UserError(f"checkpoint folder {str(directory)!r} is damaged ({err}). Use another checkpoint.") from None
     return info, (directory / RECIPE_FILE).read_text(), tensors
+
+
+def refuse_earlier_output(out: Path, overwrite: bool, fix: str, run_files: tuple[str, ...] | None = None) -> None:
+    """Refuse to write into a folder that holds earlier results (any file, or one of `run_files`) unless
+    `overwrite`; `fix` says how to choose another folder or allow it."""
+    if overwrite or not out.is_dir():
+        return
+    earlier = sorted(p.name for p in out.iterdir() if run_files is None or p.name in run_files)
+    if earlier:
+        shown = ", ".join(earlier[:5]) + (", ..." if len(earlier) > 5 else "")
+        raise UserError(f"output folder {str(out)!r} already holds a run ({shown}). {fix}")
+
+
+def write_prefix_checkpoint(out: Path, prefix: torch.Tensor, model_name: str, revision: str | None,
+                            fingerprint: str, text: str) -> None:
+    info = {"format_version": 1, "kind": "prefix_init",
+            "method": {"name": "prefix_tuning", "num_virtual_tokens": prefix.shape[0], "projection": False},
+            "base_model": {"name_or_path": model_name, "revision": revision, "fingerprint": fingerprint},
+            "source_text": text}
+    with atomic_folder(out) as staging:
+        save_file({PREFIX_KEY: prefix.contiguous()}, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_prefix_checkpoint(directory: Path, num_virtual_tokens: int, width: int, fingerprint: str) -> torch.Tensor:
+    """The prefix of a prefix-tuning checkpoint (from init-prefix-from-text or training), checked against
+    the model and method it is to start."""
+    if not (directory / WEIGHTS_FILE).is_file() or not (directory / INFO_FILE).is_file():
+        raise UserError(f"method.init_checkpoint {str(directory)!r} is not a checkpoint folder (it needs "
+                        f"{WEIGHTS_FILE} and {INFO_FILE}); make one with softprompt init-prefix-from-text.")
+    info = json.loads((directory / INFO_FILE).read_text())
+    if info["base_model"]["fingerprint"] != fingerprint:
+        raise UserError(f"method.init_checkpoint {str(directory)!r} was made for {info['base_model']['name_or_path']!r}"
+                        ", a different model. Make the prefix with the recipe's model.")
+    prefix = load_file(directory / WEIGHTS_FILE).get(PREFIX_KEY)
+    if prefix is None or tuple(prefix.shape) != (num_virtual_tokens, width):
+        shape = None if prefix is None else tuple(prefix.shape)
+        raise UserError(f"method.init_checkpoint {str(directory)!r} holds a prefix of shape {shape}, not "
+                        f"{(num_virtual_tokens, width)}: set method.num_virtual_tokens to match it (and "
+                        "projection: false).")
+    return prefix

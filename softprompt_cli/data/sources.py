@@ -13,10 +13,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from softprompt_cli.config.schema import DataSection, TaskSection
+from softprompt_cli.data.glue import GLUE_HUB_ID, GLUE_TASKS
+from softprompt_cli.data.templates import label_word_list, render, template_fields
 from softprompt_cli.errors import UserError
 from softprompt_cli.hub import hub_reachable
-from softprompt_cli.recipe import DataSection, TaskSection
-from softprompt_cli.tasks import GLUE_HUB_ID, GLUE_TASKS, label_word_list, render, template_fields
 
 csv.field_size_limit(sys.maxsize)
 

@@ -19,8 +19,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from softprompt_cli.checkpoint import atomic_folder
+from softprompt_cli.artifacts.checkpoint import atomic_folder
+from softprompt_cli.config.schema import Recipe
 from softprompt_cli.errors import UserError
+
+# Settings that may change when a run is resumed; anything else must match the interrupted run.
+RESUMABLE_CHANGES = {("training", "epochs"), ("training", "max_steps"), ("training", "save_state_steps"),
+                     ("training", "log_steps"), ("training", "eval_steps"), ("output", "overwrite")}
 
 STATE_FILE = "state.json"
 
@@ -93,3 +98,13 @@ def load_state(directory: Path) -> dict[str, Any]:
         "rng": rng,
         "progress": info["progress"],
     }
+
+
+def check_resumable(saved: dict, recipe: Recipe, directory: Path) -> None:
+    current = recipe.model_dump(mode="json")
+    changed = [f"{section}.{key}" for section, values in current.items() if isinstance(values, dict)
+               for key, value in values.items()
+               if (section, key) not in RESUMABLE_CHANGES and saved.get(section, {}).get(key) != value]
+    if changed:
+        raise UserError(f"the recipe differs from the one of the run saved in {str(directory)!r} "
+                        f"({', '.join(changed)}). Resume with the same recipe (epochs and max_steps may change).")

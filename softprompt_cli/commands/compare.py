@@ -19,10 +19,11 @@ from typing import Any
 import yaml
 
 from softprompt_cli import metrics as metric_functions
+from softprompt_cli.artifacts.checkpoint import refuse_earlier_output
+from softprompt_cli.config.load import apply_overrides, parse_recipe, read_yaml
+from softprompt_cli.data.sources import load_examples
 from softprompt_cli.errors import UserError
-from softprompt_cli.methods import registry
-from softprompt_cli.recipe import apply_overrides, parse_recipe, read_yaml
-from softprompt_cli.sources import load_examples
+from softprompt_cli.methods.base import registry
 
 
 def method_recipe(base: dict, method: str, seed: int, out: Path) -> dict:
@@ -90,7 +91,7 @@ def _mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
-def table(rows: dict[str, list[dict]], main_metric: str, metric_names: list[str]) -> list[str]:
+def table(rows: dict[str, list[dict]], metric_names: list[str]) -> list[str]:
     header = ["method", "trainable params", "checkpoint", *[f"best {m}" for m in metric_names],
               *[f"final {m}" for m in metric_names], "train min", "examples/s", "peak RSS"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -151,9 +152,7 @@ def compare(recipe_paths: list[Path], methods: list[str] | None, seeds: int, out
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise UserError(f"--methods: {', '.join(unknown)} is not a method; the methods are {', '.join(known)}.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output folder {str(out)!r} exists and is not empty. Choose another --output, or pass "
-                        "--overwrite.")
+    refuse_earlier_output(out, overwrite, "Choose another --output, or pass --overwrite.")
     report: dict[str, Any] = {"recipes": {}}
     sections = []
     for recipe_path in recipe_paths:
@@ -181,7 +180,7 @@ def compare(recipe_paths: list[Path], methods: list[str] | None, seeds: int, out
         title = f"{recipe_path.stem}: {any_recipe.model.name_or_path}, {seeds} seed(s)"
         image = out / (f"report-{recipe_path.stem}.png" if len(recipe_paths) > 1 else "report.png")
         plot(rows, any_recipe.main_metric, majority, title, image)
-        lines = table(rows, any_recipe.main_metric, any_recipe.metrics)
+        lines = table(rows, any_recipe.metrics)
         baseline = f"Majority class: {any_recipe.main_metric} {100 * majority:.1f}. " if majority is not None else ""
         sections += [f"## {title}", "", *lines, "", f"{baseline}![report]({image.name})", ""]
         report["recipes"][str(recipe_path)] = {

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-
 # transformers' copies of BertLayer whose sequence-classification heads read the first token alone
 BERT_FAMILY = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "data2vec-text", "ernie"}
 
@@ -75,3 +74,10 @@ def enable_first_token_only(base: nn.Module) -> bool:
         return False
     layer.forward = types.MethodType(first_token_forward, layer)
     return True
+
+
+def first_token_enabled(base: nn.Module) -> bool:
+    """Whether `enable_first_token_only` patched this model's last layer."""
+    layer = last_bert_layer(base)
+    forward = getattr(layer, "__dict__", {}).get("forward")
+    return getattr(forward, "__func__", None) is first_token_forward

@@ -1,0 +1,140 @@
+"""Reading recipes: YAML files, dotted `key=value` overrides, and validation errors a person can act on."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from softprompt_cli.config.schema import Recipe, recipe_class
+from softprompt_cli.errors import UserError
+from softprompt_cli.methods.base import MethodOptions, registry
+
+
+class RecipeError(UserError):
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        listing = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source} has {len(problems)} problem(s):\n{listing}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file {str(path)!r} does not exist. Check the path (recipes ship in recipes/).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        where = ""
+        mark = getattr(err, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(err, "problem", None) or str(err)
+        raise UserError(f"recipe {str(path)!r} is not valid YAML{where}: {problem}. Fix the syntax there.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {str(path)!r} must be a YAML mapping (key: value), not a {type(data).__name__}.")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (numbers, booleans, lists)."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {override!r} is not of the form key=value (e.g. training.lr=3e-3).")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+            value = raw  # "Question: {text}" is a template, not a mapping; {a: 1} stays one
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    data = apply_overrides(read_yaml(path), overrides or [])
+    recipe = parse_recipe(data, source=f"recipe {str(path)!r}")
+    if recipe.output.dir is None:
+        recipe.output.dir = str(Path("runs") / Path(path).stem)
+    return recipe
+
+
+def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    cls = recipe_class()
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(source, format_validation_errors(err, cls)) from None
+
+
+_METHOD = object()  # marks the method union while walking a location
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed at `loc` (for 'did you mean')."""
+    model: Any = cls
+    for part in loc:
+        if model is _METHOD:
+            model = registry().get(part)
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return []
+        if part == "method" and model is cls:
+            model = _METHOD
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            model = field.annotation
+        else:
+            return []
+    if model is _METHOD:
+        return ["name", *MethodOptions.model_fields]
+    return list(model.model_fields) if model is not None else []
+
+
+def format_validation_errors(err: ValidationError, cls: type[BaseModel]) -> list[str]:
+    problems = []
+    methods = registry()
+    for error in err.errors():
+        loc = tuple(error["loc"])
+        # A discriminated union puts the tag in the location: method.p_tuning.encoder -> method.encoder.
+        if len(loc) > 1 and loc[0] == "method" and loc[1] in methods:
+            field_loc = (loc[0], *loc[2:])
+            allowed_loc = loc[:-1]
+        else:
+            field_loc = loc
+            allowed_loc = loc[:-1]
+        where = ".".join(str(p) for p in field_loc) or "recipe"
+        kind = error["type"]
+        value = error.get("input")
+        if kind == "extra_forbidden":
+            allowed = _fields_at(cls, allowed_loc)
+            guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean {guess[0]!r}?)" if guess else (f" (allowed: {', '.join(allowed)})" if allowed else "")
+            problems.append(f"{where}: unknown key{hint}")
+        elif kind == "missing":
+            problems.append(f"{where}: required, but missing")
+        elif kind == "literal_error":
+            expected = error["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
+            problems.append(f"{where}: {value!r} is not one of {expected}")
+        elif kind == "union_tag_invalid":
+            problems.append(f"{where}.name: {error['ctx']['tag']!r} is not one of {', '.join(methods)}")
+        elif kind == "union_tag_not_found":
+            problems.append(f"{where}.name: required, one of {', '.join(methods)}")
+        elif kind == "value_error":
+            problems.append(f"{where}: {str(error['ctx']['error'])}")
+        else:
+            problems.append(f"{where}: {error['msg']} (got {value!r})")
+    return problems

@@ -1,0 +1,53 @@
+"""Ending a run cleanly: Ctrl-C at a step boundary, agreed by every process, and the process group's teardown."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import torch
+from accelerate import Accelerator
+
+
+class StopRequest:
+    """Turns the first Ctrl-C into a request to stop at the next step boundary (where the state
+    is consistent and can be saved); a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class TrainingStopped(Exception):
+    """Raised after a requested stop, once the state is saved; the CLI exits with 130."""
+
+
+def stop_everywhere(request: StopRequest, accelerator: Accelerator) -> bool:
+    """Whether any process was asked to stop (all processes must stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return request.requested
+    flag = torch.tensor([float(request.requested)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item())
+
+
+def finish(accelerator: Accelerator) -> None:
+    """End trackers and tear the process group down while every process is still alive: left to
+    the garbage collector, gloo's destructor can wait forever for a process that has exited."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,395 @@
+"""The training loop: recipe -> data + frozen model + soft prompt -> Accelerate loop -> checkpoints.
+
+`train` sets up a `Run` (everything fixed for the run) and a `Progress` (everything that moves and is
+saved for resuming), then `fit` steps through the batches; every function gets what it uses as
+arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import gather_object, set_seed
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as ProgressBar
+
+from softprompt_cli import memory
+from softprompt_cli.artifacts.checkpoint import RECIPE_FILE, refuse_earlier_output, write_checkpoint
+from softprompt_cli.assemble import build_model
+from softprompt_cli.config.schema import Recipe
+from softprompt_cli.data.batching import loader, tokenize_examples
+from softprompt_cli.data.sources import Examples, load_examples
+from softprompt_cli.model.loading import config_fingerprint
+from softprompt_cli.model.soft_prompt import PROMPT_PREFIX, SoftPromptModel
+from softprompt_cli.training.control import StopRequest, TrainingStopped, finish, stop_everywhere
+from softprompt_cli.training.evaluate import evaluate
+from softprompt_cli.training.metrics_log import MetricsLog
+from softprompt_cli.training.resume import capture_rng, check_resumable, load_state, restore_rng, save_state
+
+console = Console(soft_wrap=True)  # logs stay one line per event when piped
+RUN_FILES = ("best", "final", "metrics.jsonl", "state")
+
+
+def warmup_factor(step: int, warmup: int, total: int) -> float:
+    """The learning rate's factor at `step`: 1) linear from 0 to 1 over `warmup` steps, 2) linear down to 0 at
+    `total` (transformers' linear schedule; its import pulls in the Trainer's dependencies, SciPy and PEFT)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def linear_warmup_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup, total))
+
+
+@dataclass
+class Progress:
+    """Where the run stands: what a resumed run continues from."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    """Batches of the current epoch already trained on (with gradient accumulation, more than steps)."""
+    best: dict[str, Any] = field(default_factory=lambda: {"value": -math.inf})
+    window_loss: float = 0.0
+    window_batches: int = 0
+    """Loss summed over the batches since the last log line, and their count."""
+
+
+@dataclass
+class Counters:
+    """Throughput bookkeeping for the summary and the log lines (not saved on resume)."""
+
+    started: float = field(default_factory=time.perf_counter)
+    window_start: float = field(default_factory=time.perf_counter)
+    window_examples: int = 0
+    eval_seconds: float = 0.0
+    evaluations: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    train_examples: int = 0
+
+
+@dataclass
+class Run:
+    """What stays fixed during a run."""
+
+    recipe: Recipe
+    out: Path
+    accelerator: Accelerator
+    model: Any
+    """The prepared (possibly DDP-wrapped) model; `unwrapped` is the SoftPromptModel."""
+    unwrapped: SoftPromptModel
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: Any
+    eval_loader: Any
+    eval_examples: Examples
+    label_names: list[str]
+    steps_per_epoch: int
+    total_steps: int
+    trainable: int
+    fingerprint: str
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    cfg = recipe.training
+    return Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with="tensorboard" if cfg.tensorboard else None,
+        project_dir=recipe.output.dir,
+    )
+
+
+def claim_output(recipe: Recipe, accelerator: Accelerator, resume: Path | None) -> dict | None:
+    """The saved state to resume from (checked against the recipe), or None for a new run; the main process
+    refuses a folder that holds another run and writes the resolved recipe."""
+    out = Path(recipe.output.dir)
+    saved = load_state(resume) if resume is not None else None
+    if saved is not None:
+        check_resumable(saved["progress"]["recipe"], recipe, resume)
+    if accelerator.is_main_process:
+        if saved is None:
+            refuse_earlier_output(out, recipe.output.overwrite, "Choose another output.dir, set "
+                                  "output.overwrite=true to replace it, or continue it with --resume.", RUN_FILES)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RECIPE_FILE).write_text(recipe.to_yaml())
+    return saved
+
+
+def make_optimizer(model: SoftPromptModel, recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW with the prompt at `lr` and the head at `head_lr`."""
+    cfg = recipe.training
+    trained = [(n, p) for n, p in model.named_parameters() if model.is_trained(n)]
+    prompt_params = [p for n, p in trained if n.startswith(PROMPT_PREFIX)]
+    head_params = [p for n, p in trained if not n.startswith(PROMPT_PREFIX)]
+    return torch.optim.AdamW(
+        [{"params": prompt_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr or cfg.lr}],
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def set_up(recipe: Recipe, accelerator: Accelerator) -> Run:
+    """Data, model, optimizer, schedule and loaders, prepared for the processes (seeded before this)."""
+    cfg = recipe.training
+    train_examples, eval_examples, label_names = load_examples(recipe.data, recipe.task)
+    model, tokenizer = build_model(recipe, label_names)
+    train_loader = loader(tokenize_examples(recipe, train_examples, tokenizer, training=True), tokenizer,
+                          cfg.batch_size, True, cfg.group_by_length, cfg.seed)
+    eval_loader = loader(tokenize_examples(recipe, eval_examples, tokenizer, training=False), tokenizer,
+                         cfg.eval_batch_size, False, True)
+    optimizer = make_optimizer(model, recipe)
+    prepared, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
+    # The prepared scheduler steps once per process per optimizer step, hence the scaling.
+    scheduler = accelerator.prepare(linear_warmup_schedule(
+        optimizer, warmup * accelerator.num_processes, total_steps * accelerator.num_processes))
+    if cfg.tensorboard:
+        accelerator.init_trackers("tensorboard", config={"lr": cfg.lr, "batch_size": cfg.batch_size})
+    unwrapped = accelerator.unwrap_model(prepared)
+    return Run(recipe, Path(recipe.output.dir), accelerator, prepared, unwrapped, tokenizer, optimizer, scheduler,
+               train_loader, eval_loader, eval_examples, label_names, steps_per_epoch, total_steps,
+               sum(p.numel() for p in unwrapped.trainable_state().values()), config_fingerprint(unwrapped.base.config))
+
+
+def restore(run: Run, saved: dict) -> Progress:
+    """Put a stopped run's parameters, optimizer, schedule and random state back; return its progress."""
+    run.unwrapped.load_trainable_state(saved["params"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    state = saved["progress"]
+    restore_rng(saved["rng"][min(run.accelerator.process_index, len(saved["rng"]) - 1)])
+    window_loss, window_batches = state["log_window"]
+    return Progress(state["step"], state["epoch"], state["batches_done"],
+                    state["best"] | {"value": state["best"].get("value", -math.inf)}, window_loss, window_batches)
+
+
+def save_checkpoint(run: Run, name: str, progress: Progress, results: dict) -> int:
+    """Write best/ or final/ (main process); return the weights file's size in bytes."""
+    recipe = run.recipe
+    info = {
+        "method": recipe.method.model_dump(mode="json"),
+        "label_names": run.label_names,
+        "pooling": recipe.task.pooling,
+        "base_model": {"name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision,
+                       "fingerprint": run.fingerprint},
+        "step": progress.step,
+        "epoch": progress.step / run.steps_per_epoch,
+        "metrics": results,
+        "trainable_parameters": run.trainable,
+    }
+    return write_checkpoint(run.out / name, run.unwrapped.trainable_state(), info, recipe.to_yaml(),
+                            run.tokenizer if recipe.output.save_tokenizer else None)
+
+
+def save_training_state(run: Run, progress: Progress) -> None:
+    """The state a resumed run continues from exactly (every process's random state; written by the main one)."""
+    rngs = gather_object([capture_rng()]) if run.accelerator.num_processes > 1 else [capture_rng()]
+    if run.main:
+        save_state(run.out / "state", run.unwrapped.trainable_state(), run.optimizer, run.scheduler, rngs,
+                   {"step": progress.step, "epoch": progress.epoch, "batches_done": progress.batches_done,
+                    "best": progress.best, "log_window": [progress.window_loss, progress.window_batches],
+                    "recipe": run.recipe.model_dump(mode="json")})
+
+
+def _format(values: dict[str, float]) -> str:
+    return " ".join(f"{k}={100 * v:.2f}" for k, v in values.items())
+
+
+def validate(run: Run, progress: Progress, counters: Counters, log: MetricsLog) -> dict:
+    """Evaluate, log, and keep best/ when the main metric improved."""
+    started = time.perf_counter()
+    memory.release_free_memory()  # evaluation's larger batches would otherwise grow the heap further
+    results = evaluate(run.model, run.eval_loader, run.accelerator, run.recipe, len(run.label_names), run.tokenizer,
+                       run.eval_examples.targets)
+    memory.release_free_memory()
+    counters.eval_seconds += time.perf_counter() - started
+    counters.evaluations += 1
+    at_epoch = progress.step / run.steps_per_epoch
+    log.write({"step": progress.step, "epoch": round(at_epoch, 3), "eval": results,
+               "elapsed_s": round(time.perf_counter() - counters.started, 1)})
+    if run.main:
+        console.print(f"step {progress.step} (epoch {at_epoch:.2f}): {_format(results)}")
+        main_metric = run.recipe.main_metric
+        if results[main_metric] > progress.best["value"]:
+            progress.best.update(value=results[main_metric], step=progress.step, epoch=at_epoch, metrics=results)
+            save_checkpoint(run, "best", progress, results)
+    return results
+
+
+def train_step(run: Run, batch: dict) -> tuple[torch.Tensor, float | None]:
+    """Forward, backward and (at the end of an accumulation) the optimizer step: (loss, prompt gradient norm)."""
+    accelerator = run.accelerator
+    with accelerator.accumulate(run.model):
+        loss = run.model(**batch)["loss"]
+        accelerator.backward(loss)
+        grad_norm = None
+        if accelerator.sync_gradients:
+            grads = [p.grad.norm() for n, p in run.unwrapped.named_parameters()
+                     if n.startswith(PROMPT_PREFIX) and p.grad is not None]
+            grad_norm = torch.norm(torch.stack(grads)).item()
+            if run.recipe.training.max_grad_norm:
+                accelerator.clip_grad_norm_(run.model.parameters(), run.recipe.training.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad()
+    return loss, grad_norm
+
+
+def count_batch(counters: Counters, progress: Progress, batch: dict, loss: torch.Tensor, processes: int) -> None:
+    rows = batch["labels"].shape[0] * processes
+    counters.real_tokens += int(batch["attention_mask"].sum()) * processes
+    counters.padded_tokens += batch["attention_mask"].numel() * processes
+    counters.train_examples += rows
+    counters.window_examples += rows
+    progress.window_loss += loss.item()
+    progress.window_batches += 1
+
+
+def log_training(run: Run, progress: Progress, counters: Counters, log: MetricsLog, grad_norm: float | None) -> str:
+    """One log line over the batches since the last one; returns the progress bar's status."""
+    elapsed = time.perf_counter() - counters.window_start
+    record = {"step": progress.step, "epoch": round(progress.step / run.steps_per_epoch, 3),
+              "loss": progress.window_loss / progress.window_batches,
+              "lr": run.scheduler.get_last_lr()[0], "prompt_grad_norm": grad_norm,
+              "examples_per_s": counters.window_examples / elapsed,
+              "elapsed_s": round(time.perf_counter() - counters.started, 1)}
+    log.write(record)
+    progress.window_loss, progress.window_batches = 0.0, 0
+    counters.window_examples, counters.window_start = 0, time.perf_counter()
+    return f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['examples_per_s']:.1f} ex/s"
+
+
+def after_step(run: Run, progress: Progress, counters: Counters, log: MetricsLog, grad_norm: float | None,
+               stop: StopRequest) -> str | None:
+    """What a finished optimizer step may trigger: heap trim, log line, evaluation, state, a requested stop.
+    Returns the progress bar's new status, if any."""
+    cfg = run.recipe.training
+    step, status = progress.step, None
+    if step % memory.EVERY_STEPS == 0:
+        memory.release_free_memory()
+    if step % cfg.log_steps == 0 or step == run.total_steps:
+        status = log_training(run, progress, counters, log, grad_norm)
+    end_of_epoch = progress.batches_done == len(run.train_loader)
+    if cfg.eval_steps and step % cfg.eval_steps == 0 and not end_of_epoch:
+        validate(run, progress, counters, log)
+    if cfg.save_state_steps and step % cfg.save_state_steps == 0 and not end_of_epoch:
+        save_training_state(run, progress)
+    if stop_everywhere(stop, run.accelerator):
+        save_training_state(run, progress)
+        finish(run.accelerator)
+        raise TrainingStopped(f"stopped at step {step}; the training state is saved in {run.out / 'state'}. "
+                              f"Continue with: softprompt train RECIPE --resume")
+    return status
+
+
+def train_epoch(run: Run, progress: Progress, counters: Counters, log: MetricsLog, bar: tuple,
+                stop: StopRequest) -> dict | None:
+    """The rest of the current epoch (or up to the last step); its evaluation results when it ends one."""
+    run.train_loader.set_epoch(progress.epoch)
+    # A resumed run skips the batches the stopped run already trained on in this epoch.
+    skip = progress.batches_done
+    batches = run.accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+    for batch in batches:
+        loss, grad_norm = train_step(run, batch)
+        progress.batches_done += 1
+        count_batch(counters, progress, batch, loss, run.accelerator.num_processes)
+        if not run.accelerator.sync_gradients:
+            continue
+        progress.step += 1
+        status = after_step(run, progress, counters, log, grad_norm, stop)
+        bar[0].update(bar[1], completed=progress.step, **({"status": status} if status else {}))
+        if progress.step >= run.total_steps:
+            break
+    results = None
+    if progress.batches_done == len(run.train_loader) or progress.step >= run.total_steps:
+        results = validate(run, progress, counters, log)
+    if progress.batches_done == len(run.train_loader):
+        progress.epoch, progress.batches_done = progress.epoch + 1, 0
+    save_training_state(run, progress)
+    return results
+
+
+def fit(run: Run, progress: Progress, log: MetricsLog) -> tuple[dict, Counters]:
+    """Train to the last step; return the last evaluation's results and the throughput counters."""
+    bar = ProgressBar(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console, disable=not run.main)
+    counters = Counters()
+    results: dict = {}
+    run.model.train()
+    with bar, StopRequest() as stop:
+        task = bar.add_task("train", total=run.total_steps, completed=progress.step, status="")
+        while progress.step < run.total_steps:
+            results = train_epoch(run, progress, counters, log, (bar, task), stop) or results
+    return results, counters
+
+
+def summarize(run: Run, progress: Progress, results: dict, counters: Counters) -> dict[str, Any]:
+    minutes = (time.perf_counter() - counters.started) / 60
+    # Training time excludes evaluation (it includes the few milliseconds of writing small checkpoints).
+    train_seconds = 60 * minutes - counters.eval_seconds
+    eval_rows = counters.evaluations * len(run.eval_loader.dataset)
+    return {"method": run.recipe.method.name, "final": results, "best": progress.best.get("metrics", {}),
+            "best_step": progress.best.get("step"), "trainable_parameters": run.trainable,
+            "minutes": round(minutes, 2), "output_dir": str(run.out), "train_seconds": round(train_seconds, 2),
+            "train_examples_per_s": round(counters.train_examples / train_seconds, 2),
+            "eval_examples_per_s": round(eval_rows / max(counters.eval_seconds, 1e-9), 2),
+            "real_tokens": counters.real_tokens, "padded_tokens": counters.padded_tokens, "steps": progress.step}
+
+
+def announce(run: Run, progress: Progress, resumed: bool) -> None:
+    recipe = run.recipe
+    console.print(
+        f"[bold]{recipe.method.name}[/] on {recipe.model.name_or_path}: {run.trainable:,} trainable parameters "
+        f"({len(run.train_loader.dataset):,} train / {len(run.eval_loader.dataset):,} eval examples, "
+        f"{run.total_steps} steps, {run.accelerator.num_processes} process(es))"
+        + (f", resumed at step {progress.step}" if resumed else "")
+    )
+
+
+def report(run: Run, progress: Progress, summary: dict) -> None:
+    """final/, summary.json and the closing line (main process)."""
+    summary["checkpoint_bytes"] = save_checkpoint(run, "final", progress, summary["final"])
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    console.print(
+        f"[bold green]done[/] in {summary['minutes']:.1f} min. final: {_format(summary['final'])}; best (step "
+        f"{progress.best.get('step')}): {_format(progress.best.get('metrics', {}))}\ncheckpoints: "
+        f"{run.out / 'best'}, {run.out / 'final'} ({summary['checkpoint_bytes'] / 1024:.1f} KB of weights, "
+        f"{run.trainable:,} trainable parameters)"
+    )
+
+
+def train(recipe: Recipe, resume: Path | None = None) -> dict[str, Any]:
+    """Train as the recipe says (continuing the state saved in `resume`); return the run's summary."""
+    accelerator = make_accelerator(recipe)
+    saved = claim_output(recipe, accelerator, resume)
+    set_seed(recipe.training.seed)
+    run = set_up(recipe, accelerator)
+    progress = restore(run, saved) if saved is not None else Progress()
+    if run.main:
+        announce(run, progress, saved is not None)
+    with MetricsLog(run.out / "metrics.jsonl", accelerator, keep_until=progress.step if saved else None) as log:
+        results, counters = fit(run, progress, log)
+        summary = summarize(run, progress, results, counters)
+        if run.main:
+            report(run, progress, summary)
+    finish(accelerator)
+    return summary

@@ -1,0 +1,44 @@
+"""metrics.jsonl (one JSON line per log step and per evaluation) and the trackers, written by the main process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from accelerate import Accelerator
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl and to accelerate's trackers; closes the file however the run ends.
+
+    `keep_until`: a resumed run keeps the lines up to its step and drops what the stopped run logged later."""
+
+    def __init__(self, path: Path, accelerator: Accelerator, keep_until: int | None = None):
+        self.path = path
+        self.accelerator = accelerator
+        self.keep_until = keep_until
+        self.file = None
+
+    def __enter__(self) -> MetricsLog:
+        if self.accelerator.is_main_process:
+            kept = []
+            if self.keep_until is not None and self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if json.loads(line)["step"] <= self.keep_until]
+            self.path.write_text("".join(line + "\n" for line in kept))
+            self.file = self.path.open("a")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def write(self, record: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        self.accelerator.log(numbers | {f"eval/{k}": v for k, v in record.get("eval", {}).items()},
+                             step=record["step"])
