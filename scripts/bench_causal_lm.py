@@ -19,14 +19,13 @@ def zero_shot(recipe) -> tuple[dict, float]:
     from accelerate import Accelerator
 
     from softprompt_cli.assemble import build_model
-    from softprompt_cli.data.batching import loader, tokenize_examples
+    from softprompt_cli.data.batching import evaluation_loader
     from softprompt_cli.data.sources import load_examples
     from softprompt_cli.training.evaluate import evaluate
 
     _, eval_examples, label_names = load_examples(recipe.data, recipe.task)
     model, tokenizer = build_model(recipe, label_names)
-    dataset = tokenize_examples(recipe, eval_examples, tokenizer, training=False)
-    eval_loader = loader(dataset, tokenizer, recipe.training.eval_batch_size, False, True)
+    eval_loader = evaluation_loader(recipe, eval_examples, tokenizer)
     accelerator = Accelerator()
     started = time.perf_counter()
     results = evaluate(model, eval_loader, accelerator, recipe, len(label_names), tokenizer, eval_examples.targets,

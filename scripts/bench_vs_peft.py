@@ -13,8 +13,9 @@ the machine hits both. Right after training, each softprompt process measures th
 backward through the bare frozen model on the same batches, lengthened by the virtual tokens, with no
 prompt machinery at all (in the same process, so that the two step times are a fair pair). Last, one
 process per method runs both tools' training steps alternating batch by batch: a throughput ratio that
-no drift of the machine between runs can touch. Besides dev accuracy, both report their mean training loss over the last epoch:
-a short budget can leave both at the majority class, and the loss still shows whether they learn alike.
+no drift of the machine between runs can touch. Besides dev accuracy, both report their mean training loss
+over the last epoch: a short budget can leave both at the majority class, and the loss still shows whether
+they learn alike.
 """
 
 from __future__ import annotations
@@ -72,14 +73,13 @@ def softprompt_recipe(args, out: str):
     })
 
 
-def softprompt_batches(recipe, tokenizer, seed: int):
+def softprompt_batches(recipe, tokenizer):
     """The training batches `softprompt train` makes for this recipe (epoch 0), and the label names."""
-    from softprompt_cli.data.batching import loader, tokenize_examples
+    from softprompt_cli.data.batching import training_loader
     from softprompt_cli.data.sources import load_examples
 
     examples, _, label_names = load_examples(recipe.data, recipe.task)
-    rows = tokenize_examples(recipe, examples, tokenizer, training=True)
-    return loader(rows, tokenizer, recipe.training.batch_size, True, True, seed), label_names
+    return training_loader(recipe, examples, tokenizer), label_names
 
 
 def worker_softprompt(args) -> dict:
@@ -94,7 +94,8 @@ def worker_softprompt(args) -> dict:
             "real_tokens_per_s": summary["real_tokens"] / summary["train_seconds"],
             "padding": 1 - summary["real_tokens"] / summary["padded_tokens"],
             "eval_examples_per_s": summary["eval_examples_per_s"], "accuracy": summary["final"]["accuracy"],
-            "last_epoch_loss": last_epoch_loss, "train_seconds": summary["train_seconds"], "steps": summary["steps"], "peak_rss_mb": peak,
+            "last_epoch_loss": last_epoch_loss, "train_seconds": summary["train_seconds"], "steps": summary["steps"],
+            "peak_rss_mb": peak,
             "floor_seconds_per_step": floor_seconds_per_step(args)}
 
 
@@ -116,7 +117,8 @@ def peft_job(args):
     n, lr, extra = DEFAULTS[args.method]
     config = {"prompt_tuning": lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=n),
               "p_tuning": lambda: peft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=n, **extra),
-              "prefix_tuning": lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=n)}[args.method]()
+              "prefix_tuning": lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=n),
+              }[args.method]()
     path = model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
@@ -183,7 +185,7 @@ def worker_interleaved(args) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         recipe = softprompt_recipe(args, out)
-    our_batches, label_names = softprompt_batches(recipe, load_tokenizer(MODEL), args.seed)
+    our_batches, label_names = softprompt_batches(recipe, load_tokenizer(MODEL))
     ours, _ = build_model(recipe, label_names)
     our_optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=DEFAULTS[args.method][1])
     theirs, their_optimizer, their_scheduler, their_batches, _, _ = peft_job(args)
@@ -225,7 +227,7 @@ def floor_seconds_per_step(args) -> float:
     model.requires_grad_(False)
     model.train()
     with tempfile.TemporaryDirectory() as out:
-        batches, _ = softprompt_batches(softprompt_recipe(args, out), load_tokenizer(MODEL), args.seed)
+        batches, _ = softprompt_batches(softprompt_recipe(args, out), load_tokenizer(MODEL))
     embed = model.get_input_embeddings()
     seconds = 0.0
     for batch in batches:  # the first epoch's batches: later epochs hold the same ones in another order
@@ -306,7 +308,8 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-        result = {"softprompt": worker_softprompt, "peft": worker_peft, "interleaved": worker_interleaved}[args.worker](args)
+        workers = {"softprompt": worker_softprompt, "peft": worker_peft, "interleaved": worker_interleaved}
+        result = workers[args.worker](args)
         print("RESULT " + json.dumps(result))
         return
 

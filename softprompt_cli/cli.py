@@ -23,7 +23,7 @@ app = typer.Typer(
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
 OverridesArg = Annotated[
-    Optional[list[str]],  # noqa: UP045 (typer needs Optional here)
+    Optional[list[str]],
     typer.Argument(help="dotted overrides, e.g. training.lr=3e-3 method.num_virtual_tokens=10", show_default=False),
 ]
 
@@ -74,10 +74,10 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 @app.command("eval")
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="checkpoint folder (e.g. runs/<recipe>/best)", show_default=False)],
-    split: Annotated[Optional[str], typer.Option(help="split to evaluate (default: the recipe's eval split)")] = None,  # noqa: UP045
-    model: Annotated[Optional[str], typer.Option(help="local copy of the same base model")] = None,  # noqa: UP045
-    output: Annotated[Optional[Path], typer.Option(help="write the metrics as JSON here")] = None,  # noqa: UP045
-    recipe: Annotated[Optional[Path], typer.Option(help="data (and labels) for a PEFT adapter folder")] = None,  # noqa: UP045
+    split: Annotated[Optional[str], typer.Option(help="split to evaluate (default: the recipe's eval split)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="local copy of the same base model")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="write the metrics as JSON here")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="data (and labels) for a PEFT adapter folder")] = None,
 ) -> None:
     """Evaluate a checkpoint (or a PEFT prompt-learning adapter) on its recipe's eval split or another split."""
     from softprompt_cli.commands.evaluate import evaluate_checkpoint
@@ -102,18 +102,21 @@ def predict(
     checkpoints: Annotated[list[str], typer.Argument(
         help="checkpoint folders of one base model, as DIR or NAME=DIR (the task name rows refer to)",
         show_default=False)],
-    input_file: Annotated[Optional[Path], typer.Option("--input", help="csv, tsv or jsonl with the text columns")] = None,  # noqa: UP045
-    text: Annotated[Optional[list[str]], typer.Option(help="a text to classify (repeatable)")] = None,  # noqa: UP045
-    text_pair: Annotated[Optional[list[str]], typer.Option(help="its pair text, for pair tasks")] = None,  # noqa: UP045
-    output: Annotated[Optional[Path], typer.Option(help=".jsonl, .csv or .tsv (default: jsonl on stdout)")] = None,  # noqa: UP045
+    input_file: Annotated[Optional[Path], typer.Option(
+        "--input", help="csv, tsv or jsonl with the text columns")] = None,
+    text: Annotated[Optional[list[str]], typer.Option(help="a text to classify (repeatable)")] = None,
+    text_pair: Annotated[Optional[list[str]], typer.Option(help="its pair text, for pair tasks")] = None,
+    output: Annotated[Optional[Path], typer.Option(help=".jsonl, .csv or .tsv (default: jsonl on stdout)")] = None,
     task_column: Annotated[str, typer.Option(help="column naming each row's task; without it every row "
                                                   "goes to every checkpoint")] = "task",
-    text_field: Annotated[Optional[list[str]], typer.Option(help="text column(s) to read (default: the recipe's)")] = None,  # noqa: UP045
+    text_field: Annotated[Optional[list[str]], typer.Option(
+        help="text column(s) to read (default: the recipe's)")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    model: Annotated[Optional[str], typer.Option(help="local copy of the same base model")] = None,  # noqa: UP045
-    max_new_tokens: Annotated[Optional[int], typer.Option(  # noqa: UP045
+    model: Annotated[Optional[str], typer.Option(help="local copy of the same base model")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
         min=1, help="causal_lm generation: tokens to generate (default: the recipe's task.max_new_tokens)")] = None,
-    do_sample: Annotated[bool, typer.Option("--do-sample", help="causal_lm generation: sample instead of greedy")] = False,
+    do_sample: Annotated[bool, typer.Option(
+        "--do-sample", help="causal_lm generation: sample instead of greedy")] = False,
     temperature: Annotated[float, typer.Option(min=1e-4, help="with --do-sample")] = 1.0,
     top_k: Annotated[int, typer.Option(min=0, help="with --do-sample: keep the k likeliest tokens (0: all)")] = 0,
     top_p: Annotated[float, typer.Option(min=1e-4, max=1.0, help="with --do-sample: nucleus sampling")] = 1.0,
@@ -139,7 +142,7 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="checkpoint folder", show_default=False)],
     out: Annotated[Path, typer.Argument(help="folder to write the adapter into", show_default=False)],
     format: Annotated[str, typer.Option("--format", help="peft: a PEFT prompt-learning adapter folder")] = "peft",
-    model: Annotated[Optional[str], typer.Option(help="local copy of the same base model")] = None,  # noqa: UP045
+    model: Annotated[Optional[str], typer.Option(help="local copy of the same base model")] = None,
 ) -> None:
     """Export a checkpoint for other tools (PEFT: PeftModel.from_pretrained(base_model, OUT))."""
     if format != "peft":
@@ -158,12 +161,13 @@ def init_prefix_from_text(
     num_virtual_tokens: Annotated[int, typer.Option(min=1, help="prefix length (tokens of the text kept)",
                                                     show_default=False)],
     output: Annotated[Path, typer.Option("-o", "--output", help="checkpoint folder to write", show_default=False)],
-    text: Annotated[Optional[str], typer.Option(help="the text")] = None,  # noqa: UP045
-    text_file: Annotated[Optional[Path], typer.Option(help="a file holding the text")] = None,  # noqa: UP045
+    text: Annotated[Optional[str], typer.Option(help="the text")] = None,
+    text_file: Annotated[Optional[Path], typer.Option(help="a file holding the text")] = None,
     chat_template: Annotated[bool, typer.Option(help="apply the tokenizer's chat template first")] = False,
-    revision: Annotated[Optional[str], typer.Option(help="hub revision of the model")] = None,  # noqa: UP045
+    revision: Annotated[Optional[str], typer.Option(help="hub revision of the model")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
-    gguf_file: Annotated[Optional[str], typer.Option(help="a GGUF file in the model folder (as model.gguf_file)")] = None,  # noqa: UP045
+    gguf_file: Annotated[Optional[str], typer.Option(
+        help="a GGUF file in the model folder (as model.gguf_file)")] = None,
 ) -> None:
     """Write a prefix-tuning checkpoint from the keys and values a text leaves in the frozen model.
 
@@ -184,11 +188,12 @@ def init_prefix_from_text(
 @app.command()
 def compare(
     recipes: Annotated[list[Path], typer.Argument(help="recipe file(s)", show_default=False)],
-    methods: Annotated[Optional[str], typer.Option(help="comma-separated methods (default: all)")] = None,  # noqa: UP045
+    methods: Annotated[Optional[str], typer.Option(help="comma-separated methods (default: all)")] = None,
     seeds: Annotated[int, typer.Option(min=1, help="seeds per method (recipe seed, +1, ...)")] = 1,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="default: runs/compare-<recipe>")] = None,  # noqa: UP045
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="default: runs/compare-<recipe>")] = None,
     overwrite: Annotated[bool, typer.Option(help="write into a non-empty output folder")] = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override for every run, e.g. training.epochs=2")] = None,  # noqa: UP045
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="override for every run, e.g. training.epochs=2")] = None,
 ) -> None:
     """Train several methods on the same data, model, budget and seeds; write report.md, report.png, summary.json."""
     from softprompt_cli.commands.compare import compare as run_compare

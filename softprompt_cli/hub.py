@@ -55,8 +55,9 @@ def packaged_model_path(reference: str, revision: str | None = None, gguf_file: 
     found = next((str(c) for c in candidates if (c / wanted).is_file()), None)
     ggufs = sorted(g.name for c in candidates for g in c.glob("*.gguf"))
     if found is None and ggufs:
-        raise UserError(f"the packaged copy of {reference!r} has no {'GGUF file ' + repr(gguf_file) if gguf_file else 'config.json'}"
-                        f"; it has {', '.join(ggufs)}: set model.gguf_file to it.")
+        missing = f"GGUF file {gguf_file!r}" if gguf_file else "config.json"
+        raise UserError(f"the packaged copy of {reference!r} has no {missing}; it has {', '.join(ggufs)}: set "
+                        "model.gguf_file to it.")
     return found
 
 

@@ -24,7 +24,8 @@ def inputs(batch=2, heads=3, queries=5, keys=5, dim=4, kv_heads=None):
 
 def padding_mask(kind: str):
     real = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])[:, None, None, :].expand(2, 1, 5, 5)
-    return {"none": None, "bool": real, "additive": torch.zeros(real.shape, dtype=torch.float64).masked_fill(~real, -1e9)}[kind]
+    additive = torch.zeros(real.shape, dtype=torch.float64).masked_fill(~real, -1e9)
+    return {"none": None, "bool": real, "additive": additive}[kind]
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])

@@ -28,7 +28,8 @@ def test_compare_reports_every_method_and_survives_a_failure(tmp_path, tiny_mode
     assert [len(methods[m]) for m in ("prompt_tuning", "p_tuning", "prefix_tuning")] == [2, 2, 2]
     assert all("summary" in run for run in methods["p_tuning"])
     assert all(r["summary"]["output_dir"].endswith(f"seed{s}") for r, s in zip(methods["p_tuning"], (42, 43)))
-    used = yaml.safe_load((tmp_path / "cmp" / "recipe" / "prompt_tuning" / "seed42" / "compare_recipe.yaml").read_text())
+    used = yaml.safe_load((tmp_path / "cmp" / "recipe" / "prompt_tuning" / "seed42" / "compare_recipe.yaml")
+                          .read_text())
     assert used["training"]["lr"] == 0.05 and used["method"] == {"name": "prompt_tuning", "num_virtual_tokens": 4}
 
 

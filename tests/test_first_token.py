@@ -46,7 +46,9 @@ def bert_family(tiny_models, tmp_path_factory) -> dict[str, object]:
     shape = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=37, max_position_embeddings=160)
     folders = {"bert": tiny_models["bert"]}
-    for kind, config in (("roberta", RobertaConfig(**shape, pad_token_id=0)), ("electra", ElectraConfig(**shape, embedding_size=16))):
+    configs = (("roberta", RobertaConfig(**shape, pad_token_id=0)),
+               ("electra", ElectraConfig(**shape, embedding_size=16)))
+    for kind, config in configs:
         folder = tmp_path_factory.mktemp(kind)
         torch.manual_seed(0)
         AutoModel.from_config(config).save_pretrained(folder)

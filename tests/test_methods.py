@@ -126,7 +126,8 @@ def test_prefix_through_attention_equals_dynamic_cache(tiny_models, kind):
     cache = DynamicCache(config=body.config)
     for layer, (key, value) in enumerate(prefix):
         cache.update(key.expand(2, -1, -1, -1), value.expand(2, -1, -1, -1), layer)
-    reference = body(input_ids=inputs["input_ids"], attention_mask=torch.cat([torch.ones(2, n, dtype=mask.dtype), mask], 1),
+    reference = body(input_ids=inputs["input_ids"],
+                     attention_mask=torch.cat([torch.ones(2, n, dtype=mask.dtype), mask], 1),
                      position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
     real = mask.bool()
     torch.testing.assert_close(ours[real], reference[real], atol=1e-5, rtol=1e-4)

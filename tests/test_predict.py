@@ -30,11 +30,13 @@ def checkpoints(tiny_models, tmp_path_factory):
     labelled.write_text("text,label\n" + "".join(f"example number {i},{'xyz'[i % 3]}\n" for i in range(30)))
 
     def run_cli(*args):
-        sys.argv = ["softprompt", *map(str, args)]
+        saved_argv, sys.argv = sys.argv, ["softprompt", *map(str, args)]
         try:
             main()
         except SystemExit as exit_:
             return exit_.code, "", ""
+        finally:
+            sys.argv = saved_argv
         return 0, "", ""
 
     bert = str(tiny_models["bert"])
@@ -71,7 +73,8 @@ def test_mixed_batch_equals_each_checkpoint_alone(tmp_path, checkpoints, run_cli
                  "prefix": ["#1 String", "#2 String"]}[row["task"]]
         renamed.append({"task": row["task"], **{n: row[f] for n, f in zip(names, fields[row["task"]])}})
     mixed_input.write_text("".join(json.dumps(r) + "\n" for r in renamed))
-    code, out, err = run_cli("predict", *refs, "--input", mixed_input, "--output", tmp_path / "out.jsonl", "--batch-size", "8")
+    code, out, err = run_cli("predict", *refs, "--input", mixed_input, "--output", tmp_path / "out.jsonl",
+                             "--batch-size", "8")
     assert code == 0, out + err
     mixed = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["task"] for r in mixed] == [r["task"] for r in ROWS]

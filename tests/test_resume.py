@@ -59,11 +59,13 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_models, ru
 
     a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
     for name in ("final", "best"):
-        weights_a, weights_b = load_file(a / name / "softprompt.safetensors"), load_file(b / name / "softprompt.safetensors")
+        weights_a = load_file(a / name / "softprompt.safetensors")
+        weights_b = load_file(b / name / "softprompt.safetensors")
         assert weights_a.keys() == weights_b.keys()
         for key in weights_a:
             torch.testing.assert_close(weights_b[key], weights_a[key], atol=1e-6, rtol=0)
-    assert json.loads((b / "summary.json").read_text())["final"] == json.loads((a / "summary.json").read_text())["final"]
+    final_a, final_b = (json.loads((run / "summary.json").read_text())["final"] for run in (a, b))
+    assert final_b == final_a
     assert comparable(b) == comparable(a)
     # The training form is saved for resuming: the LSTM / projection MLP, not only their output.
     assert any(".encoder." in key for key in load_file(b / "state" / "params.safetensors"))

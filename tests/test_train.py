@@ -98,7 +98,8 @@ def generation_recipe(tmp_path, model_dir):
                        "max_eval_samples": 37},
               "task": {"type": "causal_lm", "template": "{question} =", "target_field": "answer", "max_new_tokens": 3},
               "method": {"name": "prefix_tuning", "num_virtual_tokens": 4},
-              "training": {"batch_size": 8, "eval_batch_size": 8, "epochs": 1}, "output": {"dir": str(tmp_path / "run")}}
+              "training": {"batch_size": 8, "eval_batch_size": 8, "epochs": 1},
+              "output": {"dir": str(tmp_path / "run")}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return tmp_path / "recipe.yaml"
 
@@ -127,7 +128,8 @@ def test_two_processes_match_one(tmp_path, tiny_models, run_cli, task):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
     run = tmp_path / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["best", "final", "metrics.jsonl", "recipe.yaml", "state", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["best", "final", "metrics.jsonl", "recipe.yaml", "state",
+                                                      "summary.json"]
     summary = json.loads((run / "summary.json").read_text())
     code, out, err = run_cli("eval", run / "final", "--output", tmp_path / "eval.json")
     assert code == 0, out + err

@@ -122,7 +122,8 @@ def format_validation_errors(err: ValidationError, cls: type[BaseModel]) -> list
         if kind == "extra_forbidden":
             allowed = _fields_at(cls, allowed_loc)
             guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f" (did you mean {guess[0]!r}?)" if guess else (f" (allowed: {', '.join(allowed)})" if allowed else "")
+            hint = (f" (did you mean {guess[0]!r}?)" if guess
+                    else f" (allowed: {', '.join(allowed)})" if allowed else "")
             problems.append(f"{where}: unknown key{hint}")
         elif kind == "missing":
             problems.append(f"{where}: required, but missing")

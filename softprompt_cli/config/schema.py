@@ -38,7 +38,8 @@ class DataSection(Section):
     files: dict[str, str] | None = Field(None, description="split name -> local csv/tsv/jsonl/parquet file")
     format: Literal["csv", "tsv", "jsonl", "parquet"] | None = Field(None, description="default: from the extension")
     columns: list[str] | None = Field(None, description="column names for csv/tsv files without a header row")
-    text_fields: list[str] | None = Field(None, min_length=1, max_length=2, description="one text field, or two for pairs")
+    text_fields: list[str] | None = Field(None, min_length=1, max_length=2,
+                                          description="one text field, or two for pairs")
     label_field: str | None = None
     label_names: list[str] | None = Field(None, min_length=2)
     train_split: str = "train"
@@ -205,7 +206,8 @@ class Recipe(Section):
         if self.task.type == "causal_lm" and self.data.text_fields:
             raise ValueError("task.type: causal_lm reads the columns its template names; remove data.text_fields")
         if self.task.pooling == "pair_mean":
-            fields = self.data.text_fields or (GLUE_TASKS[self.data.glue_task].text_columns if self.data.glue_task else [])
+            glue_fields = GLUE_TASKS[self.data.glue_task].text_columns if self.data.glue_task else []
+            fields = self.data.text_fields or glue_fields
             if len(fields) != 2:
                 raise ValueError("task.pooling: pair_mean needs sentence pairs (two text fields); use mean or model")
         return self

@@ -182,6 +182,13 @@ def loader(dataset: TokenizedRows, tokenizer, batch_size: int, shuffle: bool, gr
                       generator=torch.Generator().manual_seed(seed))
 
 
+def training_loader(recipe: Recipe, examples: Examples, tokenizer) -> DataLoader:
+    """Examples -> tokens -> shuffled batches (of similar lengths with training.group_by_length), seeded."""
+    cfg = recipe.training
+    rows = tokenize_examples(recipe, examples, tokenizer, training=True)
+    return loader(rows, tokenizer, cfg.batch_size, True, cfg.group_by_length, cfg.seed)
+
+
 def evaluation_loader(recipe: Recipe, examples: Examples, tokenizer) -> DataLoader:
     """Examples -> tokens -> batches of similar lengths, longest first, for evaluation."""
     rows = tokenize_examples(recipe, examples, tokenizer, training=False)

@@ -62,7 +62,8 @@ class DropoutAttention(torch.autograd.Function):
 
 def _causal_mask(query_length: int, key_length: int, device) -> torch.Tensor:
     # aligned to the end: with keys in front (a prefix, a cache) the last query sees every key
-    return torch.ones(query_length, key_length, dtype=torch.bool, device=device).tril(key_length - query_length)[None, None]
+    ones = torch.ones(query_length, key_length, dtype=torch.bool, device=device)
+    return ones.tril(key_length - query_length)[None, None]
 
 
 def dropout_attention(module, query, key, value, attention_mask, dropout: float, scaling: float | None = None,

@@ -25,7 +25,7 @@ from softprompt_cli import memory
 from softprompt_cli.artifacts.checkpoint import RECIPE_FILE, refuse_earlier_output, write_checkpoint
 from softprompt_cli.assemble import build_model
 from softprompt_cli.config.schema import Recipe
-from softprompt_cli.data.batching import loader, tokenize_examples
+from softprompt_cli.data.batching import evaluation_loader, training_loader
 from softprompt_cli.data.sources import Examples, load_examples
 from softprompt_cli.model.loading import config_fingerprint
 from softprompt_cli.model.soft_prompt import PROMPT_PREFIX, SoftPromptModel
@@ -46,7 +46,8 @@ def warmup_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def linear_warmup_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def linear_warmup_schedule(optimizer: torch.optim.Optimizer, warmup: int,
+                           total: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup, total))
 
 
@@ -150,10 +151,8 @@ def set_up(recipe: Recipe, accelerator: Accelerator) -> Run:
     cfg = recipe.training
     train_examples, eval_examples, label_names = load_examples(recipe.data, recipe.task)
     model, tokenizer = build_model(recipe, label_names)
-    train_loader = loader(tokenize_examples(recipe, train_examples, tokenizer, training=True), tokenizer,
-                          cfg.batch_size, True, cfg.group_by_length, cfg.seed)
-    eval_loader = loader(tokenize_examples(recipe, eval_examples, tokenizer, training=False), tokenizer,
-                         cfg.eval_batch_size, False, True)
+    train_loader = training_loader(recipe, train_examples, tokenizer)
+    eval_loader = evaluation_loader(recipe, eval_examples, tokenizer)
     optimizer = make_optimizer(model, recipe)
     prepared, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
