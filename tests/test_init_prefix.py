@@ -7,7 +7,7 @@ import torch
 from conftest import write_recipe
 from safetensors.torch import load_file
 
-from softprompt_cli.model.loading import load_base_model, load_tokenizer
+from softprompt_cli.model.loading import Geometry, load_base_model, load_tokenizer
 from softprompt_cli.model.prefix_capture import prefix_from_ids
 
 TEXT = "the quick brown fox jumps over the lazy dog near the river bank"
@@ -22,10 +22,8 @@ def test_prefix_from_text_equals_the_text_in_context(tiny_models, kind):
     text_ids = tokenizer(TEXT)["input_ids"]
     n = 7
     flat = prefix_from_ids(base, text_ids, n)
-    config = base.config
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = config.hidden_size // config.num_attention_heads
-    prefix = flat.view(n, config.num_hidden_layers, 2, kv_heads, head_dim).permute(1, 2, 3, 0, 4)[:, :, None]
+    size = Geometry.of(base.config)
+    prefix = flat.view(n, size.num_layers, 2, size.num_kv_heads, size.head_dim).permute(1, 2, 3, 0, 4)[:, :, None]
     x_ids = tokenizer("and then it rests", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         with_prefix = base(input_ids=torch.tensor([x_ids]), position_ids=torch.arange(len(x_ids))[None] + n,

@@ -187,3 +187,17 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_models, k
     for name in grads_plain:
         torch.testing.assert_close(grads_checkpointed[name], grads_plain[name], atol=1e-6, rtol=1e-5)
 
+
+
+def test_the_registry_refuses_a_second_method_under_a_taken_name():
+    from typing import Literal
+
+    from softprompt_cli.methods.base import MethodOptions, register
+
+    class Impostor(MethodOptions):
+        name: Literal["prompt_tuning"] = "prompt_tuning"
+
+    before = registry()
+    with pytest.raises(ValueError, match="registered twice"):
+        register(Impostor)
+    assert registry() == before

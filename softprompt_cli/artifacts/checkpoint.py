@@ -88,7 +88,8 @@ def refuse_earlier_output(out: Path, overwrite: bool, fix: str, run_files: tuple
     earlier = sorted(p.name for p in out.iterdir() if run_files is None or p.name in run_files)
     if earlier:
         shown = ", ".join(earlier[:5]) + (", ..." if len(earlier) > 5 else "")
-        raise UserError(f"output folder {str(out)!r} already holds a run ({shown}). {fix}")
+        holds = "is not empty" if run_files is None else "already holds a run"
+        raise UserError(f"output folder {str(out)!r} {holds} ({shown}). {fix}")
 
 
 def write_prefix_checkpoint(out: Path, prefix: torch.Tensor, model_name: str, revision: str | None,

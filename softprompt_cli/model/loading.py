@@ -25,6 +25,7 @@ from softprompt_cli.model import attention
 from softprompt_cli.model.first_token import enable_first_token_only
 
 HEAD_MODULE_NAMES = ("pre_classifier", "classifier", "score")
+PREPARED_MARK = "softprompt_prepared"
 _VOLATILE_CONFIG_KEYS = {
     "architectures", "id2label", "label2id", "num_labels", "problem_type", "torch_dtype", "dtype",
     "transformers_version", "pad_token_id", "use_cache", "finetuning_task", "output_attentions",
@@ -51,11 +52,6 @@ class Geometry:
                    num_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
                    head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
                    max_positions=getattr(text, "max_position_embeddings", None))
-
-    @property
-    def prefix_width(self) -> int:
-        """Width of one virtual token's flat prefix: every layer's keys and values."""
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
 
 
 def _load(loader, reference: str, revision: str | None, gguf_file: str | None = None, **kwargs):
@@ -148,13 +144,18 @@ def enable_checkpointing(base: nn.Module) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def model_head(base: nn.Module) -> nn.Module:
-    """The base model's own classification head (task.pooling: model)."""
-    heads = [name for name in HEAD_MODULE_NAMES if hasattr(base, name)]
+def model_head(base: nn.Module) -> tuple[str, nn.Module]:
+    """The name and module of the base model's own classification head (task.pooling: model)."""
+    heads = [name for name in HEAD_MODULE_NAMES if isinstance(getattr(base, name, None), nn.Module)]
     if len(heads) != 1:
         raise UserError(f"{type(base).__name__} has no single classifier/score head ({heads}). "
                         "Use task.pooling: mean, which adds a head of its own.")
-    return getattr(base, heads[0])
+    return heads[0], getattr(base, heads[0])
+
+
+def is_prepared(base: nn.Module) -> bool:
+    """Whether `prepare_frozen` has made this base model ready for soft prompts."""
+    return getattr(base, PREPARED_MARK, False)
 
 
 def _keep_head_input(head: nn.Module, args: tuple) -> None:
@@ -186,7 +187,7 @@ def prepare_frozen(base: nn.Module, tokenizer, task_type: str = "sequence_classi
     _prepare_tokenizer(tokenizer, base, causal_lm)
     base.requires_grad_(False)
     if pooling == "model" and not causal_lm:
-        head = model_head(base)
+        _, head = model_head(base)
         head.requires_grad_(True)
         if not is_decoder(base) and not hasattr(head, "softprompt_input"):
             head.softprompt_input = None
@@ -195,3 +196,4 @@ def prepare_frozen(base: nn.Module, tokenizer, task_type: str = "sequence_classi
             enable_first_token_only(base)
     if gradient_checkpointing:
         enable_checkpointing(base)
+    setattr(base, PREPARED_MARK, True)

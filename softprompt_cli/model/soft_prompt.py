@@ -22,7 +22,14 @@ from softprompt_cli.errors import UserError
 from softprompt_cli.methods.base import MethodOptions, ModelSpec
 from softprompt_cli.model import heads, lm
 from softprompt_cli.model.first_token import first_token_enabled
-from softprompt_cli.model.loading import Geometry, cache_argument, config_fingerprint, is_decoder, model_head
+from softprompt_cli.model.loading import (
+    Geometry,
+    cache_argument,
+    config_fingerprint,
+    is_decoder,
+    is_prepared,
+    model_head,
+)
 from softprompt_cli.model.prefix_capture import prefix_from_ids, text_token_ids
 
 PROMPT_PREFIX = "prompt."
@@ -82,6 +89,9 @@ class SoftPromptModel(nn.Module):
                  task_type: str = "sequence_classification", label_word_ids: list[list[int]] | None = None,
                  prefix_from_checkpoint: Callable | None = None):
         super().__init__()
+        if not is_prepared(base):
+            raise ValueError("the base model is not prepared for soft prompts: call model.loading.prepare_frozen "
+                             "on it (and its tokenizer) once, or build through softprompt_cli.assemble.")
         geometry = Geometry.of(base.config)
         if geometry.max_positions and method.num_virtual_tokens + max_length > geometry.max_positions:
             raise UserError(
@@ -121,8 +131,8 @@ class SoftPromptModel(nn.Module):
             self.head_prefix = "head."
         else:
             # The model's own head, registered on the base model only: its weights are saved as base.<name>.*
-            object.__setattr__(self, "head", model_head(self.base))
-            name = next(n for n, m in self.base.named_children() if m is self.head)
+            name, head = model_head(self.base)
+            object.__setattr__(self, "head", head)
             self.head_prefix = f"base.{name}."
 
     def is_trained(self, name: str) -> bool:

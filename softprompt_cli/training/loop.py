@@ -242,8 +242,7 @@ def train_step(run: Run, batch: dict) -> tuple[torch.Tensor, float | None]:
         accelerator.backward(loss)
         grad_norm = None
         if accelerator.sync_gradients:
-            grads = [p.grad.norm() for n, p in run.unwrapped.named_parameters()
-                     if n.startswith(PROMPT_PREFIX) and p.grad is not None]
+            grads = [p.grad.norm() for p in run.unwrapped.prompt.parameters() if p.grad is not None]
             grad_norm = torch.norm(torch.stack(grads)).item()
             if run.recipe.training.max_grad_norm:
                 accelerator.clip_grad_norm_(run.model.parameters(), run.recipe.training.max_grad_norm)
