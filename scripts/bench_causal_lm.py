@@ -28,7 +28,7 @@ def zero_shot(recipe) -> tuple[dict, float]:
     eval_loader = evaluation_loader(recipe, eval_examples, tokenizer)
     accelerator = Accelerator()
     started = time.perf_counter()
-    results = evaluate(model, eval_loader, accelerator, recipe, len(label_names), tokenizer, eval_examples.targets,
+    results = evaluate(model, eval_loader, accelerator, recipe, label_names, tokenizer, eval_examples.targets,
                        with_prompt=False)
     return results, time.perf_counter() - started
 

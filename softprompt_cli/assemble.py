@@ -10,9 +10,9 @@ from typing import Any
 import torch
 import yaml
 
-from softprompt_cli.artifacts.checkpoint import read_prefix_checkpoint
-from softprompt_cli.artifacts.peft import read_any_checkpoint
-from softprompt_cli.config.load import parse_recipe
+from softprompt_cli.artifacts.checkpoint import RECIPE_FILE, RETRAIN, damaged_checkpoint, read_prefix_checkpoint
+from softprompt_cli.artifacts.peft import ADAPTER_CONFIG, REEXPORT, read_any_checkpoint
+from softprompt_cli.config.load import RecipeError, parse_recipe
 from softprompt_cli.config.schema import Recipe
 from softprompt_cli.data.batching import label_word_ids
 from softprompt_cli.data.templates import label_word_list
@@ -34,13 +34,33 @@ class Trained:
     from_peft: bool
 
 
+def _checkpoint_recipe(directory: Path, recipe_yaml: str, fix: str) -> Recipe:
+    """The recipe a checkpoint was trained with; YAML that is invalid, unsafe (python tags: safe_load refuses
+    them, nothing is executed) or not a recipe is damage."""
+    try:
+        data = yaml.safe_load(recipe_yaml)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise damaged_checkpoint(directory, f"{RECIPE_FILE} is not valid (safe) YAML{where}: {problem}", fix) from None
+    if not isinstance(data, dict):
+        raise damaged_checkpoint(directory, f"{RECIPE_FILE} holds a {type(data).__name__}, not a recipe", fix)
+    try:
+        return parse_recipe(data, source=f"recipe in checkpoint {str(directory)!r}")
+    except RecipeError as err:
+        raise damaged_checkpoint(directory, f"{RECIPE_FILE} is not a valid recipe ({'; '.join(err.problems)})",
+                                 fix) from None
+
+
 def read_trained(directory: Path, model_path: str | None = None, data_recipe: Recipe | None = None) -> Trained:
     """A checkpoint folder or PEFT adapter; `model_path` replaces the base model's location (same model)."""
-    info, recipe_yaml, tensors = read_any_checkpoint(directory, data_recipe)
-    recipe = parse_recipe(yaml.safe_load(recipe_yaml), source=f"recipe in checkpoint {str(directory)!r}")
+    info, recipe_yaml, tensors = read_any_checkpoint(directory, data_recipe, model_path)
+    from_peft = info.get("source") == "peft"
+    recipe = _checkpoint_recipe(directory, recipe_yaml, REEXPORT if from_peft else RETRAIN)
     if model_path is not None:
         recipe.model.name_or_path = model_path
-    return Trained(directory, recipe, info["label_names"], info["base_model"], tensors, info.get("source") == "peft")
+    return Trained(directory, recipe, info["label_names"], info["base_model"], tensors, from_peft)
 
 
 def load_frozen(recipe: Recipe, label_names: list[str], pooling: str | None = None,
@@ -90,12 +110,43 @@ def check_base_model(trained: Trained, base: torch.nn.Module) -> None:
         )
 
 
+def _refuse_misfit(trained: Trained, model: SoftPromptModel) -> None:
+    """Raise the damaged-checkpoint error unless the checkpoint holds exactly the tensors of the model its recipe
+    builds, in their shapes. A base model's own head shared by tasks was built for one task's number of labels:
+    its label dimension is checked against this checkpoint's label names instead."""
+    expected = {name: tuple(t.shape) for name, t in model.trainable_state().items()}
+    prefix = model.head_prefix or ""
+    shared_labels = model.base.config.num_labels if prefix.startswith("base.") else None
+    problems = []
+    for name in sorted(set(expected) | set(trained.tensors)):
+        if name not in trained.tensors or name not in expected:
+            problems.append(f"{name} is {'missing' if name in expected else 'not a tensor of that model'}")
+            continue
+        want, got = expected[name], tuple(trained.tensors[name].shape)
+        if name.startswith(prefix) and shared_labels is not None and want and want[0] == shared_labels:
+            want = (len(trained.label_names), *want[1:])
+        if got != want:
+            problems.append(f"{name} has shape {list(got)} where the model needs {list(want)}")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        source = ADAPTER_CONFIG if trained.from_peft else RECIPE_FILE
+        raise damaged_checkpoint(trained.directory, f"its tensors do not fit the model its {source} describes "
+                                 f"({shown})", REEXPORT if trained.from_peft else RETRAIN)
+
+
+def model_from_trained(trained: Trained) -> tuple[SoftPromptModel, Any]:
+    """A checkpoint already read, on its own base model: (model, tokenizer)."""
+    model, tokenizer = build_model(trained.recipe, trained.label_names)
+    check_base_model(trained, model.base)
+    _refuse_misfit(trained, model)
+    model.load_trainable_state(trained.tensors)
+    return model, tokenizer
+
+
 def load_trained(directory: Path, model_path: str | None = None, data_recipe: Recipe | None = None):
     """(recipe, model, tokenizer, label names) of a checkpoint (or PEFT adapter) on its own base model."""
     trained = read_trained(directory, model_path, data_recipe)
-    model, tokenizer = build_model(trained.recipe, trained.label_names)
-    check_base_model(trained, model.base)
-    model.load_trainable_state(trained.tensors)
+    model, tokenizer = model_from_trained(trained)
     return trained.recipe, model, tokenizer, trained.label_names
 
 
@@ -105,9 +156,7 @@ def attach_trained(trained: Trained, base: torch.nn.Module, tokenizer: Any
     model's own head is shared too, so each task's head weights are passed at call time, not loaded into it)."""
     check_base_model(trained, base)
     model, _ = build_model(trained.recipe, trained.label_names, base, tokenizer)
+    _refuse_misfit(trained, model)
     prompt_state, _ = split_trained(trained.tensors)
-    try:
-        model.prompt.load_state_dict(prompt_state)
-    except RuntimeError as err:
-        raise UserError(f"checkpoint {str(trained.directory)!r} does not fit its own recipe ({err}).") from None
+    model.prompt.load_state_dict(prompt_state)
     return model.eval(), model.head_state(trained.tensors)

@@ -74,16 +74,28 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 @app.command("eval")
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="checkpoint folder (e.g. runs/<recipe>/best)", show_default=False)],
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="overrides of the data section only, e.g. data.max_eval_samples=50", show_default=False)] = None,
     split: Annotated[Optional[str], typer.Option(help="split to evaluate (default: the recipe's eval split)")] = None,
     model: Annotated[Optional[str], typer.Option(help="local copy of the same base model")] = None,
     output: Annotated[Optional[Path], typer.Option(help="write the metrics as JSON here")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="data (and labels) for a PEFT adapter folder")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(
+        help="evaluate on this recipe's data section (its labels must be the checkpoint's); for a PEFT adapter "
+             "folder, also its base model and labels")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="a labelled csv/tsv/jsonl/parquet file, read with the checkpoint's text and label fields",
+        show_default=False)] = None,
 ) -> None:
-    """Evaluate a checkpoint (or a PEFT prompt-learning adapter) on its recipe's eval split or another split."""
-    from softprompt_cli.commands.evaluate import evaluate_checkpoint
+    """Evaluate a checkpoint (or a PEFT prompt-learning adapter) on its recipe's eval split, another split, another
+    recipe's data (--recipe), a labelled file (--data), or with data.KEY=VALUE overrides."""
+    from softprompt_cli.commands.arguments import check_checkpoint_folder
     from softprompt_cli.config.load import load_recipe
 
-    report = evaluate_checkpoint(checkpoint, split, model, output, load_recipe(recipe) if recipe else None)
+    check_checkpoint_folder(checkpoint)  # cheap checks first: torch takes seconds to import
+    data_recipe = load_recipe(recipe) if recipe else None
+    from softprompt_cli.commands.evaluate import evaluate_checkpoint
+
+    report = evaluate_checkpoint(checkpoint, split, model, output, data_recipe, data, list(overrides or []))
     from accelerate import PartialState
     from rich.console import Console
     from rich.table import Table
@@ -103,7 +115,7 @@ def predict(
         help="checkpoint folders of one base model, as DIR or NAME=DIR (the task name rows refer to)",
         show_default=False)],
     input_file: Annotated[Optional[Path], typer.Option(
-        "--input", help="csv, tsv or jsonl with the text columns")] = None,
+        "--input", help="csv, tsv, jsonl or parquet with the text columns")] = None,
     text: Annotated[Optional[list[str]], typer.Option(help="a text to classify (repeatable)")] = None,
     text_pair: Annotated[Optional[list[str]], typer.Option(help="its pair text, for pair tasks")] = None,
     output: Annotated[Optional[Path], typer.Option(help=".jsonl, .csv or .tsv (default: jsonl on stdout)")] = None,
@@ -124,6 +136,9 @@ def predict(
 ) -> None:
     """Predict labels with one or several checkpoints; rows of different tasks share forward batches.
     causal_lm checkpoints rank their label words, or generate text (free-form targets)."""
+    from softprompt_cli.commands.arguments import check_predict_input
+
+    check_predict_input(input_file, text or [], text_pair or [])  # cheap checks first: torch takes seconds to import
     from softprompt_cli.commands.predict import Generation, run_predict
 
     sampling = None

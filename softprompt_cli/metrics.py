@@ -5,6 +5,10 @@ tried when the Hub is reachable. The local definitions give scikit-learn's value
 for two labels, macro averaging over the labels that occur otherwise, 0 where a ratio is undefined;
 tested against scikit-learn), without importing scikit-learn and SciPy into the training process
 (about 140 MB of resident memory).
+
+F1, precision and recall are for one class, `positive` (a label id: the recipe's task.positive_label),
+when it is given: scikit-learn's `pos_label` for two labels, that class against the rest for more.
+Without it: label 1 of two labels, macro averages with more.
 """
 
 from __future__ import annotations
@@ -46,13 +50,14 @@ def _matthews(predictions: list[int], references: list[int]) -> float:
     return _ratio(covariance, math.sqrt(spread_true * spread_predicted))
 
 
-def local_metric(name: str, predictions: list[int], references: list[int], num_labels: int) -> float:
+def local_metric(name: str, predictions: list[int], references: list[int], num_labels: int,
+                 positive: int | None = None) -> float:
     if name == "accuracy":
         return _ratio(sum(p == r for p, r in zip(predictions, references)), len(references))
     if name == "matthews_correlation":
         return _matthews(predictions, references)
-    if _average(num_labels) == "binary":
-        return _per_label(name, predictions, references, 1)
+    if positive is not None or _average(num_labels) == "binary":
+        return _per_label(name, predictions, references, 1 if positive is None else positive)
     labels = sorted(set(predictions) | set(references))
     return sum(_per_label(name, predictions, references, label) for label in labels) / len(labels)
 
@@ -69,8 +74,19 @@ def _evaluate_module(name: str):
         return None
 
 
-def compute(names: list[str], predictions: list, references: list, num_labels: int) -> dict[str, float]:
-    """Label metrics from label ids; exact_match from texts (compared without surrounding whitespace)."""
+def _averaging(num_labels: int, positive: int | None) -> dict:
+    """scikit-learn's (and `evaluate`'s) arguments for F1, precision and recall."""
+    if positive is None:
+        return {"average": _average(num_labels)}
+    if num_labels == 2:
+        return {"average": "binary", "pos_label": positive}
+    return {"average": "micro", "labels": [positive]}  # one class against the rest
+
+
+def compute(names: list[str], predictions: list, references: list, num_labels: int,
+            positive: int | None = None) -> dict[str, float]:
+    """Label metrics from label ids; exact_match from texts (compared without surrounding whitespace).
+    `positive`: the label id F1, precision and recall are for (default: label 1 of two, macro with more)."""
     results = {}
     for name in names:
         if name == "exact_match":
@@ -79,8 +95,8 @@ def compute(names: list[str], predictions: list, references: list, num_labels: i
             continue
         module = _evaluate_module(name)
         if module is None:
-            results[name] = local_metric(name, predictions, references, num_labels)
+            results[name] = local_metric(name, predictions, references, num_labels, positive)
             continue
-        kwargs = {"average": _average(num_labels)} if name in ("f1", "precision", "recall") else {}
+        kwargs = _averaging(num_labels, positive) if name in ("f1", "precision", "recall") else {}
         results[name] = float(module.compute(predictions=predictions, references=references, **kwargs)[name])
     return results

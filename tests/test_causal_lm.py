@@ -217,8 +217,8 @@ def test_train_eval_predict_with_label_words_from_the_cli(tmp_path, tiny_models,
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["text"] for r in rows] == ["a fine film", "dull"]
-    assert all(r["label"] in ("negative", "positive") for r in rows)
-    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)
+    assert all(r["pred_label"] in ("negative", "positive") for r in rows)
+    assert all(abs(sum(r["pred_probabilities"].values()) - 1) < 1e-4 for r in rows)
 
 
 def test_free_form_targets_train_and_generate(tmp_path, tiny_models, run_cli):
@@ -244,7 +244,7 @@ def test_free_form_targets_train_and_generate(tmp_path, tiny_models, run_cli):
                              "--max-new-tokens", "3")
     assert code == 0, err
     predictions = [json.loads(line) for line in out.splitlines()]
-    assert len(predictions) == 8 and all(isinstance(p["generated"], str) for p in predictions)
+    assert len(predictions) == 8 and all(isinstance(p["pred_generated"], str) for p in predictions)
     code, out, err = run_cli("predict", tmp_path / "run" / "final", "--input", tmp_path / "dev.jsonl",
                              "--do-sample", "--seed", "3", "--temperature", "0.7")
     assert code == 0, err

@@ -233,14 +233,14 @@ def test_jsonl_string_labels_and_pairs(tmp_path):
     lines = [
         {"premise": "a cat", "hypothesis": "an animal", "label": "entailment"},
         {"premise": "a dog", "hypothesis": "a cat", "label": "contradiction"},
-        {"premise": "x", "hypothesis": None, "label": "neutral"},
+        {"premise": "x", "hypothesis": "a letter", "label": "neutral"},
     ]
     text = "\n".join(json.dumps(line) for line in lines) + "\n\n"  # blank lines are skipped
     data = files(tmp_path, text, name="train.jsonl", text_fields=["premise", "hypothesis"])
     train, _, names = load_examples(data)
     assert names == ["contradiction", "entailment", "neutral"]
     assert train.labels == [1, 0, 2]
-    assert train.texts == [("a cat", "an animal"), ("a dog", "a cat"), ("x", "")]
+    assert train.texts == [("a cat", "an animal"), ("a dog", "a cat"), ("x", "a letter")]
 
 
 def test_jsonl_integer_and_float_labels(tmp_path):

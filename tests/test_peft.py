@@ -139,7 +139,7 @@ def test_peft_adapter_evaluates_and_predicts_here(tmp_path, tiny_models, run_cli
     code, out, err = run_cli("eval", tmp_path / "adapter", "--recipe", recipe)
     assert code == 0, out + err
     code, out, err = run_cli("predict", tmp_path / "adapter", "--text", PAIRS[0][0], "--text-pair", PAIRS[1][0])
-    assert code == 0 and '"label": "LABEL_' in out, out + err
+    assert code == 0 and '"pred_label": "LABEL_' in out, out + err
     code, out, err = run_cli("eval", tmp_path / "adapter")
     assert code == 2 and "--recipe" in err and "Traceback" not in out + err
 

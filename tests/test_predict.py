@@ -77,7 +77,7 @@ def test_mixed_batch_equals_each_checkpoint_alone(tmp_path, checkpoints, run_cli
                              "--batch-size", "8")
     assert code == 0, out + err
     mixed = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [r["task"] for r in mixed] == [r["task"] for r in ROWS]
+    assert [r["pred_task"] for r in mixed] == [r["task"] for r in ROWS]
 
     for name, path in checkpoints.items():
         own = [r for r in renamed if r["task"] == name]
@@ -86,11 +86,12 @@ def test_mixed_batch_equals_each_checkpoint_alone(tmp_path, checkpoints, run_cli
         code, out, err = run_cli("predict", str(path), "--input", single_input, "--batch-size", "1")
         assert code == 0, out + err
         alone = [json.loads(line) for line in out.splitlines()]
-        together = [r for r in mixed if r["task"] == name]
-        assert [r["label"] for r in alone] == [r["label"] for r in together]
+        together = [r for r in mixed if r["pred_task"] == name]
+        assert [r["pred_label"] for r in alone] == [r["pred_label"] for r in together]
         for a, b in zip(alone, together):
-            assert a["probabilities"].keys() == b["probabilities"].keys()
-            assert all(abs(a["probabilities"][k] - b["probabilities"][k]) < 1e-5 for k in a["probabilities"])
+            assert a["pred_probabilities"].keys() == b["pred_probabilities"].keys()
+            assert all(abs(a["pred_probabilities"][k] - b["pred_probabilities"][k]) < 1e-5
+                       for k in a["pred_probabilities"])
 
 
 def test_predict_mrpc_dev_file_writes_one_row_per_input(tmp_path, checkpoints, run_cli):
@@ -99,7 +100,7 @@ def test_predict_mrpc_dev_file_writes_one_row_per_input(tmp_path, checkpoints, r
     assert code == 0, out + err
     lines = (tmp_path / "dev.csv").read_text().splitlines()
     assert len(lines) == 1 + 408
-    assert "p_equivalent" in lines[0] and "label" in lines[0]
+    assert "pred_p_equivalent" in lines[0] and "pred_label" in lines[0]
     assert all(",equivalent," in line or ",not_equivalent," in line for line in lines[1:])
 
 

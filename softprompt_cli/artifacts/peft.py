@@ -14,9 +14,15 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from softprompt_cli.artifacts.checkpoint import PREFIX_KEY, atomic_folder, read_checkpoint
+from softprompt_cli.artifacts.checkpoint import (
+    PREFIX_KEY,
+    atomic_folder,
+    damaged_checkpoint,
+    read_checkpoint,
+    read_weights,
+)
 from softprompt_cli.config.schema import Recipe
 from softprompt_cli.data.glue import GLUE_TASKS
 from softprompt_cli.errors import UserError
@@ -89,42 +95,78 @@ def write_peft_adapter(out: Path, name: str, recipe: Recipe, model: SoftPromptMo
     return peft_refusal_note(model.base, config["peft_type"], config["task_type"])
 
 
+REEXPORT = ("Export it again (softprompt export CHECKPOINT OUT --format peft) or save it again with PEFT's "
+            "save_pretrained, or use another adapter.")
+
+
 def _adapter_label_names(directory: Path, num_labels: int, data_recipe: Recipe | None) -> list[str]:
     names_file = directory / "label_names.json"
-    label_names = json.loads(names_file.read_text()) if names_file.is_file() else [f"LABEL_{i}" for i in
-                                                                                    range(num_labels)]
+    label_names = [f"LABEL_{i}" for i in range(num_labels)]
+    if names_file.is_file():
+        try:
+            label_names = json.loads(names_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise damaged_checkpoint(directory, f"label_names.json is not valid JSON ({err})", REEXPORT) from None
+        if not isinstance(label_names, list) or not all(isinstance(name, str) for name in label_names):
+            raise damaged_checkpoint(directory, "label_names.json is not a list of label names", REEXPORT)
     if data_recipe is not None and data_recipe.data.label_names:
         label_names = list(data_recipe.data.label_names)
     elif data_recipe is not None and data_recipe.data.glue_task:
         label_names = list(GLUE_TASKS[data_recipe.data.glue_task].label_names)
     if len(label_names) != num_labels:
-        raise UserError(f"PEFT adapter {str(directory)!r} has {num_labels} classes, the recipe {len(label_names)}.")
+        raise UserError(f"PEFT adapter {str(directory)!r} has {num_labels} classes, the recipe {len(label_names)}. "
+                        "Give a recipe (--recipe) whose data has the adapter's labels.")
     return label_names
+
+
+def _read_adapter_config(directory: Path) -> dict[str, Any]:
+    """adapter_config.json, checked to be an object with the fields read here."""
+    try:
+        config = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise damaged_checkpoint(directory, f"{ADAPTER_CONFIG} is not valid JSON ({err})", REEXPORT) from None
+    if not isinstance(config, dict):
+        raise damaged_checkpoint(directory, f"{ADAPTER_CONFIG} holds a JSON {type(config).__name__}, not an object",
+                                 REEXPORT)
+    n = config.get("num_virtual_tokens")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise damaged_checkpoint(directory, f"{ADAPTER_CONFIG} has no num_virtual_tokens (a positive integer; "
+                                 f"got {n!r})", REEXPORT)
+    for key in ("base_model_name_or_path", "revision"):
+        if not isinstance(config.get(key), (str, type(None))):
+            raise damaged_checkpoint(directory, f"{ADAPTER_CONFIG} has a {key} that is not a string", REEXPORT)
+    return config
 
 
 def _read_adapter(directory: Path) -> tuple[dict[str, Any], str, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(adapter config, our method name, all tensors, head tensors) of a PEFT adapter folder we can read."""
-    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    config = _read_adapter_config(directory)
     kind = {v: k for k, v in PEFT_TYPES.items()}.get(config.get("peft_type"))
     if kind is None or config.get("task_type") != "SEQ_CLS" or config.get("num_transformer_submodules", 1) != 1:
         raise UserError(f"{str(directory)!r} is a PEFT {config.get('peft_type')} {config.get('task_type')} adapter; "
                         "softprompt reads prompt tuning, P-tuning and prefix tuning adapters for SEQ_CLS (a "
                         "CAUSAL_LM adapter says nothing of the template and label words it was trained with).")
     if not (directory / ADAPTER_WEIGHTS).is_file():
-        raise UserError(f"PEFT adapter {str(directory)!r} has no {ADAPTER_WEIGHTS}.")
-    tensors = load_file(directory / ADAPTER_WEIGHTS)
+        if (directory / "adapter_model.bin").is_file():
+            raise UserError(f"PEFT adapter {str(directory)!r} is saved as adapter_model.bin (pickle), which softprompt "
+                            "never loads. Save it with PEFT's save_pretrained(..., safe_serialization=True).")
+        raise damaged_checkpoint(directory, f"it has no {ADAPTER_WEIGHTS}", REEXPORT)
+    tensors = read_weights(directory, ADAPTER_WEIGHTS, REEXPORT)
     heads = {k: v for k, v in tensors.items() if k.startswith("base_model.")}
-    if "prompt_embeddings" not in tensors or not heads:
-        raise UserError(f"PEFT adapter {str(directory)!r} lacks prompt_embeddings or a classifier/score head.")
+    if "prompt_embeddings" not in tensors or not any(k.endswith(".weight") and v.dim() == 2 for k, v in heads.items()):
+        raise damaged_checkpoint(directory, f"{ADAPTER_WEIGHTS} lacks prompt_embeddings or a classifier/score head",
+                                 REEXPORT)
     return config, kind, tensors, heads
 
 
-def _adapter_as_checkpoint(directory: Path, data_recipe: Recipe | None) -> tuple[dict, str, dict]:
+def _adapter_as_checkpoint(directory: Path, data_recipe: Recipe | None, model_path: str | None = None
+                           ) -> tuple[dict, str, dict]:
     config, kind, tensors, heads = _read_adapter(directory)
-    model_name = config.get("base_model_name_or_path") or (data_recipe.model.name_or_path if data_recipe else None)
+    model_name = (config.get("base_model_name_or_path") or model_path
+                  or (data_recipe.model.name_or_path if data_recipe else None))
     if not model_name:
         raise UserError(f"PEFT adapter {str(directory)!r} does not name its base model; give --model.")
-    num_labels = next(v for k, v in heads.items() if k.endswith(".weight")).shape[0]
+    num_labels = next(v for k, v in heads.items() if k.endswith(".weight") and v.dim() == 2).shape[0]
     label_names = _adapter_label_names(directory, num_labels, data_recipe)
     n = config["num_virtual_tokens"]
     # P-tuning adapters carry the encoder's output only: they are prompt tuning here
@@ -141,8 +183,11 @@ def _adapter_as_checkpoint(directory: Path, data_recipe: Recipe | None) -> tuple
     return info, yaml.safe_dump(recipe), ours
 
 
-def read_any_checkpoint(directory: Path, data_recipe: Recipe | None = None) -> tuple[dict, str, dict]:
-    """(info, recipe YAML, tensors) of a softprompt checkpoint or of a PEFT prompt-learning adapter."""
+def read_any_checkpoint(directory: Path, data_recipe: Recipe | None = None, model_path: str | None = None
+                        ) -> tuple[dict, str, dict]:
+    """(info, recipe YAML, tensors) of a softprompt checkpoint or of a PEFT prompt-learning adapter (`model_path`:
+    the base model of an adapter that does not name it). A damaged one raises `damaged_checkpoint`'s error;
+    whether the tensors fit the model its recipe builds is checked where the model is built (assemble)."""
     if directory.is_dir() and is_peft_adapter(directory):
-        return _adapter_as_checkpoint(directory, data_recipe)
+        return _adapter_as_checkpoint(directory, data_recipe, model_path)
     return read_checkpoint(directory)

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from softprompt_cli import metrics as metric_functions
-from softprompt_cli.artifacts.checkpoint import refuse_earlier_output
+from softprompt_cli.artifacts.checkpoint import output_lock, refuse_earlier_output
 from softprompt_cli.config.load import apply_overrides, parse_recipe, read_yaml
 from softprompt_cli.data.sources import load_examples
 from softprompt_cli.errors import UserError
@@ -152,7 +152,13 @@ def compare(recipe_paths: list[Path], methods: list[str] | None, seeds: int, out
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise UserError(f"--methods: {', '.join(unknown)} is not a method; the methods are {', '.join(known)}.")
-    refuse_earlier_output(out, overwrite, "Choose another --output, or pass --overwrite.")
+    with output_lock(out):  # two compares into one folder would mix their runs
+        refuse_earlier_output(out, overwrite, "Choose another --output, or pass --overwrite.")
+        return _run_comparison(recipe_paths, methods, seeds, out, overrides)
+
+
+def _run_comparison(recipe_paths: list[Path], methods: list[str], seeds: int, out: Path,
+                    overrides: list[str]) -> dict[str, Any]:
     report: dict[str, Any] = {"recipes": {}}
     sections = []
     for recipe_path in recipe_paths:

@@ -1,4 +1,9 @@
-"""`softprompt eval`: a trained checkpoint (or PEFT adapter) on its recipe's eval split or another split."""
+"""`softprompt eval`: a trained checkpoint (or PEFT adapter) on its recipe's eval split or another split, on another
+recipe's data (`--recipe`), on a new labelled file (`--data`), or with its data section changed (`data.KEY=VALUE`).
+
+Whatever the data, the label mapping is the checkpoint's: a recipe whose labels differ, or a row whose label the
+checkpoint does not know, is refused. Options that conflict are refused too, never silently ignored.
+"""
 
 from __future__ import annotations
 
@@ -9,27 +14,189 @@ from typing import Any
 from accelerate import Accelerator
 
 from softprompt_cli.artifacts.peft import is_peft_adapter
-from softprompt_cli.assemble import load_trained
+from softprompt_cli.assemble import Trained, model_from_trained, read_trained
+from softprompt_cli.config.load import apply_overrides, parse_recipe, resolve_paths
 from softprompt_cli.config.schema import Recipe
 from softprompt_cli.data.batching import evaluation_loader
-from softprompt_cli.data.sources import load_split
+from softprompt_cli.data.glue import GLUE_TASKS
+from softprompt_cli.data.sources import (
+    Examples,
+    Table,
+    has_labels,
+    label_field,
+    label_key,
+    label_names,
+    read_split,
+    text_fields,
+    to_examples,
+)
 from softprompt_cli.errors import UserError
+from softprompt_cli.model.loading import Geometry
 from softprompt_cli.training.control import finish
 from softprompt_cli.training.evaluate import evaluate
 
+SOURCE_KEYS = ("glue_task", "dir", "dataset", "dataset_config", "files", "train_split", "eval_split",
+               "validation_fraction", "split_seed")
+"""Data keys that say where the data comes from: --data FILE replaces them all."""
+FILE_KEYS = ("format", "columns", "encoding")
+"""Data keys that describe the checkpoint's own files: --data FILE starts from their defaults."""
+
+
+def _overridden_keys(overrides: list[str]) -> list[str]:
+    """The data keys the overrides set (data.files.train=x sets files); anything outside data. is refused."""
+    keys = []
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep or not key.startswith("data.") or key == "data.":
+            raise UserError(f"eval takes overrides of the data section only, as data.KEY=VALUE (e.g. "
+                            f"data.max_eval_samples=50); {override!r} is not one. The model, method, task and training "
+                            "of a checkpoint are fixed when it is trained: to change them, train again.")
+        keys.append(key.split(".")[1])
+    return keys
+
+
+def check_options(directory: Path, split: str | None, data_recipe: Recipe | None, data_file: Path | None,
+                  overrides: list[str]) -> list[str]:
+    """The data keys the overrides set; conflicting options are refused before anything is loaded."""
+    keys = _overridden_keys(overrides)
+    peft = is_peft_adapter(directory)
+    if data_recipe is None and peft:
+        raise UserError(f"{str(directory)!r} is a PEFT adapter, which says nothing about data: give --recipe "
+                        "RECIPE to evaluate it on that recipe's eval split (and --data FILE for another file).")
+    if data_recipe is not None and data_file is not None and not peft:
+        raise UserError("give either --recipe RECIPE (evaluate on that recipe's data) or --data FILE (a labelled "
+                        "file read with the checkpoint's own text and label fields), not both.")
+    if data_file is not None:
+        if split is not None:
+            raise UserError(f"--data {str(data_file)!r} is the data evaluated, all of it; --split chooses a split of "
+                            "a recipe's data. Drop --split (or --data).")
+        clash = sorted({k for k in keys if k in SOURCE_KEYS})
+        if clash:
+            raise UserError(f"--data {str(data_file)!r} replaces the data source, so the override(s) of "
+                            f"{', '.join('data.' + k for k in clash)} would have no effect. Drop them (or --data).")
+        if not data_file.is_file():
+            raise UserError(f"--data {str(data_file)!r} does not exist (or is not a file). Give a labelled csv, "
+                            "tsv, jsonl or parquet file.")
+    if "max_train_samples" in keys:
+        raise UserError("eval reads no training examples, so data.max_train_samples would have no effect; to "
+                        "evaluate fewer examples, use data.max_eval_samples.")
+    if split is not None and "eval_split" in keys:
+        raise UserError("--split and data.eval_split both choose the split to evaluate; give one of them.")
+    return keys
+
+
+def _data_for_file(trained: Trained, data_file: Path) -> dict[str, Any]:
+    """The checkpoint's data section read from one labelled file, with its own fields and label names."""
+    own = trained.recipe.data
+    data = {k: v for k, v in own.model_dump(mode="json").items()
+            if k not in (*SOURCE_KEYS, *FILE_KEYS, "max_train_samples", "max_eval_samples")}
+    data.update(files={"train": str(data_file), "validation": str(data_file)}, label_field=label_field(own),
+                label_names=list(trained.label_names) or None)
+    if trained.recipe.task.type != "causal_lm":
+        data["text_fields"] = text_fields(own)
+    return data
+
+
+def eval_recipe(trained: Trained, data_recipe: Recipe | None, data_file: Path | None,
+                overrides: list[str]) -> Recipe:
+    """The checkpoint's recipe with the data to evaluate: its own, --recipe's, or --data's, then the overrides."""
+    if data_file is not None:
+        data = _data_for_file(trained, data_file)
+    else:
+        data = (data_recipe or trained.recipe).data.model_dump(mode="json")
+    data = apply_overrides({"data": data}, overrides)["data"]
+    what = " and ".join(w for w, given in (("--recipe", data_recipe), ("--data", data_file),
+                                           ("the data.* overrides", overrides)) if given)
+    recipe = parse_recipe({**trained.recipe.model_dump(mode="json"), "data": data},
+                          source=f"the data to evaluate {str(trained.directory)!r} on ({what or 'its own'})")
+    return resolve_paths(recipe)
+
+
+def _declared_label_names(recipe: Recipe) -> list[str] | None:
+    """Label names a data section states without reading rows (data.label_names, a GLUE task's)."""
+    if recipe.data.label_names:
+        return list(recipe.data.label_names)
+    return list(GLUE_TASKS[recipe.data.glue_task].label_names) if recipe.data.glue_task else None
+
+
+def check_label_names(trained: Trained, recipe: Recipe, from_other_recipe: bool) -> None:
+    """The data's label names must be the checkpoint's, in its order (label ids index them)."""
+    if not has_labels(recipe.task):
+        return
+    names = _declared_label_names(recipe)
+    if names is None and from_other_recipe:  # as training would name them: from all of the train split
+        whole = recipe.data.model_copy(update={"validation_fraction": None})
+        names = label_names(whole, read_split(whole, whole.train_split))
+    if names is not None and names != list(trained.label_names):
+        unknown = [n for n in names if n not in trained.label_names]
+        raise UserError(
+            f"the data's labels are {names}, but checkpoint {str(trained.directory)!r} was trained with "
+            f"{list(trained.label_names)} (label ids follow this order)"
+            + (f"; it does not know {', '.join(map(repr, unknown))}" if unknown else "")
+            + ". Evaluate on data with the checkpoint's labels: set data.label_names to "
+            f"{list(trained.label_names)} if these are the same classes, or use data for the checkpoint's task.")
+
+
+def check_rows_labels(trained: Trained, recipe: Recipe, table: Table, limit: int | None) -> None:
+    """Name the labels in the rows to evaluate that the checkpoint does not know (with the first row of each)."""
+    if not has_labels(recipe.task):
+        return
+    names = list(trained.label_names)
+    field = label_field(recipe.data)
+    numeric = not any(name.lstrip("-").isdigit() for name in names)  # GLUE's 0/1 index the names
+    unknown: dict[str, int] = {}
+    for number, row in enumerate(table.rows[:limit] if limit else table.rows, 1):
+        key = label_key(row[field]) if row.get(field) is not None else ""
+        if key and key not in names and not (numeric and key.isdigit() and int(key) < len(names)):
+            unknown.setdefault(key, number)
+    if unknown:
+        listing = ", ".join(f"{key!r} (row {number})" for key, number in list(unknown.items())[:5])
+        raise UserError(
+            f"{table.origin} has label(s) checkpoint {str(trained.directory)!r} does not know: {listing}"
+            + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            + f". It predicts only {names}: remove those rows or write them as one of these labels.")
+
+
+def load_eval_examples(trained: Trained, recipe: Recipe, split: str, limit: int | None,
+                       new_data: bool) -> Examples:
+    """The examples to evaluate, labelled with the checkpoint's label ids."""
+    table = read_split(recipe.data, split)
+    if new_data:
+        check_rows_labels(trained, recipe, table, limit)
+    return to_examples(recipe.data, recipe.task, table, list(trained.label_names), limit)
+
+
+def _check_length(model, recipe: Recipe) -> None:
+    """A data.max_length other than the checkpoint's must still fit the model's positions."""
+    limit = Geometry.of(model.base.config).max_positions
+    if limit and recipe.method.num_virtual_tokens + recipe.data.max_length > limit:
+        raise UserError(f"method.num_virtual_tokens ({recipe.method.num_virtual_tokens}) + data.max_length "
+                        f"({recipe.data.max_length}) exceeds the model's {limit} positions. Lower data.max_length.")
+
 
 def evaluate_checkpoint(directory: Path, split: str | None = None, model_path: str | None = None,
-                        output: Path | None = None, data_recipe: Recipe | None = None) -> dict[str, Any]:
-    if data_recipe is None and is_peft_adapter(directory):
-        raise UserError(f"{str(directory)!r} is a PEFT adapter, which says nothing about data: give --recipe "
-                        "RECIPE to evaluate it on that recipe's eval split.")
-    accelerator = Accelerator()
-    recipe, model, tokenizer, label_names = load_trained(directory, model_path, data_recipe)
+                        output: Path | None = None, data_recipe: Recipe | None = None,
+                        data_file: Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    overrides = list(overrides or [])
+    keys = check_options(directory, split, data_recipe, data_file, overrides)
+    trained = read_trained(directory, model_path, data_recipe)
+    other_recipe = data_recipe is not None and not trained.from_peft
+    recipe = eval_recipe(trained, data_recipe if other_recipe else None, data_file, overrides)
+    check_label_names(trained, recipe, other_recipe)
+    try:
+        recipe.task.positive_index(list(trained.label_names))
+    except ValueError as err:
+        raise UserError(str(err)) from None
     split = split or recipe.data.eval_split
-    examples = load_split(recipe.data, recipe.task, split, label_names)
+    limit = recipe.data.max_eval_samples if split == recipe.data.eval_split or "max_eval_samples" in keys else None
+    examples = load_eval_examples(trained, recipe, split, limit, other_recipe or data_file is not None or bool(keys))
+    accelerator = Accelerator()
+    model, tokenizer = model_from_trained(trained)
+    _check_length(model, recipe)
     model, eval_loader = accelerator.prepare(model, evaluation_loader(recipe, examples, tokenizer))
-    results = evaluate(model, eval_loader, accelerator, recipe, len(label_names), tokenizer, examples.targets)
-    report = {"checkpoint": str(directory), "split": split, "examples": len(examples), "metrics": results}
+    results = evaluate(model, eval_loader, accelerator, recipe, trained.label_names, tokenizer, examples.targets)
+    report = {"checkpoint": str(directory), "split": str(data_file) if data_file is not None else split,
+              "examples": len(examples), "metrics": results}
     if output is not None and accelerator.is_main_process:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2) + "\n")

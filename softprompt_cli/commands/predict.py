@@ -21,8 +21,9 @@ from rich.progress import Progress
 from transformers import DataCollatorWithPadding
 
 from softprompt_cli.assemble import Trained, attach_trained, load_frozen, read_trained
+from softprompt_cli.commands.arguments import check_predict_input
 from softprompt_cli.config.schema import Recipe
-from softprompt_cli.data.sources import input_fields, read_table
+from softprompt_cli.data.sources import input_fields, read_table, row_texts
 from softprompt_cli.data.templates import render
 from softprompt_cli.errors import UserError
 from softprompt_cli.model.lm import Sampling
@@ -109,14 +110,17 @@ class Item:
 
 
 def make_items(rows: list[dict], tasks: dict[str, Task], tokenizer, task_column: str | None,
-               fields_override: list[str] | None) -> list[Item]:
+               fields_override: list[str] | None, origin: str = "the input") -> list[Item]:
+    """One item per row and task; a row whose text is null, empty, a list or an object is refused (numbers are
+    read as their text)."""
     items = []
     for number, row in enumerate(rows):
         if task_column and task_column in row:
             name = str(row[task_column])
             if name not in tasks:
-                raise UserError(f"row {number + 1} names task {name!r}, which is not one of the loaded checkpoints "
-                                f"({', '.join(tasks)}). Fix the {task_column!r} column or load that checkpoint.")
+                raise UserError(f"row {number + 1} of {origin} names task {name!r}, which is not one of the loaded "
+                                f"checkpoints ({', '.join(tasks)}). Fix the {task_column!r} column or load that "
+                                "checkpoint.")
             targets = [tasks[name]]
         else:
             targets = list(tasks.values())
@@ -129,9 +133,10 @@ def make_items(rows: list[dict], tasks: dict[str, Task], tokenizer, task_column:
                                 "pair tasks, one text for single-text tasks.")
             missing = [f for f in fields if f not in row]
             if missing:
-                raise UserError(f"row {number + 1} has no {', '.join(map(repr, missing))} (task {task.name} reads "
-                                f"{fields}; the row has {sorted(row)}). Name the text columns with --text-field.")
-            texts = [str(row[f]) for f in fields]
+                raise UserError(f"row {number + 1} of {origin} has no {', '.join(map(repr, missing))} (task "
+                                f"{task.name} reads {fields}; the row has {sorted(row)}). Name the text columns with "
+                                "--text-field.")
+            texts = list(row_texts(row, fields, number + 1, origin))
             limit = task.recipe.data.max_length
             if task.model.causal_lm:  # long inputs keep their end, where the template's cue is
                 ids = tokenizer(render(task.recipe.task.template, expected, tuple(texts)))["input_ids"][-limit:]
@@ -223,16 +228,33 @@ def predict(items: list[Item], tokenizer, batch_size: int, progress: bool = Fals
     return results
 
 
+OUTPUT_PREFIX = "pred_"
+"""Every column predict adds starts with this; input columns are kept as they are."""
+
+
+def check_input_columns(rows: list[dict]) -> None:
+    """Refuse input columns that start with OUTPUT_PREFIX: an output column could overwrite them."""
+    taken = sorted({str(k) for row in rows for k in row if str(k).startswith(OUTPUT_PREFIX)})
+    if taken:
+        raise UserError(
+            f"the input has column(s) {', '.join(map(repr, taken))}: predict keeps every input column and adds its "
+            "own, pred_task, pred_label, pred_score, pred_probabilities (pred_p_<label> in csv/tsv) and "
+            f"pred_generated, so input columns starting with {OUTPUT_PREFIX!r} could be overwritten. Rename or drop "
+            "those columns (e.g. when predicting on an earlier output).")
+
+
 def records(rows: list[dict], items: list[Item], outputs: list[torch.Tensor | str]) -> list[dict]:
+    """Each input row with the prediction in `pred_` columns (run_predict refused input columns named so)."""
     out = []
     for item, p in zip(items, outputs):
+        prediction: dict[str, Any] = {"pred_task": item.task.name}
         if isinstance(p, str):
-            out.append({**rows[item.row], "task": item.task.name, "generated": p})
-            continue
-        best = int(p.argmax())
-        out.append({**rows[item.row], "task": item.task.name, "label": item.task.label_names[best],
-                    "score": round(float(p[best]), 6),
-                    "probabilities": {n: round(float(v), 6) for n, v in zip(item.task.label_names, p)}})
+            prediction["pred_generated"] = p
+        else:
+            best = int(p.argmax())
+            prediction.update(pred_label=item.task.label_names[best], pred_score=round(float(p[best]), 6),
+                              pred_probabilities={n: round(float(v), 6) for n, v in zip(item.task.label_names, p)})
+        out.append({**rows[item.row], **prediction})
     return out
 
 
@@ -247,8 +269,8 @@ def write_records(results: list[dict], output: Path | None) -> None:
         return
     if output.suffix.lower() not in (".csv", ".tsv"):
         raise UserError(f"--output {str(output)!r}: write .jsonl, .csv or .tsv.")
-    flat = [{**{k: v for k, v in r.items() if k != "probabilities"},
-             **{f"p_{name}": v for name, v in r.get("probabilities", {}).items()}} for r in results]
+    flat = [{**{k: v for k, v in r.items() if k != "pred_probabilities"},
+             **{f"pred_p_{name}": v for name, v in r.get("pred_probabilities", {}).items()}} for r in results]
     columns = list(dict.fromkeys(k for r in flat for k in r))
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", newline="", encoding="utf-8") as handle:
@@ -260,22 +282,19 @@ def write_records(results: list[dict], output: Path | None) -> None:
 def run_predict(references: list[str], input_file: Path | None, texts: list[str], text_pairs: list[str],
                 output: Path | None, task_column: str, fields_override: list[str] | None, batch_size: int,
                 model_path: str | None, generation: Generation | None = None) -> list[dict]:
-    if (input_file is None) == (not texts):
-        raise UserError("give either --input FILE or --text \"...\" (not both, not neither).")
+    check_predict_input(input_file, texts, text_pairs)
     if input_file is not None:
-        if not input_file.is_file():
-            raise UserError(f"--input {str(input_file)!r} does not exist. Give a csv, tsv or jsonl file.")
-        rows = read_table(input_file)
+        rows = read_table(input_file, recipe=False)
     else:
-        if text_pairs and len(text_pairs) != len(texts):
-            raise UserError("give one --text-pair per --text.")
         fields_override = ["text", "text_pair"] if text_pairs else ["text"]
         rows = [{"text": t, **({"text_pair": p} if text_pairs else {})}
                 for t, p in zip(texts, text_pairs or texts)]
     if not rows:  # before loading any model
         raise UserError("the input has no rows. Give at least one text.")
+    check_input_columns(rows)
     tasks, tokenizer = load_tasks(references, model_path)
-    items = make_items(rows, tasks, tokenizer, task_column, fields_override)
+    items = make_items(rows, tasks, tokenizer, task_column, fields_override,
+                       repr(str(input_file)) if input_file is not None else "the --text arguments")
     outputs = predict(items, tokenizer, batch_size, progress=len(items) > 1000 and output is not None,
                       generation=generation)
     results = records(rows, items, outputs)

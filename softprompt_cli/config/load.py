@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe file {str(path)!r} does not exist. Check the path (recipes ship in recipes/).")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise UserError(f"recipe {str(path)!r} is not UTF-8 text: byte {raw[err.start]:#04x} on line {line} cannot "
+                        "be decoded (saved as Latin-1 / Windows-1252, or not a text file). Re-save the recipe as "
+                        "UTF-8.") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         where = ""
         mark = getattr(err, "problem_mark", None)
@@ -64,9 +73,32 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def absolute_path(path: str) -> str:
+    """`path` made absolute against the current working directory (`~` expanded); '' and URLs stay as they are."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_paths(recipe: Recipe) -> Recipe:
+    """Make the recipe's data paths (data.dir, data.files, method.init_checkpoint) absolute against the current
+    working directory, so that the recipe saved with a run works from any folder. Unset paths stay unset
+    ($GLUE_DIR and the Hub remain the fallbacks)."""
+    data = recipe.data
+    if data.dir is not None:
+        data.dir = absolute_path(data.dir)
+    if data.files is not None:
+        data.files = {split: absolute_path(path) for split, path in data.files.items()}
+    if getattr(recipe.method, "init_checkpoint", None):
+        recipe.method.init_checkpoint = absolute_path(recipe.method.init_checkpoint)
+    return recipe
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """A recipe file with its overrides; relative data paths are resolved against the current working directory
+    (not the recipe's folder: recipes are run from the repository root) and kept absolute."""
     data = apply_overrides(read_yaml(path), overrides or [])
-    recipe = parse_recipe(data, source=f"recipe {str(path)!r}")
+    recipe = resolve_paths(parse_recipe(data, source=f"recipe {str(path)!r}"))
     if recipe.output.dir is None:
         recipe.output.dir = str(Path("runs") / Path(path).stem)
     return recipe

@@ -18,7 +18,8 @@ from softprompt_cli.metrics import KNOWN_METRICS
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: a recipe's .inf or .nan (training.lr: .inf) would train to NaN weights.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -38,6 +39,7 @@ class DataSection(Section):
     files: dict[str, str] | None = Field(None, description="split name -> local csv/tsv/jsonl/parquet file")
     format: Literal["csv", "tsv", "jsonl", "parquet"] | None = Field(None, description="default: from the extension")
     columns: list[str] | None = Field(None, description="column names for csv/tsv files without a header row")
+    encoding: str = Field("utf-8", description="text encoding of csv/tsv/jsonl files (e.g. latin-1)")
     text_fields: list[str] | None = Field(None, min_length=1, max_length=2,
                                           description="one text field, or two for pairs")
     label_field: str | None = None
@@ -47,6 +49,10 @@ class DataSection(Section):
     max_length: int = Field(128, ge=8, description="tokens per example, before the virtual tokens")
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
+    validation_fraction: float | None = Field(
+        None, gt=0, lt=0.5, description="hold out this fraction of the train split (shuffled with split_seed) as the "
+        "eval split, named eval_split; for data without a validation split")
+    split_seed: int = Field(0, description="seed of the validation_fraction shuffle (the same seed, the same split)")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSection:
@@ -59,9 +65,35 @@ class DataSection(Section):
         if self.glue_task is not None and self.glue_task not in GLUE_TASKS:
             raise ValueError(f"glue_task {self.glue_task!r} is not one of {', '.join(GLUE_TASKS)}")
         if self.files is not None:
-            missing = [split for split in (self.train_split, self.eval_split) if split not in self.files]
+            needed = (self.train_split,) if self.validation_fraction else (self.train_split, self.eval_split)
+            missing = [split for split in needed if split not in self.files]
             if missing:
                 raise ValueError(f"files has no entry for split(s) {', '.join(missing)}")
+        return self
+
+    @model_validator(mode="after")
+    def _known_encoding(self) -> DataSection:
+        try:
+            "a".encode(self.encoding)  # LookupError for unknown names and for bytes-to-bytes codecs (base64)
+        except (LookupError, UnicodeError):
+            raise ValueError(f"encoding {self.encoding!r} is not a known text encoding; use e.g. utf-8, latin-1, "
+                             "cp1252 or utf-16") from None
+        return self
+
+    @model_validator(mode="after")
+    def _held_out_split(self) -> DataSection:
+        """validation_fraction names its held-out part eval_split, which must not be a split the data has."""
+        if self.validation_fraction is None:
+            return self
+        if self.eval_split == self.train_split:
+            raise ValueError(f"validation_fraction holds out part of {self.train_split!r} as the eval split; "
+                             "eval_split must name that held-out part, not the train split (e.g. validation)")
+        existing = (list(self.files or {}) if self.files is not None
+                    else list(GLUE_TASKS[self.glue_task].split_files) if self.glue_task in GLUE_TASKS else [])
+        if self.eval_split in existing:
+            raise ValueError(f"validation_fraction holds out part of {self.train_split!r} as eval split "
+                             f"{self.eval_split!r}, but the data already has a split of that name; set eval_split to "
+                             "a new name (e.g. heldout), or remove validation_fraction to evaluate on that split")
         return self
 
 
@@ -94,6 +126,26 @@ class TaskSection(Section):
     )
     metrics: list[str] | None = Field(None, description="default: the GLUE task's metrics, else accuracy")
     main_metric: str | None = Field(None, description="selects the best checkpoint (default: the first metric)")
+    positive_label: str | int | None = Field(
+        None, description="the label (a label name) F1, precision and recall are computed for; default: the second "
+        "label with two labels (label id 1), macro averages over the labels with more")
+
+    def positive_index(self, label_names: list[str]) -> int | None:
+        """The label id F1, precision and recall are for (None: label 1 of two, else macro averages); ValueError
+        names an unknown positive_label."""
+        if self.positive_label is None:
+            return None
+        name = str(self.positive_label)
+        if name not in label_names:
+            raise ValueError(f"task.positive_label {name!r} is not one of the labels {label_names}; set it to one "
+                             "of them (or remove it: the second label with two labels, macro averages with more)")
+        return label_names.index(name)
+
+    @model_validator(mode="after")
+    def _positive_label_needs_labels(self) -> TaskSection:
+        if self.positive_label is not None and self.target_field is not None:
+            raise ValueError("positive_label is for labels; task.target_field has free-form targets (exact_match)")
+        return self
 
     @model_validator(mode="after")
     def _causal_lm_fields(self) -> TaskSection:

@@ -43,7 +43,7 @@ class ModelSpec:
 class MethodOptions(BaseModel):
     """Options every method has. Subclasses add `name: Literal[...]` and their own options."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: ClassVar[Literal["input", "prefix"]]
     """`input`: the module returns virtual token embeddings [n, hidden] to insert into the input.

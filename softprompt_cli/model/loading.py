@@ -55,7 +55,24 @@ class Geometry:
 
 
 def _load(loader, reference: str, revision: str | None, gguf_file: str | None = None, **kwargs):
+    from pathlib import Path
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
     location, local = resolve_model_reference(reference, revision, gguf_file)
+    refusal = (f"model {reference!r} needs its own Python code to load ({{}}). softprompt runs a model's code only "
+               "when the recipe allows it: set model.trust_remote_code: true only if you trust that code (read the "
+               "model's .py files first); otherwise use a model that transformers supports.")
+    config_file = Path(location) / "config.json"
+    if local and not kwargs.get("trust_remote_code") and config_file.is_file():
+        try:  # refuse before transformers looks at the folder: nothing of it may run
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}  # transformers reports a damaged config.json itself
+        if isinstance(config, dict) and config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING_NAMES:
+            raise UserError(refusal.format(f"config.json maps {', '.join(config['auto_map'])} to code in the model "
+                                           f"folder, and model_type {config.get('model_type')!r} is not one "
+                                           "transformers knows"))
     online = not local and hub_reachable()
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
@@ -66,6 +83,10 @@ def _load(loader, reference: str, revision: str | None, gguf_file: str | None = 
         if not local and not online:
             raise offline_model_error(reference) from None
         raise UserError(f"could not load {reference!r}: {err}") from None
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise UserError(refusal.format("transformers: it contains custom code")) from None
 
 
 def load_tokenizer(reference: str, revision: str | None = None, trust_remote_code: bool = False,

@@ -10,7 +10,7 @@ from softprompt_cli.config.schema import Recipe
 
 
 @torch.no_grad()
-def evaluate(model, eval_loader, accelerator: Accelerator, recipe: Recipe, num_labels: int, tokenizer,
+def evaluate(model, eval_loader, accelerator: Accelerator, recipe: Recipe, label_names: list[str], tokenizer,
              targets: list[str] | None, with_prompt: bool = True) -> dict:
     """The recipe's metrics on the eval loader, gathered over processes: predicted labels (a head's argmax,
     or the most likely label word), or generated texts against `targets` (exact match)."""
@@ -33,4 +33,5 @@ def evaluate(model, eval_loader, accelerator: Accelerator, recipe: Recipe, num_l
         predictions += gathered[0].tolist()
         references += gathered[1].tolist()
     unwrapped.train()
-    return metrics.compute(recipe.metrics, predictions, references, num_labels)
+    return metrics.compute(recipe.metrics, predictions, references, len(label_names),
+                           recipe.task.positive_index(label_names))

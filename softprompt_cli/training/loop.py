@@ -7,6 +7,7 @@ arguments.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -22,11 +23,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as ProgressBar
 
 from softprompt_cli import memory
-from softprompt_cli.artifacts.checkpoint import RECIPE_FILE, refuse_earlier_output, write_checkpoint
+from softprompt_cli.artifacts.checkpoint import (
+    RECIPE_FILE,
+    output_lock,
+    recover_folder,
+    refuse_earlier_output,
+    write_checkpoint,
+)
 from softprompt_cli.assemble import build_model
 from softprompt_cli.config.schema import Recipe
 from softprompt_cli.data.batching import evaluation_loader, training_loader
 from softprompt_cli.data.sources import Examples, load_examples
+from softprompt_cli.errors import UserError
 from softprompt_cli.model.loading import config_fingerprint
 from softprompt_cli.model.soft_prompt import PROMPT_PREFIX, SoftPromptModel
 from softprompt_cli.training.control import StopRequest, TrainingStopped, finish, stop_everywhere
@@ -121,8 +129,12 @@ def claim_output(recipe: Recipe, accelerator: Accelerator, resume: Path | None) 
     """The saved state to resume from (checked against the recipe), or None for a new run; the main process
     refuses a folder that holds another run and writes the resolved recipe."""
     out = Path(recipe.output.dir)
-    saved = load_state(resume) if resume is not None else None
-    if saved is not None:
+    saved = None
+    if resume is not None:
+        if accelerator.is_main_process:
+            recover_folder(resume)  # one process repairs a replacement a crash interrupted; then all read
+        accelerator.wait_for_everyone()
+        saved = load_state(resume, recover=False)
         check_resumable(saved["progress"]["recipe"], recipe, resume)
     if accelerator.is_main_process:
         if saved is None:
@@ -217,7 +229,7 @@ def validate(run: Run, progress: Progress, counters: Counters, log: MetricsLog) 
     """Evaluate, log, and keep best/ when the main metric improved."""
     started = time.perf_counter()
     memory.release_free_memory()  # evaluation's larger batches would otherwise grow the heap further
-    results = evaluate(run.model, run.eval_loader, run.accelerator, run.recipe, len(run.label_names), run.tokenizer,
+    results = evaluate(run.model, run.eval_loader, run.accelerator, run.recipe, run.label_names, run.tokenizer,
                        run.eval_examples.targets)
     memory.release_free_memory()
     counters.eval_seconds += time.perf_counter() - started
@@ -234,16 +246,35 @@ def validate(run: Run, progress: Progress, counters: Counters, log: MetricsLog) 
     return results
 
 
-def train_step(run: Run, batch: dict) -> tuple[torch.Tensor, float | None]:
-    """Forward, backward and (at the end of an accumulation) the optimizer step: (loss, prompt gradient norm)."""
+def stop_if_diverged(run: Run, step: int, what: str, value: float) -> None:
+    """Stop the run at the first NaN or infinite loss or gradient norm, before the optimizer applies it: what
+    was saved before stays the last good state, and nothing non-finite is ever written."""
+    if math.isfinite(value):
+        return
+    cfg = run.recipe.training
+    raise UserError(
+        f"training diverged at step {step}: the {what} is {value}. The run stopped there; the checkpoints and "
+        f"state saved before that step in {str(run.out)!r} are kept. Likely cause: a learning rate too high "
+        f"(training.lr={cfg.lr:g}; lower it, e.g. 10x)"
+        + (", or an fp16 overflow (use training.mixed_precision=bf16 or a lower training.lr)"
+           if cfg.mixed_precision == "fp16" else "")
+        + "; otherwise check the data for extreme or broken examples.")
+
+
+def train_step(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, float | None]:
+    """Forward, backward and (at the end of an accumulation) the optimizer step `step`: (loss, prompt gradient
+    norm). A non-finite loss or gradient norm stops the run (UserError) before the optimizer step."""
     accelerator = run.accelerator
     with accelerator.accumulate(run.model):
         loss = run.model(**batch)["loss"]
+        stop_if_diverged(run, step, "loss", loss.item())
         accelerator.backward(loss)
         grad_norm = None
         if accelerator.sync_gradients:
             grads = [p.grad.norm() for p in run.unwrapped.prompt.parameters() if p.grad is not None]
             grad_norm = torch.norm(torch.stack(grads)).item()
+            if accelerator.scaler is None:  # with fp16, the loss scaler skips steps with inf gradients itself
+                stop_if_diverged(run, step, "prompt gradient norm", grad_norm)
             if run.recipe.training.max_grad_norm:
                 accelerator.clip_grad_norm_(run.model.parameters(), run.recipe.training.max_grad_norm)
         run.optimizer.step()
@@ -307,7 +338,7 @@ def train_epoch(run: Run, progress: Progress, counters: Counters, log: MetricsLo
     skip = progress.batches_done
     batches = run.accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
     for batch in batches:
-        loss, grad_norm = train_step(run, batch)
+        loss, grad_norm = train_step(run, batch, progress.step + 1)
         progress.batches_done += 1
         count_batch(counters, progress, batch, loss, run.accelerator.num_processes)
         if not run.accelerator.sync_gradients:
@@ -378,6 +409,15 @@ def report(run: Run, progress: Progress, summary: dict) -> None:
 def train(recipe: Recipe, resume: Path | None = None) -> dict[str, Any]:
     """Train as the recipe says (continuing the state saved in `resume`); return the run's summary."""
     accelerator = make_accelerator(recipe)
+    # Only the main process writes, so only it claims the folder, before anything there is read or written;
+    # the claim lasts until the run ends, however it ends (an error, a Ctrl-C stop, a kill).
+    claim = output_lock(Path(recipe.output.dir)) if accelerator.is_main_process else contextlib.nullcontext()
+    with claim:
+        return train_claimed(recipe, accelerator, resume)
+
+
+def train_claimed(recipe: Recipe, accelerator: Accelerator, resume: Path | None) -> dict[str, Any]:
+    """`train` once the output folder is this run's."""
     saved = claim_output(recipe, accelerator, resume)
     set_seed(recipe.training.seed)
     run = set_up(recipe, accelerator)

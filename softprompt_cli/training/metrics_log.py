@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
+
+from softprompt_cli.artifacts.checkpoint import disk_error
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float (at any depth) replaced by None: JSON has no such numbers, and
+    Python's `NaN` tokens make a line that strict JSON readers reject."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
 
 
 class MetricsLog:
@@ -37,8 +53,12 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        record = finite_or_null(record)
+        try:
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
+            self.file.flush()
+        except OSError as err:
+            raise disk_error(self.path, err, "The lines written before are kept.") from None
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-        self.accelerator.log(numbers | {f"eval/{k}": v for k, v in record.get("eval", {}).items()},
-                             step=record["step"])
+        evaluated = {f"eval/{k}": v for k, v in record.get("eval", {}).items() if isinstance(v, (int, float))}
+        self.accelerator.log(numbers | evaluated, step=record["step"])

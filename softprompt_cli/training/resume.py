@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from softprompt_cli.artifacts.checkpoint import atomic_folder
+from softprompt_cli.artifacts.checkpoint import atomic_folder, recover_folder, refuse_non_finite
 from softprompt_cli.config.schema import Recipe
 from softprompt_cli.errors import UserError
 
@@ -69,6 +70,7 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
 
 def save_state(directory: Path, params: dict[str, torch.Tensor], optimizer, scheduler,
                rng_per_process: list[dict[str, Any]], progress: dict[str, Any]) -> None:
+    refuse_non_finite(directory, params)
     optimizer_tensors, optimizer_plain = _split_optimizer(optimizer.state_dict())
     with atomic_folder(directory) as staging:
         save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, staging / "params.safetensors")
@@ -84,10 +86,24 @@ def save_state(directory: Path, params: dict[str, torch.Tensor], optimizer, sche
         (staging / STATE_FILE).write_text(json.dumps(info) + "\n")
 
 
-def load_state(directory: Path) -> dict[str, Any]:
+def load_state(directory: Path, recover: bool = True) -> dict[str, Any]:
+    """The state saved in `directory`. With `recover` (one process only), first finish or undo a replacement of
+    the folder that a crash interrupted (see recover_folder), which would otherwise leave no state to read."""
+    if recover:
+        recover_folder(directory)
     if not (directory / STATE_FILE).is_file():
         raise UserError(f"no training state in {str(directory)!r} to resume from. A run saves one at the end of "
                         "every epoch and on Ctrl-C; give the run's state folder (<output.dir>/state).")
+    try:
+        return _read_state(directory)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:
+        # JSON, missing keys, truncated or missing tensor files: the folder cannot be resumed from
+        raise UserError(f"the training state in {str(directory)!r} is damaged ({type(err).__name__}: {err}). "
+                        "Start the run again without --resume (output.overwrite=true), or resume from a copy "
+                        "of an intact state folder.") from None
+
+
+def _read_state(directory: Path) -> dict[str, Any]:
     info = json.loads((directory / STATE_FILE).read_text())
     torch_rng = load_file(directory / "rng.safetensors")
     rng = [{**plain, "torch": torch_rng[f"torch.{rank}"]} for rank, plain in enumerate(info["rng"])]
