@@ -88,11 +88,12 @@ def evaluate(
 ) -> None:
     """Evaluate a checkpoint (or a PEFT prompt-learning adapter) on its recipe's eval split, another split, another
     recipe's data (--recipe), a labelled file (--data), or with data.KEY=VALUE overrides."""
-    from softprompt_cli.commands.arguments import check_checkpoint_folder
+    from softprompt_cli.commands.arguments import check_checkpoint_folder, check_eval_options
     from softprompt_cli.config.load import load_recipe
 
     check_checkpoint_folder(checkpoint)  # cheap checks first: torch takes seconds to import
     data_recipe = load_recipe(recipe) if recipe else None
+    check_eval_options(checkpoint, split, data_recipe, data, list(overrides or []))
     from softprompt_cli.commands.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(checkpoint, split, model, output, data_recipe, data, list(overrides or []))

@@ -199,7 +199,8 @@ def test_validate_catches_too_many_positions(tmp_path, tiny_models, run_cli, kin
 
 def test_max_positions_reads_nested_and_renamed_keys():
     assert max_positions({"max_position_embeddings": 512}) == 512
-    assert max_positions({"n_positions": 1024, "n_ctx": 1024}) == 1024
+    assert max_positions({"model_type": "gpt2", "n_positions": 1024, "n_ctx": 1024}) == 1024
+    assert max_positions({"model_type": "t5", "n_positions": 512}) is None  # relative attention: no limit
     assert max_positions({"text_config": {"max_position_embeddings": 4096}, "vision_config": {}}) == 4096
     assert max_positions({"text_config": {}, "decoder": {}}) is None  # ambiguous, as in transformers
     assert max_positions({"hidden_size": 8}) is None  # not said: train checks with the loaded config

@@ -314,14 +314,14 @@ def test_files_and_folders_are_fsynced_before_and_after_the_renames(tmp_path, mo
 # ----------------------------------------------------------------------------- 3. disk full
 
 
-def fail_after(calls: int, real):
-    """A save_file that works `calls` times, then finds the disk full."""
+def fail_after(calls: int, real, error: Exception | None = None):
+    """A save_file that works `calls` times, then finds the disk full (an OSError, or `error`)."""
     count = {"n": 0}
 
     def save_file(*args, **kwargs):
         count["n"] += 1
         if count["n"] > calls:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise error or OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
     return save_file
@@ -443,3 +443,17 @@ def test_metrics_log_writes_strict_json(tmp_path):
     assert record == {"step": 1, "loss": None, "lr": None, "prompt_grad_norm": 2.0,
                       "eval": {"accuracy": 0.5, "f1": None}}
     assert logged == [{"prompt_grad_norm": 2.0, "eval/accuracy": 0.5}]
+
+
+def test_disk_full_as_safetensors_reports_it_is_a_clean_error(tmp_path, tiny_models, run_cli, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError (this text, seen on a full tmpfs), not an
+    OSError: the same message and exit 2, the last good best/ kept."""
+    from safetensors import SafetensorError
+
+    recipe = write_recipe(tmp_path, str(tiny_models["bert"]), {"name": "prompt_tuning"}, **COMMON)
+    full = SafetensorError("I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(checkpoint, "save_file", fail_after(1, checkpoint.save_file, full))
+    code, out, err = run_cli("train", recipe)
+    assert code == 2 and "Traceback" not in out + err
+    assert "No space left on device" in err and "ENOSPC" in err and "Free disk space" in err
+    assert read_checkpoint(tmp_path / "run" / "best")[0]["step"] == 6

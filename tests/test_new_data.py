@@ -311,3 +311,26 @@ def test_unknown_positive_label_is_named(tmp_path, tiny_models, run_cli):
     recipe = files_recipe(tmp_path, str(tiny_models["bert"]), files, task={"positive_label": "positive"})
     code, out, err = run_cli("validate", recipe)
     assert code == 2 and "'positive'" in err and "['neg', 'pos']" in err and "Traceback" not in out + err
+
+
+def test_eval_data_file_keeps_the_glue_task_metrics(tmp_path, tiny_models, run_cli):
+    """A GLUE checkpoint's metrics come from its task (MRPC: accuracy and F1); --data replaces the GLUE source,
+    but not the metrics the checkpoint was chosen by."""
+    from conftest import GLUE_DIR, write_recipe
+
+    recipe = write_recipe(tmp_path, str(tiny_models["bert"]), {"name": "prompt_tuning"}, training={"max_steps": 1})
+    assert run_cli("train", recipe)[0] == 0
+    rows = (GLUE_DIR / "MRPC" / "dev.tsv").read_text(encoding="utf-8").splitlines(keepends=True)[:13]
+    (tmp_path / "slice.tsv").write_text("".join(rows), encoding="utf-8")
+    report = eval_report(run_cli, tmp_path, tmp_path / "run" / "final", "--data", tmp_path / "slice.tsv")
+    assert report["examples"] == 12 and sorted(report["metrics"]) == ["accuracy", "f1"]
+
+
+def test_every_data_key_is_placed_for_eval_data():
+    """`eval --data FILE` replaces the data source keys, resets the file-format keys and keeps the rest: a new
+    DataSection key must be placed in one of these groups, or it would silently carry over (or fall away)."""
+    from softprompt_cli.commands.arguments import FILE_KEYS, SOURCE_KEYS
+    from softprompt_cli.config.schema import DataSection
+
+    kept = {"text_fields", "label_field", "label_names", "max_length", "max_train_samples", "max_eval_samples"}
+    assert set(DataSection.model_fields) == set(SOURCE_KEYS) | set(FILE_KEYS) | kept

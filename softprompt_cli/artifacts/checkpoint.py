@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from softprompt_cli.errors import UserError
@@ -34,14 +35,30 @@ COMPLETE_MARKER = ".complete"
 """Written last (and fsynced) into a staging folder: only a staging folder that has it may replace its target."""
 
 
-def disk_error(path: Path, err: OSError, kept: str) -> UserError:
-    """A UserError for an OSError met while writing `path` (disk full, quota, read-only, permissions);
-    `kept` says what is still intact."""
-    code = errno.errorcode.get(err.errno, "") if err.errno else ""
-    reason = f"{err.strerror or err}{f' ({code})' if code else ''}"
-    return UserError(f"could not write {str(path)!r}: {reason}. {kept} Free disk space or make the folder "
-                     "writable and try again (a training run continues from its last saved state with --resume), "
-                     "or choose another output folder (output.dir).")
+WRITE_ERRORS = (OSError, SafetensorError)
+"""What writing a file can raise: safetensors reports its own I/O errors (disk full included) as SafetensorError."""
+
+_ADVICE = {
+    errno.ENOSPC: "Free disk space, or choose another output folder (output.dir, or -o).",
+    errno.EDQUOT: "Free space within your disk quota, or choose another output folder (output.dir, or -o).",
+    errno.EROFS: "The file system is read-only: choose an output folder (output.dir, or -o) on a writable one.",
+    errno.EACCES: "Make the folder writable for you, or choose another output folder (output.dir, or -o).",
+    errno.EPERM: "Make the folder writable for you, or choose another output folder (output.dir, or -o).",
+    errno.ENOTDIR: "A part of the path is a file, not a folder: choose another output folder (output.dir, or -o).",
+    errno.EEXIST: "A file stands where a folder is needed: choose another output folder (output.dir, or -o).",
+}
+
+
+def disk_error(path: Path, err: Exception, kept: str) -> UserError:
+    """A UserError for an error met while writing `path` (disk full, quota, read-only, permissions, a file in
+    the way); `kept` says what is still intact."""
+    number = getattr(err, "errno", None) or (errno.ENOSPC if "os error 28" in str(err) else None)
+    code = errno.errorcode.get(number, "") if number else ""
+    reason = f"{getattr(err, 'strerror', None) or err}{f' ({code})' if code else ''}"
+    advice = _ADVICE.get(number, "Free disk space or make the folder writable, or choose another output folder "
+                                 "(output.dir, or -o).")
+    return UserError(f"could not write {str(path)!r}: {reason}. {kept} {advice} (A training run continues from "
+                     "its last saved state with --resume.)")
 
 
 def _fsync_file(path: Path) -> None:
@@ -63,11 +80,13 @@ def _seal(staging: Path) -> None:
     for path in entries:
         if path.is_file():
             _fsync_file(path)
+    folders = [p for p in entries if p.is_dir()] + [staging]
+    for folder in folders:  # every file's name is durable before the marker says the folder is complete
+        fsync_folder(folder)
     marker = staging / COMPLETE_MARKER
     marker.write_text("complete\n")
     _fsync_file(marker)
-    for folder in [p for p in entries if p.is_dir()] + [staging]:
-        fsync_folder(folder)
+    fsync_folder(staging)
 
 
 def _retired(directory: Path) -> Path:
@@ -140,9 +159,18 @@ def atomic_folder(directory: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(OSError):
             recover_folder(directory)  # puts the previous version back if the replacement had begun
-        if isinstance(err, OSError):
+        if isinstance(err, WRITE_ERRORS):
             raise disk_error(directory, err, "The folder still holds what it held before.") from None
         raise
+
+
+def write_small_file(path: Path, text: str) -> None:
+    """Write a small text file (a recipe, a summary) into a run's folder; a write error is a UserError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise disk_error(path, err, "The run's checkpoints and state are kept.") from None
 
 
 def refuse_non_finite(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -196,6 +224,9 @@ def _info_problem(info: Any) -> str | None:
 def read_checkpoint(directory: Path) -> tuple[dict[str, Any], str, dict[str, torch.Tensor]]:
     """(info, recipe YAML, tensors) of a checkpoint folder; never unpickles anything. The info is checked to
     hold label_names and base_model; the recipe is the caller's to parse."""
+    if not directory.exists() and directory.parent.is_dir():
+        with contextlib.suppress(*WRITE_ERRORS):
+            recover_folder(directory)  # a crash between the renames of a replacement left it elsewhere
     if not directory.is_dir():
         raise UserError(f"checkpoint folder {str(directory)!r} does not exist. Give a folder written by "
                         "`softprompt train` (e.g. runs/<recipe>/best).")

@@ -175,7 +175,8 @@ def _run_comparison(recipe_paths: list[Path], methods: list[str], seeds: int, ou
         if train_examples.labels:  # free-form generation targets have no majority class
             majority_label = max(set(train_examples.labels), key=train_examples.labels.count)
             majority = metric_functions.compute([any_recipe.main_metric], [majority_label] * len(eval_examples),
-                                                eval_examples.labels, len(names))[any_recipe.main_metric]
+                                                eval_examples.labels, len(names),
+                                                any_recipe.task.positive_index(names))[any_recipe.main_metric]
         rows: dict[str, list[dict]] = {m: [] for m in methods}
         for (method, seed), recipe in recipes.items():
             print(f"[{recipe_path.stem}] {method}, seed {first_seed + seed} ...", flush=True)

@@ -13,8 +13,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from softprompt_cli.artifacts.peft import is_peft_adapter
 from softprompt_cli.assemble import Trained, model_from_trained, read_trained
+from softprompt_cli.commands.arguments import FILE_KEYS, SOURCE_KEYS, check_eval_options
 from softprompt_cli.config.load import apply_overrides, parse_recipe, resolve_paths
 from softprompt_cli.config.schema import Recipe
 from softprompt_cli.data.batching import evaluation_loader
@@ -34,55 +34,6 @@ from softprompt_cli.errors import UserError
 from softprompt_cli.model.loading import Geometry
 from softprompt_cli.training.control import finish
 from softprompt_cli.training.evaluate import evaluate
-
-SOURCE_KEYS = ("glue_task", "dir", "dataset", "dataset_config", "files", "train_split", "eval_split",
-               "validation_fraction", "split_seed")
-"""Data keys that say where the data comes from: --data FILE replaces them all."""
-FILE_KEYS = ("format", "columns", "encoding")
-"""Data keys that describe the checkpoint's own files: --data FILE starts from their defaults."""
-
-
-def _overridden_keys(overrides: list[str]) -> list[str]:
-    """The data keys the overrides set (data.files.train=x sets files); anything outside data. is refused."""
-    keys = []
-    for override in overrides:
-        key, sep, _ = override.partition("=")
-        if not sep or not key.startswith("data.") or key == "data.":
-            raise UserError(f"eval takes overrides of the data section only, as data.KEY=VALUE (e.g. "
-                            f"data.max_eval_samples=50); {override!r} is not one. The model, method, task and training "
-                            "of a checkpoint are fixed when it is trained: to change them, train again.")
-        keys.append(key.split(".")[1])
-    return keys
-
-
-def check_options(directory: Path, split: str | None, data_recipe: Recipe | None, data_file: Path | None,
-                  overrides: list[str]) -> list[str]:
-    """The data keys the overrides set; conflicting options are refused before anything is loaded."""
-    keys = _overridden_keys(overrides)
-    peft = is_peft_adapter(directory)
-    if data_recipe is None and peft:
-        raise UserError(f"{str(directory)!r} is a PEFT adapter, which says nothing about data: give --recipe "
-                        "RECIPE to evaluate it on that recipe's eval split (and --data FILE for another file).")
-    if data_recipe is not None and data_file is not None and not peft:
-        raise UserError("give either --recipe RECIPE (evaluate on that recipe's data) or --data FILE (a labelled "
-                        "file read with the checkpoint's own text and label fields), not both.")
-    if data_file is not None:
-        if split is not None:
-            raise UserError(f"--data {str(data_file)!r} is the data evaluated, all of it; --split chooses a split of "
-                            "a recipe's data. Drop --split (or --data).")
-        clash = sorted({k for k in keys if k in SOURCE_KEYS})
-        if clash:
-            raise UserError(f"--data {str(data_file)!r} replaces the data source, so the override(s) of "
-                            f"{', '.join('data.' + k for k in clash)} would have no effect. Drop them (or --data).")
-        if not data_file.is_file():
-            raise UserError(f"--data {str(data_file)!r} does not exist (or is not a file). Give a labelled csv, "
-                            "tsv, jsonl or parquet file.")
-    if "max_train_samples" in keys:
-        raise UserError("eval reads no training examples, so data.max_train_samples would have no effect; to "
-                        "evaluate fewer examples, use data.max_eval_samples.")
-    if split is not None and "eval_split" in keys:
-        raise UserError("--split and data.eval_split both choose the split to evaluate; give one of them.")
-    return keys
 
 
 def _data_for_file(trained: Trained, data_file: Path) -> dict[str, Any]:
@@ -107,7 +58,10 @@ def eval_recipe(trained: Trained, data_recipe: Recipe | None, data_file: Path | 
     data = apply_overrides({"data": data}, overrides)["data"]
     what = " and ".join(w for w, given in (("--recipe", data_recipe), ("--data", data_file),
                                            ("the data.* overrides", overrides)) if given)
-    recipe = parse_recipe({**trained.recipe.model_dump(mode="json"), "data": data},
+    own = trained.recipe.model_dump(mode="json")
+    # The checkpoint's metrics, whatever the data: a GLUE task's default metrics would fall away with its data.
+    task = {**own["task"], "metrics": trained.recipe.metrics}
+    recipe = parse_recipe({**own, "task": task, "data": data},
                           source=f"the data to evaluate {str(trained.directory)!r} on ({what or 'its own'})")
     return resolve_paths(recipe)
 
@@ -178,7 +132,7 @@ def evaluate_checkpoint(directory: Path, split: str | None = None, model_path: s
                         output: Path | None = None, data_recipe: Recipe | None = None,
                         data_file: Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     overrides = list(overrides or [])
-    keys = check_options(directory, split, data_recipe, data_file, overrides)
+    keys = check_eval_options(directory, split, data_recipe, data_file, overrides)
     trained = read_trained(directory, model_path, data_recipe)
     other_recipe = data_recipe is not None and not trained.from_peft
     recipe = eval_recipe(trained, data_recipe if other_recipe else None, data_file, overrides)

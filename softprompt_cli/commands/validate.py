@@ -16,7 +16,10 @@ from softprompt_cli.hub import check_model_available, resolve_model_reference
 
 # config.json names of what transformers calls max_position_embeddings (attribute maps), and the keys that hold
 # the text part of a composite model's config (PretrainedConfig.get_text_config)
-POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "context_length", "model_max_length")
+POSITION_KEY = "max_position_embeddings"
+# Model types whose transformers config maps n_positions to max_position_embeddings (what training reads);
+# elsewhere n_positions means something else (T5's relative attention has no position limit).
+N_POSITIONS_TYPES = {"gpt2", "gpt_bigcode", "gptj", "codegen", "openai-gpt", "imagegpt", "decision_transformer"}
 TEXT_CONFIG_KEYS = ("text_encoder", "decoder", "generator", "text_config")
 
 
@@ -42,7 +45,9 @@ def max_positions(config: dict) -> int | None:
     if len(nested) > 1:
         return None
     text = nested[0] if nested else config
-    value = next((text[key] for key in POSITION_KEYS if text.get(key) is not None), None)
+    value = text.get(POSITION_KEY)
+    if value is None and text.get("model_type", config.get("model_type")) in N_POSITIONS_TYPES:
+        value = text.get("n_positions")
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 

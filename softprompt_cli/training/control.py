@@ -36,6 +36,14 @@ class TrainingStopped(Exception):
     """Raised after a requested stop, once the state is saved; the CLI exits with 130."""
 
 
+def all_processes_agree(accelerator: Accelerator, ok: bool) -> bool:
+    """Whether `ok` holds on every process (each process passes its own)."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor([float(not ok)], device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() == 0
+
+
 def stop_everywhere(request: StopRequest, accelerator: Accelerator) -> bool:
     """Whether any process was asked to stop (all processes must stop at the same step)."""
     if accelerator.num_processes == 1:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from softprompt_cli.artifacts.checkpoint import (
     recover_folder,
     refuse_earlier_output,
     write_checkpoint,
+    write_small_file,
 )
 from softprompt_cli.assemble import build_model
 from softprompt_cli.config.schema import Recipe
@@ -37,7 +39,13 @@ from softprompt_cli.data.sources import Examples, load_examples
 from softprompt_cli.errors import UserError
 from softprompt_cli.model.loading import config_fingerprint
 from softprompt_cli.model.soft_prompt import PROMPT_PREFIX, SoftPromptModel
-from softprompt_cli.training.control import StopRequest, TrainingStopped, finish, stop_everywhere
+from softprompt_cli.training.control import (
+    StopRequest,
+    TrainingStopped,
+    all_processes_agree,
+    finish,
+    stop_everywhere,
+)
 from softprompt_cli.training.evaluate import evaluate
 from softprompt_cli.training.metrics_log import MetricsLog
 from softprompt_cli.training.resume import capture_rng, check_resumable, load_state, restore_rng, save_state
@@ -137,12 +145,13 @@ def claim_output(recipe: Recipe, accelerator: Accelerator, resume: Path | None) 
         saved = load_state(resume, recover=False)
         check_resumable(saved["progress"]["recipe"], recipe, resume)
     if accelerator.is_main_process:
+        for name in ("best", "final"):  # finish replacements a crash interrupted, as for the state above
+            recover_folder(out / name)
         if saved is None:
             refuse_earlier_output(out, recipe.output.overwrite, "Choose another output.dir, set "
                                   "output.overwrite=true to replace it, or continue it with --resume.", RUN_FILES)
             (out / "metrics.jsonl").unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RECIPE_FILE).write_text(recipe.to_yaml())
+        write_small_file(out / RECIPE_FILE, recipe.to_yaml())
     return saved
 
 
@@ -267,7 +276,11 @@ def train_step(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, float | 
     accelerator = run.accelerator
     with accelerator.accumulate(run.model):
         loss = run.model(**batch)["loss"]
-        stop_if_diverged(run, step, "loss", loss.item())
+        if accelerator.num_processes == 1:
+            # With several processes each rank sees only its own loss: stopping one rank before backward would
+            # leave the others waiting in the gradient all-reduce. There the gradient norm below, the same on
+            # every rank after the all-reduce, stops them all (a NaN loss makes NaN gradients).
+            stop_if_diverged(run, step, "loss", loss.item())
         accelerator.backward(loss)
         grad_norm = None
         if accelerator.sync_gradients:
@@ -397,7 +410,7 @@ def announce(run: Run, progress: Progress, resumed: bool) -> None:
 def report(run: Run, progress: Progress, summary: dict) -> None:
     """final/, summary.json and the closing line (main process)."""
     summary["checkpoint_bytes"] = save_checkpoint(run, "final", progress, summary["final"])
-    (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_small_file(run.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     console.print(
         f"[bold green]done[/] in {summary['minutes']:.1f} min. final: {_format(summary['final'])}; best (step "
         f"{progress.best.get('step')}): {_format(progress.best.get('metrics', {}))}\ncheckpoints: "
@@ -409,11 +422,27 @@ def report(run: Run, progress: Progress, summary: dict) -> None:
 def train(recipe: Recipe, resume: Path | None = None) -> dict[str, Any]:
     """Train as the recipe says (continuing the state saved in `resume`); return the run's summary."""
     accelerator = make_accelerator(recipe)
-    # Only the main process writes, so only it claims the folder, before anything there is read or written;
-    # the claim lasts until the run ends, however it ends (an error, a Ctrl-C stop, a kill).
-    claim = output_lock(Path(recipe.output.dir)) if accelerator.is_main_process else contextlib.nullcontext()
-    with claim:
+    with claimed_output(recipe, accelerator):
         return train_claimed(recipe, accelerator, resume)
+
+
+@contextlib.contextmanager
+def claimed_output(recipe: Recipe, accelerator: Accelerator) -> Iterator[None]:
+    """Hold the output folder for the run: only the main process writes, so only it locks the folder, before
+    anything there is read or written, until the run ends however it ends (an error, a Ctrl-C stop, a kill).
+    Every process learns whether the claim succeeded, so that a refused run ends everywhere, not only on the
+    main process."""
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if accelerator.is_main_process:
+            try:
+                held.enter_context(output_lock(Path(recipe.output.dir)))
+            except UserError as err:
+                refusal = err
+        if not all_processes_agree(accelerator, refusal is None):
+            raise refusal or UserError(f"the main process could not claim output folder {recipe.output.dir!r}; "
+                                       "its message says why.")
+        yield
 
 
 def train_claimed(recipe: Recipe, accelerator: Accelerator, resume: Path | None) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,28 @@ def finite_or_null(value: Any) -> Any:
     return value
 
 
+def _lines_until(path: Path, step: int) -> list[str]:
+    """The lines a resumed run keeps: those up to its step. A line cut short by a killed run is dropped."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    return kept
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write `text` to a sibling file and rename it over `path`: a crash or a full disk leaves the old file."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
+
+
 class MetricsLog:
     """Appends records to metrics.jsonl and to accelerate's trackers; closes the file however the run ends.
 
@@ -37,12 +60,12 @@ class MetricsLog:
 
     def __enter__(self) -> MetricsLog:
         if self.accelerator.is_main_process:
-            kept = []
-            if self.keep_until is not None and self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines()
-                        if json.loads(line)["step"] <= self.keep_until]
-            self.path.write_text("".join(line + "\n" for line in kept))
-            self.file = self.path.open("a")
+            kept = _lines_until(self.path, self.keep_until) if self.keep_until is not None else []
+            try:
+                _replace_text(self.path, "".join(line + "\n" for line in kept))
+                self.file = self.path.open("a")
+            except OSError as err:
+                raise disk_error(self.path, err, "The earlier lines are kept.") from None
         return self
 
     def __exit__(self, *exc) -> None:
