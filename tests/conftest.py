@@ -13,6 +13,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 GLUE_DIR = SHARED_DATA / "glue"
 
+# Run as `python -c NO_HEAVY_IMPORTS ARGS...`: the CLI with ARGS, then a check that torch/transformers stayed out.
+NO_HEAVY_IMPORTS = """
+import sys
+from softprompt_cli.cli import main
+sys.argv = ["softprompt", *sys.argv[1:]]
+try:
+    main()
+    code = 0
+except SystemExit as exit_:
+    code = exit_.code
+heavy = [name for name in ("torch", "transformers") if name in sys.modules]
+assert not heavy, f"imported {heavy}"
+print("exit", code)
+"""
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_hf_cache(tmp_path_factory):

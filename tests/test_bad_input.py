@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, write_recipe
+from conftest import NO_HEAVY_IMPORTS, REPO, write_recipe
 
 RANDOM_BYTES = bytes(random.Random(0).randrange(256) for _ in range(4096))
 
@@ -180,20 +180,6 @@ def test_predict_input_that_is_a_folder(tmp_path, run_cli):
     refused(run_cli("predict", tmp_path / "no_checkpoint", "--input", tmp_path), str(tmp_path), "is a folder")
 
 
-NO_TORCH = """
-import sys
-from softprompt_cli.cli import main
-sys.argv = ["softprompt", *sys.argv[1:]]
-try:
-    main()
-    code = 0
-except SystemExit as exit_:
-    code = exit_.code
-heavy = [name for name in ("torch", "transformers") if name in sys.modules]
-assert not heavy, f"imported {heavy}"
-print("exit", code)
-"""
-
 
 @pytest.mark.parametrize("argv, needle", [
     (["predict", "ckpt", "--input", "missing.jsonl"], "'missing.jsonl' does not exist"),
@@ -206,7 +192,7 @@ print("exit", code)
         "eval-missing-with-recipe"])
 def test_cheap_refusals_do_not_import_torch(tmp_path, argv, needle):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], cwd=tmp_path, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", NO_HEAVY_IMPORTS, *argv], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "exit 2" in result.stdout, result.stdout + result.stderr
@@ -220,7 +206,7 @@ def test_eval_recipe_problem_is_found_before_torch(tmp_path):
     recipe = tmp_path / "data.yaml"
     recipe.write_text(yaml.safe_dump({"model": {"name_or_path": "x"}, "dataa": {}}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", NO_TORCH, "eval", str(checkpoint), "--recipe", str(recipe)],
+    result = subprocess.run([sys.executable, "-c", NO_HEAVY_IMPORTS, "eval", str(checkpoint), "--recipe", str(recipe)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert "exit 2" in result.stdout, result.stdout + result.stderr
     assert str(recipe) in result.stderr and "Traceback" not in result.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import GLUE_DIR, REPO
+from conftest import GLUE_DIR, NO_HEAVY_IMPORTS, REPO
 
 from softprompt_cli.config.load import RecipeError, apply_overrides, load_recipe, parse_recipe, read_yaml
 from softprompt_cli.errors import UserError
@@ -520,20 +520,6 @@ def test_cli_help(run_cli):
 
 
 # --------------------------------------------------------------------------------------------- import weight
-
-NO_HEAVY_IMPORTS = """
-import sys
-from softprompt_cli.cli import main
-sys.argv = ["softprompt", *sys.argv[1:]]
-try:
-    main()
-    code = 0
-except SystemExit as exit_:
-    code = exit_.code
-heavy = [name for name in ("torch", "transformers") if name in sys.modules]
-assert not heavy, f"imported {heavy}"
-print("exit", code)
-"""
 
 
 @pytest.mark.parametrize(
