@@ -75,6 +75,20 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {kind: _save_tiny(kind, root / kind) for kind in ("bert", "gpt2", "llama")}
 
 
+def cli_exit_code(*args) -> int:
+    """The CLI in-process, for module-scoped fixtures (which have no capsys): its exit code."""
+    from softprompt_cli.cli import main
+
+    saved, sys.argv = sys.argv, ["softprompt", *map(str, args)]
+    try:
+        main()
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
+
+
 @pytest.fixture
 def run_cli(capsys, monkeypatch):
     """Run the CLI in-process; return (exit code, stdout, stderr)."""

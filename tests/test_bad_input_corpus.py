@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import GLUE_DIR
+from conftest import GLUE_DIR, cli_exit_code
 
 MRPC = GLUE_DIR / "MRPC"
 Case = Callable[[Path, dict], list]
@@ -460,35 +460,21 @@ def _(tmp, env):
 @pytest.fixture(scope="module")
 def env(tiny_models, tmp_path_factory):
     """A trained tiny-BERT run (pair_mean: not exportable) and a PEFT adapter exported from another run."""
-    from softprompt_cli.cli import main
-
     root = tmp_path_factory.mktemp("corpus")
     paths = {kind: str(path) for kind, path in tiny_models.items()}
 
     def train(folder: Path, **sections) -> Path:
         recipe = write(folder, recipe_dict(paths, folder, **sections))
-        _run(main, "train", recipe)
+        assert cli_exit_code("train", recipe) == 0
         return folder / "run"
 
     (root / "a").mkdir()
     (root / "b").mkdir()
     run = train(root / "a", task={"pooling": "pair_mean"})
     exportable = train(root / "b", task={"pooling": "model", "prompt_position": "start"})
-    _run(main, "export", exportable / "final", root / "adapter")
+    assert cli_exit_code("export", exportable / "final", root / "adapter") == 0
     assert (run / "final").is_dir() and (root / "adapter" / "adapter_config.json").is_file()
     return {**paths, "run": run, "adapter": root / "adapter"}
-
-
-def _run(main, *args) -> None:
-    import sys
-
-    saved, sys.argv = sys.argv, ["softprompt", *map(str, args)]
-    try:
-        main()
-    except SystemExit as exit_:
-        assert not exit_.code, f"setup command {args} failed"
-    finally:
-        sys.argv = saved
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -8,12 +8,11 @@ import csv
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import GLUE_DIR, write_recipe
+from conftest import GLUE_DIR, cli_exit_code, write_recipe
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "actor", "scene"]
 
@@ -39,20 +38,6 @@ def files_recipe(folder: Path, model: str, files: dict, **sections) -> Path:
     return path
 
 
-def cli(*args) -> tuple[int, str, str]:
-    """The CLI in-process for module-scoped fixtures (no capsys there)."""
-    from softprompt_cli.cli import main
-
-    saved, sys.argv = sys.argv, ["softprompt", *map(str, args)]
-    try:
-        main()
-    except SystemExit as exit_:
-        return exit_.code, "", ""
-    finally:
-        sys.argv = saved
-    return 0, "", ""
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_models, tmp_path_factory):
     """A tiny-BERT checkpoint trained on csv files with labels neg/pos (the positive label made 'neg')."""
@@ -61,7 +46,7 @@ def trained(tiny_models, tmp_path_factory):
              "validation": str(write_rows(folder / "dev.csv", 16, 2))}
     recipe = files_recipe(folder, str(tiny_models["bert"]), files, task={"pooling": "mean", "metrics": [
         "accuracy", "f1", "precision", "recall"], "positive_label": "neg"})
-    assert cli("train", recipe)[0] == 0
+    assert cli_exit_code("train", recipe) == 0
     return {"folder": folder, "checkpoint": folder / "run" / "final", "recipe": recipe,
             "dev": Path(files["validation"])}
 

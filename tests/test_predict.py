@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import GLUE_DIR, write_recipe
+from conftest import GLUE_DIR, cli_exit_code, write_recipe
 
 
 def train(run_cli, tmp_path, name, model, method, **sections):
@@ -21,23 +21,12 @@ def train(run_cli, tmp_path, name, model, method, **sections):
 def checkpoints(tiny_models, tmp_path_factory):
     """Four tiny-BERT checkpoints: a pair task, a single-text task, a 3-label task read by the model's own
     head, and a prefix-tuning task (the last two cannot share a forward pass with the first two)."""
-    import sys
-
-    from softprompt_cli.cli import main
-
     tmp_path = tmp_path_factory.mktemp("checkpoints")
     labelled = tmp_path / "three.csv"
     labelled.write_text("text,label\n" + "".join(f"example number {i},{'xyz'[i % 3]}\n" for i in range(30)))
 
     def run_cli(*args):
-        saved_argv, sys.argv = sys.argv, ["softprompt", *map(str, args)]
-        try:
-            main()
-        except SystemExit as exit_:
-            return exit_.code, "", ""
-        finally:
-            sys.argv = saved_argv
-        return 0, "", ""
+        return cli_exit_code(*args), "", ""
 
     bert = str(tiny_models["bert"])
     return {
