@@ -20,15 +20,15 @@ def zero_shot(recipe) -> tuple[dict, float]:
 
     from softprompt_cli.assemble import build_model
     from softprompt_cli.data.batching import evaluation_loader
-    from softprompt_cli.data.sources import load_examples
+    from softprompt_cli.data.tasks import all_targets, load_task_data
     from softprompt_cli.training.evaluate import evaluate
 
-    _, eval_examples, label_names = load_examples(recipe.data, recipe.task)
-    model, tokenizer = build_model(recipe, label_names)
-    eval_loader = evaluation_loader(recipe, eval_examples, tokenizer)
+    tasks = load_task_data(recipe)
+    model, tokenizer = build_model(recipe, tasks[0].label_names)
+    eval_loader = evaluation_loader(recipe, tasks, tokenizer)
     accelerator = Accelerator()
     started = time.perf_counter()
-    results = evaluate(model, eval_loader, accelerator, recipe, label_names, tokenizer, eval_examples.targets,
+    results = evaluate(model, eval_loader, accelerator, recipe, tasks[0].label_names, tokenizer, all_targets(tasks),
                        with_prompt=False)
     return results, time.perf_counter() - started
 

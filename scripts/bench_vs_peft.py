@@ -76,10 +76,10 @@ def softprompt_recipe(args, out: str):
 def softprompt_batches(recipe, tokenizer):
     """The training batches `softprompt train` makes for this recipe (epoch 0), and the label names."""
     from softprompt_cli.data.batching import training_loader
-    from softprompt_cli.data.sources import load_examples
+    from softprompt_cli.data.tasks import load_task_data
 
-    examples, _, label_names = load_examples(recipe.data, recipe.task)
-    return training_loader(recipe, examples, tokenizer), label_names
+    tasks = load_task_data(recipe)
+    return training_loader(recipe, tasks, tokenizer), tasks[0].label_names
 
 
 def worker_softprompt(args) -> dict:

@@ -13,10 +13,11 @@ import yaml
 from softprompt_cli.artifacts.checkpoint import RECIPE_FILE, RETRAIN, damaged_checkpoint, read_prefix_checkpoint
 from softprompt_cli.artifacts.peft import ADAPTER_CONFIG, REEXPORT, read_any_checkpoint
 from softprompt_cli.config.load import RecipeError, parse_recipe
-from softprompt_cli.config.schema import Recipe
+from softprompt_cli.config.schema import SINGLE_TASK, Recipe
 from softprompt_cli.data.batching import label_word_ids
 from softprompt_cli.data.templates import label_word_list
 from softprompt_cli.errors import UserError
+from softprompt_cli.methods.base import SourcePrompt
 from softprompt_cli.model.loading import config_fingerprint, load_base_model, load_tokenizer, prepare_frozen
 from softprompt_cli.model.soft_prompt import SoftPromptModel, split_trained
 
@@ -32,6 +33,13 @@ class Trained:
     """name_or_path and config fingerprint of the model it was trained on."""
     tensors: dict[str, torch.Tensor]
     from_peft: bool
+    task_labels: dict[str, list[str]]
+    """Each task's label names, in the model's task order (a single-task checkpoint: one task)."""
+
+    @property
+    def labels(self) -> list[str] | dict[str, list[str]]:
+        """What `build_model` takes: the label names, or each task's of a multi-task checkpoint."""
+        return self.task_labels if self.recipe.is_multitask else self.label_names
 
 
 def _checkpoint_recipe(directory: Path, recipe_yaml: str, fix: str) -> Recipe:
@@ -60,14 +68,31 @@ def read_trained(directory: Path, model_path: str | None = None, data_recipe: Re
     recipe = _checkpoint_recipe(directory, recipe_yaml, REEXPORT if from_peft else RETRAIN)
     if model_path is not None:
         recipe.model.name_or_path = model_path
-    return Trained(directory, recipe, info["label_names"], info["base_model"], tensors, from_peft)
+    task_labels = info.get("tasks") or {SINGLE_TASK: info["label_names"]}
+    if list(task_labels) != recipe.task_names or not all(isinstance(v, list) for v in task_labels.values()):
+        raise damaged_checkpoint(directory, f"its tasks {list(task_labels)} are not its recipe's "
+                                 f"({', '.join(recipe.task_names)})", REEXPORT if from_peft else RETRAIN)
+    return Trained(directory, recipe, info["label_names"], info["base_model"], tensors, from_peft, task_labels)
+
+
+def read_source_prompt(directory: Path, fingerprint: str) -> SourcePrompt:
+    """The soft prompt of a checkpoint (ours or a PEFT adapter) that another run starts from, checked to be made
+    for the same base model."""
+    trained = read_trained(directory)
+    if trained.base_model["fingerprint"] != fingerprint:
+        raise UserError(f"method.init_checkpoint {str(directory)!r} was trained on "
+                        f"{trained.base_model['name_or_path']!r} (config fingerprint "
+                        f"{trained.base_model['fingerprint']}), not on this recipe's model (fingerprint "
+                        f"{fingerprint}). Start from a source checkpoint of the same base model.")
+    prompt, _ = split_trained(trained.tensors)
+    return SourcePrompt(trained.recipe.method.name, prompt, list(trained.task_labels))
 
 
 def load_frozen(recipe: Recipe, label_names: list[str], pooling: str | None = None,
                 gradient_checkpointing: bool = False) -> tuple[torch.nn.Module, Any]:
     """The recipe's base model and tokenizer, loaded and prepared for soft prompts (`pooling` overrides the
     recipe's: a base model shared by tasks that read its own head and tasks that do not)."""
-    spec, task = recipe.model, recipe.task
+    spec, task = recipe.model, recipe.model_task
     tokenizer = load_tokenizer(spec.name_or_path, spec.revision, spec.trust_remote_code, spec.gguf_file)
     base = load_base_model(spec.name_or_path, revision=spec.revision, dtype=spec.dtype,
                            trust_remote_code=spec.trust_remote_code, pooling=pooling or task.pooling,
@@ -82,19 +107,29 @@ def _label_words(recipe: Recipe, tokenizer, label_names: list[str]) -> list[list
     try:
         return label_word_ids(tokenizer, label_word_list(recipe.task.label_words, label_names), label_names)
     except ValueError as err:
-        raise UserError(str(err)) from None
+        raise UserError(f"task {recipe.task_names[0]}: {err}" if recipe.task_names[0] != SINGLE_TASK
+                        else str(err)) from None
 
 
-def build_model(recipe: Recipe, label_names: list[str], base: torch.nn.Module | None = None,
-                tokenizer: Any = None) -> tuple[SoftPromptModel, Any]:
-    """A new soft-prompt model for the recipe, on its own base model or on a prepared shared one."""
+def build_model(recipe: Recipe, labels: list[str] | dict[str, list[str]], base: torch.nn.Module | None = None,
+                tokenizer: Any = None, trained: bool = False) -> tuple[SoftPromptModel, Any]:
+    """A new soft-prompt model for the recipe (`labels`: its label names, or each task's for a multi-task
+    recipe), on its own base model or on a prepared shared one; `trained`: its trained tensors are loaded next,
+    so the method's start reads nothing."""
+    task_labels = labels if isinstance(labels, dict) else {SINGLE_TASK: labels}
     if base is None:
-        base, tokenizer = load_frozen(recipe, label_names,
+        base, tokenizer = load_frozen(recipe, next(iter(task_labels.values())),
                                       gradient_checkpointing=recipe.training.gradient_checkpointing)
-    task = recipe.task
-    model = SoftPromptModel(base, recipe.method, tokenizer, task.pooling, len(label_names), recipe.data.max_length,
-                            task.prompt_position, task.type, _label_words(recipe, tokenizer, label_names),
-                            prefix_from_checkpoint=read_prefix_checkpoint)
+    task = recipe.model_task
+    words = {name: _label_words(task_recipe, tokenizer, task_labels[name])
+             for name, task_recipe in recipe.task_recipes()}
+    num_labels: int | dict = {name: len(names) for name, names in task_labels.items()}
+    if not recipe.is_multitask:
+        num_labels, words = num_labels[SINGLE_TASK], words[SINGLE_TASK]
+    method = recipe.method.for_trained() if trained else recipe.method
+    model = SoftPromptModel(base, method, tokenizer, task.pooling, num_labels, recipe.max_length,
+                            task.prompt_position, task.type, words, prefix_from_checkpoint=read_prefix_checkpoint,
+                            prompt_from_checkpoint=read_source_prompt)
     return model, tokenizer
 
 
@@ -136,7 +171,7 @@ def _refuse_misfit(trained: Trained, model: SoftPromptModel) -> None:
 
 def model_from_trained(trained: Trained) -> tuple[SoftPromptModel, Any]:
     """A checkpoint already read, on its own base model: (model, tokenizer)."""
-    model, tokenizer = build_model(trained.recipe, trained.label_names)
+    model, tokenizer = build_model(trained.recipe, trained.labels, trained=True)
     check_base_model(trained, model.base)
     _refuse_misfit(trained, model)
     model.load_trainable_state(trained.tensors)
@@ -155,8 +190,11 @@ def attach_trained(trained: Trained, base: torch.nn.Module, tokenizer: Any
     """A checkpoint's soft prompt on a base model shared with others, in eval mode, and its head weights (the
     model's own head is shared too, so each task's head weights are passed at call time, not loaded into it)."""
     check_base_model(trained, base)
-    model, _ = build_model(trained.recipe, trained.label_names, base, tokenizer)
+    model, _ = build_model(trained.recipe, trained.labels, base, tokenizer, trained=True)
     _refuse_misfit(trained, model)
+    if model.multitask:  # its heads are its own modules, not the shared base model's
+        model.load_trainable_state(trained.tensors)
+        return model.eval(), {}
     prompt_state, _ = split_trained(trained.tensors)
     model.prompt.load_state_dict(prompt_state)
     return model.eval(), model.head_state(trained.tensors)

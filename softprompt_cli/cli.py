@@ -85,9 +85,12 @@ def evaluate(
     data: Annotated[Optional[Path], typer.Option(
         "--data", help="a labelled csv/tsv/jsonl/parquet file, read with the checkpoint's text and label fields",
         show_default=False)] = None,
+    task: Annotated[Optional[str], typer.Option(
+        help="a multi-task checkpoint: evaluate this task only (default: every task, and their mean)")] = None,
 ) -> None:
     """Evaluate a checkpoint (or a PEFT prompt-learning adapter) on its recipe's eval split, another split, another
-    recipe's data (--recipe), a labelled file (--data), or with data.KEY=VALUE overrides."""
+    recipe's data (--recipe), a labelled file (--data), or with data.KEY=VALUE overrides. A multi-task checkpoint
+    reports every task's metrics and their mean."""
     from softprompt_cli.commands.arguments import check_checkpoint_folder, check_eval_options
     from softprompt_cli.config.load import load_recipe
 
@@ -96,7 +99,7 @@ def evaluate(
     check_eval_options(checkpoint, split, data_recipe, data, list(overrides or []))
     from softprompt_cli.commands.evaluate import evaluate_checkpoint
 
-    report = evaluate_checkpoint(checkpoint, split, model, output, data_recipe, data, list(overrides or []))
+    report = evaluate_checkpoint(checkpoint, split, model, output, data_recipe, data, list(overrides or []), task)
     from accelerate import PartialState
     from rich.console import Console
     from rich.table import Table

@@ -342,7 +342,7 @@ def test_empty_yaml_lists_required_sections(tmp_path):
         load_recipe(path)
     assert info.value.problems == [
         "model: required, but missing",
-        "data: required, but missing",
+        "data: required, but missing (or tasks, for a multi-task recipe)",
         "method: required, but missing",
     ]
 

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from softprompt_cli.assemble import Trained, model_from_trained, read_trained
 from softprompt_cli.commands.arguments import FILE_KEYS, SOURCE_KEYS, check_eval_options
 from softprompt_cli.config.load import apply_overrides, parse_recipe, resolve_paths
-from softprompt_cli.config.schema import Recipe
+from softprompt_cli.config.schema import Recipe, TaskEntry
 from softprompt_cli.data.batching import evaluation_loader
 from softprompt_cli.data.glue import GLUE_TASKS
 from softprompt_cli.data.sources import (
@@ -30,6 +30,7 @@ from softprompt_cli.data.sources import (
     text_fields,
     to_examples,
 )
+from softprompt_cli.data.tasks import TaskData, all_targets
 from softprompt_cli.errors import UserError
 from softprompt_cli.model.loading import Geometry
 from softprompt_cli.training.control import finish
@@ -58,7 +59,7 @@ def eval_recipe(trained: Trained, data_recipe: Recipe | None, data_file: Path | 
     data = apply_overrides({"data": data}, overrides)["data"]
     what = " and ".join(w for w, given in (("--recipe", data_recipe), ("--data", data_file),
                                            ("the data.* overrides", overrides)) if given)
-    own = trained.recipe.model_dump(mode="json")
+    own = trained.recipe.to_dict()
     # The checkpoint's metrics, whatever the data: a GLUE task's default metrics would fall away with its data.
     task = {**own["task"], "metrics": trained.recipe.metrics}
     recipe = parse_recipe({**own, "task": task, "data": data},
@@ -128,29 +129,86 @@ def _check_length(model, recipe: Recipe) -> None:
                         f"({recipe.data.max_length}) exceeds the model's {limit} positions. Lower data.max_length.")
 
 
-def evaluate_checkpoint(directory: Path, split: str | None = None, model_path: str | None = None,
-                        output: Path | None = None, data_recipe: Recipe | None = None,
-                        data_file: Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    overrides = list(overrides or [])
-    keys = check_eval_options(directory, split, data_recipe, data_file, overrides)
-    trained = read_trained(directory, model_path, data_recipe)
-    other_recipe = data_recipe is not None and not trained.from_peft
-    recipe = eval_recipe(trained, data_recipe if other_recipe else None, data_file, overrides)
-    check_label_names(trained, recipe, other_recipe)
+def chosen_tasks(trained: Trained, task: str | None, other_data: bool) -> list[str]:
+    """The checkpoint's tasks to evaluate: --task, or all of them (other data is one task's: --task)."""
+    names = list(trained.task_labels)
+    if task is None:
+        if other_data and trained.recipe.is_multitask:
+            raise UserError(f"checkpoint {str(trained.directory)!r} has several tasks ({', '.join(names)}); other "
+                            "data (--recipe, --data, data.* overrides) is one task's: name it with --task.")
+        return names
+    if not trained.recipe.is_multitask:
+        raise UserError(f"--task {task!r}: checkpoint {str(trained.directory)!r} has one task; --task chooses among "
+                        "the tasks of a multi-task checkpoint. Drop --task.")
+    if task not in names:
+        raise UserError(f"--task {task!r} is not a task of checkpoint {str(trained.directory)!r} (its tasks: "
+                        f"{', '.join(names)}). Name one of them.")
+    return [task]
+
+
+def task_view(trained: Trained, name: str, data_recipe: Recipe | None) -> tuple[Trained, Recipe | None]:
+    """One task of a checkpoint as if it were a single-task checkpoint, and that task's part of --recipe."""
+    if not trained.recipe.is_multitask:
+        return trained, data_recipe
+    recipe = dict(trained.recipe.task_recipes())[name]
+    if data_recipe is not None and data_recipe.is_multitask:
+        own = dict(data_recipe.task_recipes())
+        if name not in own:
+            raise UserError(f"--recipe has no task {name!r} (its tasks: {', '.join(own)}). Give a recipe with that "
+                            "task, or a single-task recipe.")
+        data_recipe = own[name]
+    view = Trained(trained.directory, recipe, trained.task_labels[name], trained.base_model, trained.tensors,
+                   trained.from_peft, {name: trained.task_labels[name]})
+    return view, data_recipe
+
+
+def task_examples(view: Trained, data_recipe: Recipe | None, data_file: Path | None, overrides: list[str],
+                  split: str | None, keys: list[str]) -> TaskData:
+    """One task's data to evaluate, checked against the checkpoint's labels."""
+    other_recipe = data_recipe is not None and not view.from_peft
+    recipe = eval_recipe(view, data_recipe if other_recipe else None, data_file, overrides)
+    check_label_names(view, recipe, other_recipe)
     try:
-        recipe.task.positive_index(list(trained.label_names))
+        recipe.task.positive_index(list(view.label_names))
     except ValueError as err:
         raise UserError(str(err)) from None
     split = split or recipe.data.eval_split
     limit = recipe.data.max_eval_samples if split == recipe.data.eval_split or "max_eval_samples" in keys else None
-    examples = load_eval_examples(trained, recipe, split, limit, other_recipe or data_file is not None or bool(keys))
+    examples = load_eval_examples(view, recipe, split, limit, other_recipe or data_file is not None or bool(keys))
+    return TaskData(next(iter(view.task_labels)), recipe, Examples([], []), examples, list(view.label_names))
+
+
+def evaluated_recipe(trained: Trained, tasks: list[TaskData]) -> Recipe:
+    """What is evaluated: a single task's recipe, or the checkpoint's recipe with the evaluated tasks' data."""
+    if not trained.recipe.is_multitask:
+        return tasks[0].recipe
+    entries = [TaskEntry(name=task.name, data=task.recipe.data, task=task.recipe.task) for task in tasks]
+    return trained.recipe.model_copy(update={"tasks": entries})
+
+
+def evaluate_checkpoint(directory: Path, split: str | None = None, model_path: str | None = None,
+                        output: Path | None = None, data_recipe: Recipe | None = None,
+                        data_file: Path | None = None, overrides: list[str] | None = None,
+                        task: str | None = None) -> dict[str, Any]:
+    overrides = list(overrides or [])
+    keys = check_eval_options(directory, split, data_recipe, data_file, overrides)
+    trained = read_trained(directory, model_path, data_recipe)
+    other_data = (data_recipe is not None and not trained.from_peft) or data_file is not None or bool(overrides)
+    tasks = [task_examples(*task_view(trained, name, data_recipe), data_file, overrides, split, keys)
+             for name in chosen_tasks(trained, task, other_data)]
+    recipe = evaluated_recipe(trained, tasks)
     accelerator = Accelerator()
     model, tokenizer = model_from_trained(trained)
-    _check_length(model, recipe)
-    model, eval_loader = accelerator.prepare(model, evaluation_loader(recipe, examples, tokenizer))
-    results = evaluate(model, eval_loader, accelerator, recipe, trained.label_names, tokenizer, examples.targets)
-    report = {"checkpoint": str(directory), "split": str(data_file) if data_file is not None else split,
-              "examples": len(examples), "metrics": results}
+    for one in tasks:
+        _check_length(model, one.recipe)
+    loader = evaluation_loader(recipe, tasks, tokenizer, model.task_names)
+    model, eval_loader = accelerator.prepare(model, loader)
+    labels = {one.name: one.label_names for one in tasks} if recipe.is_multitask else tasks[0].label_names
+    results = evaluate(model, eval_loader, accelerator, recipe, labels, tokenizer, all_targets(tasks),
+                       model_tasks=accelerator.unwrap_model(model).task_names)
+    splits = sorted({split or one.recipe.data.eval_split for one in tasks})
+    report = {"checkpoint": str(directory), "split": str(data_file) if data_file is not None else ", ".join(splits),
+              "examples": sum(len(one.eval) for one in tasks), "metrics": results}
     if output is not None and accelerator.is_main_process:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2) + "\n")

@@ -81,16 +81,19 @@ def absolute_path(path: str) -> str:
 
 
 def resolve_paths(recipe: Recipe) -> Recipe:
-    """Make the recipe's data paths (data.dir, data.files, method.init_checkpoint) absolute against the current
-    working directory, so that the recipe saved with a run works from any folder. Unset paths stay unset
-    ($GLUE_DIR and the Hub remain the fallbacks)."""
-    data = recipe.data
-    if data.dir is not None:
-        data.dir = absolute_path(data.dir)
-    if data.files is not None:
-        data.files = {split: absolute_path(path) for split, path in data.files.items()}
+    """Make the recipe's paths (data.dir, data.files, every task's, method.init_checkpoint, distillation teachers)
+    absolute against the current working directory, so that the recipe saved with a run works from any folder.
+    Unset paths stay unset ($GLUE_DIR and the Hub remain the fallbacks)."""
+    for data in [recipe.data] if recipe.data is not None else [entry.data for entry in recipe.tasks]:
+        if data.dir is not None:
+            data.dir = absolute_path(data.dir)
+        if data.files is not None:
+            data.files = {split: absolute_path(path) for split, path in data.files.items()}
     if getattr(recipe.method, "init_checkpoint", None):
         recipe.method.init_checkpoint = absolute_path(recipe.method.init_checkpoint)
+    if recipe.distillation is not None:
+        recipe.distillation.teachers = {task: absolute_path(folder)
+                                        for task, folder in recipe.distillation.teachers.items()}
     return recipe
 
 
@@ -109,7 +112,12 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(source, format_validation_errors(err, cls)) from None
+        problems = format_validation_errors(err, cls)
+        if isinstance(data, dict) and "data" not in data and "tasks" not in data:
+            # data is optional only in favour of tasks; field errors stop the check that says so
+            where = next((i for i, p in enumerate(problems) if not p.startswith("model")), len(problems))
+            problems.insert(where, "data: required, but missing (or tasks, for a multi-task recipe)")
+        raise RecipeError(source, problems) from None
 
 
 _METHOD = object()  # marks the method union while walking a location

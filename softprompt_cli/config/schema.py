@@ -217,10 +217,67 @@ class OutputSection(Section):
     overwrite: bool = Field(False, description="allow writing into a folder that holds an earlier run")
 
 
-class Recipe(Section):
-    model: ModelSection
+TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+SINGLE_TASK = "default"
+"""The task name of a single-task recipe (its checkpoints' only task)."""
+MODEL_WIDE_TASK_FIELDS = ("type", "pooling", "prompt_position")
+"""Task settings that shape the one model all tasks share: every task of a multi-task recipe must agree on them."""
+
+
+class TaskEntry(Section):
+    """One task of a multi-task recipe: its name, data and task settings."""
+
+    name: str = Field(pattern=TASK_NAME_PATTERN, max_length=64,
+                      description="the task's name: letters, digits, _ and - (rows name it in predict's task column)")
     data: DataSection
     task: TaskSection = TaskSection()
+
+
+class TaskSampling(Section):
+    """How a multi-task epoch draws its examples from the tasks (seeded by training.seed and the epoch)."""
+
+    rule: Literal["proportional", "temperature", "uniform"] = Field(
+        "proportional", description="proportional: every example once per epoch; temperature: task k drawn with "
+        "probability proportional to size_k^(1/temperature) (small tasks repeated, large ones cut); uniform: every "
+        "task equally often")
+    temperature: float = Field(2.0, ge=1, description="rule: temperature (1 is proportional)")
+
+
+class Distillation(Section):
+    """Source training by distillation (MPT's paper): each task's rows also learn the logits (KL) and last hidden
+    states (MSE) of an existing single-task softprompt checkpoint of that task, its teacher."""
+
+    teachers: dict[str, str] = Field(min_length=1, description="task name -> checkpoint folder of its teacher")
+    logits_weight: float = Field(1.0, ge=0, description="weight of KL(teacher || student) on the logits")
+    hidden_weight: float = Field(1.0, ge=0, description="weight of the MSE between last hidden states")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the logit distillation")
+
+
+def _check_task_fits_data(data: DataSection, task: TaskSection) -> None:
+    if task.metrics and ("exact_match" in task.metrics) != (task.target_field is not None):
+        raise ValueError("metric exact_match is for causal_lm with target_field (generated texts), and the only "
+                         "metric there; classification metrics are for labels")
+    if task.type != "causal_lm" and data.glue_task is None and data.text_fields is None:
+        raise ValueError("data.text_fields is required when the data is not a GLUE task (causal_lm reads the "
+                         "columns its template names instead)")
+    if task.type == "causal_lm" and data.text_fields:
+        raise ValueError("task.type: causal_lm reads the columns its template names; remove data.text_fields")
+    if task.pooling == "pair_mean":
+        glue_fields = GLUE_TASKS[data.glue_task].text_columns if data.glue_task else []
+        fields = data.text_fields or glue_fields
+        if len(fields) != 2:
+            raise ValueError("task.pooling: pair_mean needs sentence pairs (two text fields); use mean or model")
+
+
+class Recipe(Section):
+    model: ModelSection
+    data: DataSection | None = Field(None, description="the data of a single-task recipe (or give tasks)")
+    task: TaskSection = TaskSection()
+    tasks: list[TaskEntry] | None = Field(
+        None, min_length=1, description="a multi-task recipe: several tasks, each with its name, data and task "
+        "settings (instead of data and task)")
+    task_sampling: TaskSampling = TaskSampling()
+    distillation: Distillation | None = None
     training: TrainingSection = TrainingSection()
     output: OutputSection = OutputSection()
     compare: dict[str, dict[str, Any]] | None = Field(
@@ -233,8 +290,78 @@ class Recipe(Section):
             raise ValueError(f"compare: {', '.join(unknown)} is not a method; the methods are {', '.join(registry())}")
         return self
 
+    @model_validator(mode="after")
+    def _data_or_tasks(self) -> Recipe:
+        if (self.data is None) == (self.tasks is None):
+            raise ValueError("give data (and task) for one task, or tasks (each with name, data and task) for "
+                             "several" + (", not both" if self.data is not None else ""))
+        if self.tasks is None:
+            if self.distillation is not None or "task_sampling" in self.model_fields_set:
+                raise ValueError("distillation and task_sampling are for multi-task recipes (tasks)")
+            return self
+        if "task" in self.model_fields_set:
+            raise ValueError("a multi-task recipe sets task under each task (tasks[i].task), not at the top")
+        names = [entry.name for entry in self.tasks]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"task name(s) {', '.join(twice)} appear more than once in tasks; give every task its "
+                             "own name")
+        for field_name in MODEL_WIDE_TASK_FIELDS:
+            values = {getattr(entry.task, field_name) for entry in self.tasks}
+            if len(values) > 1:
+                raise ValueError(f"the tasks share one model, so they must agree on task.{field_name} (got "
+                                 f"{', '.join(sorted(map(str, values)))})")
+        if len({entry.task.target_field is None for entry in self.tasks}) > 1:
+            raise ValueError("the tasks mix label tasks and free-form target_field tasks; train them in separate "
+                             "recipes (evaluation either ranks labels or generates texts)")
+        teachers = set(self.distillation.teachers) if self.distillation else set()
+        if self.distillation is not None and teachers != set(names):
+            extra, missing = sorted(teachers - set(names)), sorted(set(names) - teachers)
+            raise ValueError("distillation.teachers needs one teacher checkpoint for every task"
+                             + (f"; {', '.join(extra)} not in tasks ({', '.join(names)})" if extra else "")
+                             + (f"; none for {', '.join(missing)}" if missing else ""))
+        return self
+
+    @model_validator(mode="after")
+    def _task_fits_data(self) -> Recipe:
+        for name, recipe in self.task_recipes():
+            try:
+                _check_task_fits_data(recipe.data, recipe.task)
+            except ValueError as err:
+                raise ValueError(f"task {name}: {err}" if self.tasks else str(err)) from None
+        return self
+
+    @property
+    def is_multitask(self) -> bool:
+        return self.tasks is not None
+
+    @property
+    def task_names(self) -> list[str]:
+        return [entry.name for entry in self.tasks] if self.tasks else [SINGLE_TASK]
+
+    def task_recipes(self) -> list[tuple[str, Recipe]]:
+        """(name, the recipe of that task alone) for every task; a single-task recipe is its own only task."""
+        if self.tasks is None:
+            return [(SINGLE_TASK, self)]
+        return [(entry.name, self.model_copy(update={"data": entry.data, "task": entry.task, "tasks": None,
+                                                      "distillation": None, "task_sampling": TaskSampling()}))
+                for entry in self.tasks]
+
+    @property
+    def model_task(self) -> TaskSection:
+        """The task settings that shape the model (type, pooling, prompt_position; the tasks agree on them)."""
+        return self.tasks[0].task if self.tasks else self.task
+
+    @property
+    def max_length(self) -> int:
+        """The longest input any task has (the model's position budget)."""
+        return max(recipe.data.max_length for _, recipe in self.task_recipes())
+
     @property
     def metrics(self) -> list[str]:
+        """The metrics of a single-task recipe (a multi-task recipe reports each task's: `task_recipes`)."""
+        if self.tasks is not None:
+            return [MEAN_METRIC]
         if self.task.metrics:
             return list(self.task.metrics)
         if self.task.target_field is not None:
@@ -245,27 +372,27 @@ class Recipe(Section):
 
     @property
     def main_metric(self) -> str:
+        """Selects the best checkpoint; a multi-task recipe's is the mean over tasks of each one's main metric."""
+        if self.tasks is not None:
+            return MEAN_METRIC
         return self.task.main_metric or self.metrics[0]
 
-    @model_validator(mode="after")
-    def _task_fits_data(self) -> Recipe:
-        if self.task.metrics and ("exact_match" in self.task.metrics) != (self.task.target_field is not None):
-            raise ValueError("metric exact_match is for causal_lm with target_field (generated texts), and the only "
-                             "metric there; classification metrics are for labels")
-        if self.task.type != "causal_lm" and self.data.glue_task is None and self.data.text_fields is None:
-            raise ValueError("data.text_fields is required when the data is not a GLUE task (causal_lm reads the "
-                             "columns its template names instead)")
-        if self.task.type == "causal_lm" and self.data.text_fields:
-            raise ValueError("task.type: causal_lm reads the columns its template names; remove data.text_fields")
-        if self.task.pooling == "pair_mean":
-            glue_fields = GLUE_TASKS[self.data.glue_task].text_columns if self.data.glue_task else []
-            fields = self.data.text_fields or glue_fields
-            if len(fields) != 2:
-                raise ValueError("task.pooling: pair_mean needs sentence pairs (two text fields); use mean or model")
-        return self
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data that parses back to it (without the sections its kind does not have)."""
+        return self.model_dump(mode="json", exclude=self._unused_sections())
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def _unused_sections(self) -> set[str]:
+        """Sections the recipe's kind does not have (a multi-task recipe has no top-level data or task)."""
+        if self.tasks is None:
+            return {"tasks", "task_sampling", "distillation"}
+        return {"data", "task"}
+
+
+MEAN_METRIC = "mean"
+"""A multi-task evaluation's summary: the mean over tasks of each task's main metric."""
 
 
 @functools.cache

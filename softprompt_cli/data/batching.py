@@ -6,12 +6,16 @@ process does not pay for importing `datasets`/pyarrow (about 90 MB of resident m
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
-from softprompt_cli.config.schema import Recipe
+from softprompt_cli.config.schema import Recipe, TaskSampling
 from softprompt_cli.data.sources import Examples
+from softprompt_cli.data.tasks import TaskData
 from softprompt_cli.errors import UserError
 
 
@@ -35,6 +39,44 @@ class TokenizedRows(Dataset):
 
     def without(self, name: str) -> TokenizedRows:
         return TokenizedRows({k: v for k, v in self.columns.items() if k != name})
+
+
+def concatenate(parts: list[TokenizedRows]) -> TokenizedRows:
+    """Rows of several tasks, one task after another (the same tokenizer: the same columns)."""
+    columns = {name: [] for name in parts[0].columns}
+    for part in parts:
+        for name in columns:
+            columns[name] += part.columns[name]
+    return TokenizedRows(columns)
+
+
+@dataclass(frozen=True)
+class TaskMix:
+    """How an epoch draws from tasks whose rows are stored one task after another."""
+
+    sizes: tuple[int, ...]
+    rule: str = "proportional"
+    temperature: float = 2.0
+
+    def counts(self) -> list[int]:
+        """Rows each task gives an epoch (an epoch has as many rows as all tasks together, up to rounding)."""
+        if self.rule == "proportional" or len(self.sizes) == 1:
+            return list(self.sizes)
+        power = 0.0 if self.rule == "uniform" else 1 / self.temperature
+        weights = [size ** power for size in self.sizes]
+        return [max(1, round(sum(self.sizes) * w / sum(weights))) for w in weights]
+
+    def draw(self, generator: torch.Generator) -> list[int]:
+        """One epoch's row indices: each task's rows in a fresh random order (again and again where a task gives
+        more rows than it has), all tasks shuffled together."""
+        if self.rule == "proportional" or len(self.sizes) == 1:
+            return torch.randperm(sum(self.sizes), generator=generator).tolist()
+        rows, offset = [], 0
+        for size, count in zip(self.sizes, self.counts()):
+            rounds = [torch.randperm(size, generator=generator) for _ in range(math.ceil(count / size))]
+            rows += (torch.cat(rounds)[:count] + offset).tolist()
+            offset += size
+        return [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
 
 
 def tokenize(examples: Examples, tokenizer, max_length: int, separate_pair: bool = False) -> TokenizedRows:
@@ -104,10 +146,13 @@ class SeparatePairCollator:
         self.pad = DataCollatorWithPadding(tokenizer)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        first = [{k: v for k, v in row.items() if k != "labels" and not k.endswith("_b")} for row in rows]
+        per_pair = ("labels", "task_ids")
+        first = [{k: v for k, v in row.items() if k not in per_pair and not k.endswith("_b")} for row in rows]
         second = [{k[:-2]: v for k, v in row.items() if k.endswith("_b")} for row in rows]
         batch = self.pad(first + second)
-        batch["labels"] = torch.tensor([row["labels"] for row in rows])
+        for name in per_pair:
+            if name in rows[0]:
+                batch[name] = torch.tensor([row[name] for row in rows])
         return batch
 
 
@@ -121,7 +166,8 @@ class LengthGroupedSampler(Sampler[int]):
     """
 
     def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, group: bool, seed: int = 0,
-                 bucket_batches: int = 50):
+                 bucket_batches: int = 50, mix: TaskMix | None = None):
+        self.mix = mix or TaskMix((len(lengths),))
         self.lengths = lengths
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -134,7 +180,7 @@ class LengthGroupedSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return sum(self.mix.counts()) if self.shuffle else len(self.lengths)
 
     def __iter__(self):
         n = len(self.lengths)
@@ -143,7 +189,8 @@ class LengthGroupedSampler(Sampler[int]):
             yield from order
             return
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(n, generator=generator).tolist()
+        order = self.mix.draw(generator)
+        n = len(order)
         if not self.group:
             yield from order
             return
@@ -168,8 +215,8 @@ class LengthGroupedSampler(Sampler[int]):
 
 
 def loader(dataset: TokenizedRows, tokenizer, batch_size: int, shuffle: bool, group_by_length: bool,
-           seed: int = 0) -> DataLoader:
-    sampler = LengthGroupedSampler(dataset["length"], batch_size, shuffle, group_by_length, seed)
+           seed: int = 0, mix: TaskMix | None = None) -> DataLoader:
+    sampler = LengthGroupedSampler(dataset["length"], batch_size, shuffle, group_by_length, seed, mix=mix)
     if "input_ids_b" in dataset.column_names:
         collate = SeparatePairCollator(tokenizer)
     elif "labels" in dataset.column_names and isinstance(dataset[0]["labels"], list):  # causal_lm token targets
@@ -182,14 +229,42 @@ def loader(dataset: TokenizedRows, tokenizer, batch_size: int, shuffle: bool, gr
                       generator=torch.Generator().manual_seed(seed))
 
 
-def training_loader(recipe: Recipe, examples: Examples, tokenizer) -> DataLoader:
-    """Examples -> tokens -> shuffled batches (of similar lengths with training.group_by_length), seeded."""
+def task_rows(recipe: Recipe, tasks: list[TaskData], tokenizer, training: bool,
+              model_tasks: list[str] | None = None) -> TokenizedRows:
+    """Every task's examples tokenized as its own recipe says, one task after another; multi-task rows carry
+    their task's index among `model_tasks` (default: the tasks') as `task_ids`, and free-form targets their index
+    in all tasks' targets together."""
+    parts, targets_before = [], 0
+    model_tasks = model_tasks or [task.name for task in tasks]
+    for task in tasks:
+        index = model_tasks.index(task.name)
+        examples = task.train if training else task.eval
+        rows = tokenize_examples(task.recipe, examples, tokenizer, training)
+        if "target_index" in rows.columns:
+            rows.columns["target_index"] = [i + targets_before for i in rows.columns["target_index"]]
+            targets_before += len(examples.targets or [])
+        if recipe.is_multitask:
+            rows.columns["task_ids"] = [index] * len(rows)
+        parts.append(rows)
+    return concatenate(parts)
+
+
+def task_mix(sampling: TaskSampling, tasks: list[TaskData]) -> TaskMix:
+    return TaskMix(tuple(len(task.train) for task in tasks), sampling.rule, sampling.temperature)
+
+
+def training_loader(recipe: Recipe, tasks: list[TaskData], tokenizer) -> DataLoader:
+    """Every task's examples -> tokens -> shuffled batches (of similar lengths with training.group_by_length),
+    mixing the tasks as task_sampling says, seeded."""
     cfg = recipe.training
-    rows = tokenize_examples(recipe, examples, tokenizer, training=True)
-    return loader(rows, tokenizer, cfg.batch_size, True, cfg.group_by_length, cfg.seed)
+    rows = task_rows(recipe, tasks, tokenizer, training=True)
+    return loader(rows, tokenizer, cfg.batch_size, True, cfg.group_by_length, cfg.seed,
+                  task_mix(recipe.task_sampling, tasks))
 
 
-def evaluation_loader(recipe: Recipe, examples: Examples, tokenizer) -> DataLoader:
-    """Examples -> tokens -> batches of similar lengths, longest first, for evaluation."""
-    rows = tokenize_examples(recipe, examples, tokenizer, training=False)
+def evaluation_loader(recipe: Recipe, tasks: list[TaskData], tokenizer, model_tasks: list[str] | None = None
+                      ) -> DataLoader:
+    """Every task's evaluation examples -> tokens -> batches of similar lengths, longest first (`model_tasks`:
+    the model's tasks, where only some are evaluated)."""
+    rows = task_rows(recipe, tasks, tokenizer, training=False, model_tasks=model_tasks)
     return loader(rows, tokenizer, recipe.training.eval_batch_size, False, True)

@@ -73,3 +73,18 @@ class PrefixLayout(nn.Module):
     def forward(self) -> torch.Tensor:
         flat = self.tokens()
         return flat.view(flat.shape[0], *self.shape).permute(1, 2, 3, 0, 4)[:, :, None]
+
+
+class TaskPrompts(nn.Module):
+    """Multitask prompt tuning's prompts: a shared prompt `embedding` P [N, d] times each task's low-rank matrix
+    `task_cols[k] @ task_rows[k]` ([N, r] @ [r, d]), element-wise."""
+
+    def __init__(self, shared: torch.Tensor, task_cols: torch.Tensor, task_rows: torch.Tensor):
+        super().__init__()
+        self.embedding = nn.Parameter(shared)
+        self.task_cols = nn.Parameter(task_cols)
+        self.task_rows = nn.Parameter(task_rows)
+
+    def forward(self, task_ids: torch.Tensor) -> torch.Tensor:
+        """Each row's task's prompt: [rows, N, d]."""
+        return self.embedding[None] * torch.matmul(self.task_cols[task_ids], self.task_rows[task_ids])

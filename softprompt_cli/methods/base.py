@@ -38,6 +38,20 @@ class ModelSpec:
     """(text, n) -> the flat prefix [n, layers * 2 * kv_heads * head_dim] that the text leaves in the model."""
     prefix_from_checkpoint: Callable[[Path, int, int], torch.Tensor]
     """(folder, n, width) -> the flat prefix saved in a prefix-tuning checkpoint, checked against this model."""
+    task_names: list[str]
+    """The tasks the model is trained on (one for a single-task recipe)."""
+    prompt_from_checkpoint: Callable[[Path], SourcePrompt]
+    """folder -> the soft prompt saved in a checkpoint (ours or a PEFT adapter), checked against this model."""
+
+
+@dataclass
+class SourcePrompt:
+    """A trained soft prompt read from a checkpoint, to start another from."""
+
+    method: str
+    tensors: dict[str, torch.Tensor]
+    """The prompt module's tensors (without `prompt.`)."""
+    task_names: list[str]
 
 
 class MethodOptions(BaseModel):
@@ -49,10 +63,18 @@ class MethodOptions(BaseModel):
     """`input`: the module returns virtual token embeddings [n, hidden] to insert into the input.
     `prefix`: it returns per-layer keys and values [layers, 2, kv_heads, n, head_dim]."""
 
+    per_task: ClassVar[bool] = False
+    """True: the module takes each row's task id and returns one prompt per row (`forward(task_ids)`)."""
+
     num_virtual_tokens: int = Field(20, ge=1, le=512, description="number of virtual tokens")
 
     def build(self, spec: ModelSpec) -> nn.Module:
         raise NotImplementedError
+
+    def for_trained(self) -> MethodOptions:
+        """These options for rebuilding a trained prompt, whose saved tensors replace its start: an init that reads
+        no other checkpoint (one moved or deleted since must not stop a trained prompt from loading)."""
+        return self
 
 
 _REGISTRY: dict[str, type[MethodOptions]] = {}

@@ -43,6 +43,11 @@ class PrefixTuning(MethodOptions):
             raise ValueError(f"init: {self.init} sets the prefix itself; it needs projection: false")
         return self
 
+    def for_trained(self) -> PrefixTuning:
+        if self.init in ("text", "from_checkpoint"):
+            return self.model_copy(update={"init": "zero", "init_checkpoint": None, "init_text": None})
+        return self
+
     def build(self, spec: ModelSpec) -> nn.Module:
         import torch
         from torch import nn

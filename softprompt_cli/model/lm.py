@@ -1,7 +1,7 @@
 """The causal-LM side of a soft-prompt model: label-word scores (rank classification) and generation.
 
 Functions of a SoftPromptModel (passed in; this module does not import it): they need its `encode`,
-`lm_head`, `prompt`, `kind`, `base` and `label_word_ids`.
+`lm_head`, `kind`, `base` and `cache_argument`.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ class Sampling:
 
 
 @torch.no_grad()
-def label_word_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      prompt: torch.Tensor | None) -> torch.Tensor:
-    """Each label word's log-likelihood after each (left-padded) input: [rows, labels]."""
-    words = model.label_word_ids
+def label_word_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: torch.Tensor | None,
+                      words: list[list[int]]) -> torch.Tensor:
+    """Each label word's log-likelihood after each (left-padded) input: [rows, labels] (`words`: each label's
+    token ids)."""
     if all(len(w) == 1 for w in words):  # one forward pass: the next-token distribution after the input
         last = model.encode(input_ids, attention_mask, None, prompt).states[:, -1]
         return model.lm_head(last).float().log_softmax(-1)[:, [w[0] for w in words]]
@@ -48,6 +48,8 @@ def label_word_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     word_ids = torch.tensor([w + [pad] * (width - len(w)) for w in words], device=input_ids.device).repeat(batch, 1)
     word_mask = (torch.arange(width, device=input_ids.device)[None] < torch.tensor(
         [len(w) for w in words], device=input_ids.device)[:, None]).long().repeat(batch, 1)
+    if prompt is not None and model.kind == "input" and prompt.dim() == 3:  # one prompt per row: per copy too
+        prompt = prompt.repeat_interleave(count, 0)
     ids = torch.cat([input_ids.repeat_interleave(count, 0), word_ids], 1)
     mask = torch.cat([attention_mask.repeat_interleave(count, 0), word_mask], 1)
     states = model.encode(ids, mask, None, prompt).states[:, -width - 1:-1]

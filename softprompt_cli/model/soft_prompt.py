@@ -8,16 +8,17 @@ changes neither (`loading.prepare_frozen` prepares them once), so several SoftPr
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from softprompt_cli.config.schema import SINGLE_TASK
 from softprompt_cli.errors import UserError
 from softprompt_cli.methods.base import MethodOptions, ModelSpec
 from softprompt_cli.model import heads, lm
@@ -34,6 +35,11 @@ from softprompt_cli.model.prefix_capture import prefix_from_ids, text_token_ids
 
 PROMPT_PREFIX = "prompt."
 """Parameters and checkpoint tensors of the soft prompt start with this; the head's do not."""
+TASK_HEADS_PREFIX = "heads."
+"""A multi-task model's heads, one per task: heads.<task>.*"""
+NOT_A_LABEL = -1e9
+"""The logit of label ids a row's task does not have (multi-task rows padded to the most labels): softmax gives
+them exactly 0, and log-probabilities stay finite (KL and cross-entropy never meet inf - inf)."""
 
 
 def split_trained(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -60,34 +66,71 @@ def _insert(values: torch.Tensor, middle: torch.Tensor, at: int) -> torch.Tensor
     return torch.cat([values[:, :at], middle, values[:, at:]], dim=1)
 
 
-def _no_prefix_source(folder: Path, n: int, width: int) -> torch.Tensor:
-    raise UserError("method.init: from_checkpoint needs a prefix reader; build the model through "
+def _no_checkpoint_reader(*args) -> Any:
+    raise UserError("method.init_checkpoint needs a checkpoint reader; build the model through "
                     "softprompt_cli.assemble.")
 
 
-def model_spec(base: nn.Module, tokenizer, prefix_from_checkpoint: Callable | None = None) -> ModelSpec:
-    """What methods may know of the base model; reading it changes nothing."""
+def model_spec(base: nn.Module, tokenizer, prefix_from_checkpoint: Callable | None = None,
+               task_names: list[str] | None = None, prompt_from_checkpoint: Callable | None = None) -> ModelSpec:
+    """What methods may know of the base model (and the tasks); reading it changes nothing."""
     geometry = Geometry.of(base.config)
     fingerprint = config_fingerprint(base.config)
-    reader = _no_prefix_source if prefix_from_checkpoint is None else functools.partial(
-        prefix_from_checkpoint, fingerprint=fingerprint)
+    readers = [_no_checkpoint_reader if reader is None else functools.partial(reader, fingerprint=fingerprint)
+               for reader in (prefix_from_checkpoint, prompt_from_checkpoint)]
     return ModelSpec(
         hidden_size=geometry.hidden_size, num_layers=geometry.num_layers, num_kv_heads=geometry.num_kv_heads,
         head_dim=geometry.head_dim, input_embeddings=base.get_input_embeddings(), tokenizer=tokenizer,
         fingerprint=fingerprint,
         prefix_from_text=lambda text, n: prefix_from_ids(base, text_token_ids(tokenizer, text), n),
-        prefix_from_checkpoint=reader,
+        prefix_from_checkpoint=readers[0], task_names=list(task_names or [SINGLE_TASK]),
+        prompt_from_checkpoint=readers[1],
     )
+
+
+def _resized_head(head: nn.Module, num_labels: int, init_range: float) -> nn.Module:
+    """A trainable copy of a model's own head whose output layer (its last Linear) has `num_labels` outputs."""
+    copied = copy.deepcopy(head).requires_grad_(True)
+    for hook_holder in copied.modules():  # the shared head's input hook must not come along
+        hook_holder._forward_pre_hooks.clear()
+        hook_holder.__dict__.pop("softprompt_input", None)
+    owner, name = copied, None
+    for module_name, module in copied.named_modules():
+        if isinstance(module, nn.Linear):
+            name = module_name
+    if name is None:
+        raise UserError(f"the model's own head ({type(head).__name__}) has no Linear output layer to give each task "
+                        "its labels. Use task.pooling: mean, which adds a head of its own.")
+    if name == "":
+        linear = copied
+    else:
+        *path, last = name.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        linear = getattr(owner, last)
+    fresh = nn.Linear(linear.in_features, num_labels, bias=linear.bias is not None,
+                      dtype=linear.weight.dtype, device=linear.weight.device)
+    nn.init.normal_(fresh.weight, std=init_range)
+    if fresh.bias is not None:
+        nn.init.zeros_(fresh.bias)
+    if name == "":
+        return fresh
+    setattr(owner, last, fresh)
+    return copied
 
 
 class SoftPromptModel(nn.Module):
     """A frozen transformer and a trainable soft prompt, plus a trainable classification head
-    (sequence_classification) or the model's own next-token predictions (causal_lm)."""
+    (sequence_classification) or the model's own next-token predictions (causal_lm).
 
-    def __init__(self, base: nn.Module, method: MethodOptions, tokenizer, pooling: str, num_labels: int,
+    Multi-task (`num_labels` a dict task -> number of labels): one head per task, and each row carries its
+    task id (`task_ids`), which picks its head and, for per-task methods (multitask prompt tuning), its prompt.
+    """
+
+    def __init__(self, base: nn.Module, method: MethodOptions, tokenizer, pooling: str, num_labels: int | dict,
                  max_length: int, prompt_position: str = "after_special",
-                 task_type: str = "sequence_classification", label_word_ids: list[list[int]] | None = None,
-                 prefix_from_checkpoint: Callable | None = None):
+                 task_type: str = "sequence_classification", label_word_ids: list | dict | None = None,
+                 prefix_from_checkpoint: Callable | None = None, prompt_from_checkpoint: Callable | None = None):
         super().__init__()
         if not is_prepared(base):
             raise ValueError("the base model is not prepared for soft prompts: call model.loading.prepare_frozen "
@@ -101,17 +144,28 @@ class SoftPromptModel(nn.Module):
         self.base = base
         self.pooling = pooling
         self.kind = method.kind
+        self.per_task_prompt = method.per_task
         self.num_virtual_tokens = method.num_virtual_tokens
         self.is_decoder = is_decoder(base)
         self.cache_argument = cache_argument(base)
         self.causal_lm = task_type == "causal_lm"
-        self.label_word_ids = label_word_ids
-        """causal_lm with label words: each label's tokens, scored for rank classification."""
-        self.prompt = method.build(model_spec(base, tokenizer, prefix_from_checkpoint))
+        self.multitask = isinstance(num_labels, dict)
+        self.task_names = list(num_labels) if self.multitask else [SINGLE_TASK]
+        self.task_label_words = label_word_ids if isinstance(label_word_ids, dict) else {SINGLE_TASK: label_word_ids}
+        """causal_lm with label words: each task's labels' tokens, scored for rank classification."""
+        self.prompt = method.build(model_spec(base, tokenizer, prefix_from_checkpoint, self.task_names,
+                                              prompt_from_checkpoint))
         self.insert_at = self._insert_position(tokenizer, prompt_position)
         self.head_reads_model_pooler = pooling == "model" and not self.is_decoder and not self.causal_lm
         self._attach_head(pooling, geometry, num_labels)
         self.first_token_only = self.head_reads_model_pooler and first_token_enabled(base)
+        self.distill_weights = (1.0, 1.0, 1.0)
+        """Distillation (set by training): the weights of the KL and the MSE, and the softmax temperature."""
+
+    @property
+    def label_word_ids(self) -> list[list[int]] | None:
+        """The first (a single-task model's only) task's label words."""
+        return self.task_label_words[self.task_names[0]]
 
     def _insert_position(self, tokenizer, prompt_position: str) -> int:
         """Virtual tokens go after a leading [CLS]/<s> in encoders, so that the model's own head still reads
@@ -120,23 +174,34 @@ class SoftPromptModel(nn.Module):
         leading_special = bool(probe) and probe[0] in tokenizer.all_special_ids
         return 1 if (prompt_position == "after_special" and not self.is_decoder and leading_special) else 0
 
-    def _attach_head(self, pooling: str, geometry: Geometry, num_labels: int) -> None:
+    def _attach_head(self, pooling: str, geometry: Geometry, num_labels: int | dict) -> None:
+        self.head_prefix = None
         if self.causal_lm:
             self.head = None
-            self.head_prefix = None
-        elif pooling in ("mean", "pair_mean"):
+            return
+        if pooling in ("mean", "pair_mean"):
             dropout = getattr(self.base.config.get_text_config(), "hidden_dropout_prob", 0.1) or 0.0
             self.head_dropout = nn.Dropout(dropout)
-            self.head = nn.Linear(heads.mean_feature_size(pooling, geometry.hidden_size), num_labels)
-            self.head_prefix = "head."
+            width = heads.mean_feature_size(pooling, geometry.hidden_size)
+            if self.multitask:
+                self.heads = nn.ModuleDict({task: nn.Linear(width, n) for task, n in num_labels.items()})
+            else:
+                self.head = nn.Linear(width, num_labels)
+                self.head_prefix = "head."
         else:
             # The model's own head, registered on the base model only: its weights are saved as base.<name>.*
             name, head = model_head(self.base)
             object.__setattr__(self, "head", head)
             self.head_prefix = f"base.{name}."
+            if self.multitask:  # each task its own copy, sized for its labels; the shared head stays as it is
+                init_range = getattr(self.base.config, "initializer_range", 0.02)
+                self.heads = nn.ModuleDict({task: _resized_head(head, n, init_range)
+                                            for task, n in num_labels.items()})
+        if self.multitask:
+            self.head_prefix = TASK_HEADS_PREFIX
 
     def is_trained(self, name: str) -> bool:
-        """The one rule for what trains, what is saved and what a checkpoint holds: the prompt and the head."""
+        """The one rule for what trains, what is saved and what a checkpoint holds: the prompt and the head(s)."""
         return name.startswith(PROMPT_PREFIX) or (self.head_prefix is not None and name.startswith(self.head_prefix))
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -153,20 +218,49 @@ class SoftPromptModel(nn.Module):
         return {k.removeprefix(self.head_prefix): v for k, v in tensors.items()
                 if self.head_prefix is not None and k.startswith(self.head_prefix)}
 
+    def task_index(self, task: str) -> int:
+        return self.task_names.index(task)
+
+    def prompt_for(self, task_ids: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """The prompt of every row: one shared prompt, or (per-task methods) each row's task's prompt [rows, ...].
+        `task_ids` of pairs encoded apart (pair_mean: 2B sequences) cover both halves; None: task 0."""
+        if not self.per_task_prompt:
+            return self.prompt()
+        if task_ids is None:
+            task_ids = torch.zeros(rows, dtype=torch.long, device=self.base.device)
+        elif len(task_ids) * 2 == rows:
+            task_ids = torch.cat([task_ids, task_ids])
+        return self.prompt(task_ids)
+
+    def task_prompt(self, task: str) -> torch.Tensor:
+        """One task's prompt in its inference form (shared by all rows of that task)."""
+        if not self.per_task_prompt:
+            return self.prompt()
+        return self.prompt(torch.tensor([self.task_index(task)], device=self.base.device))[0]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                labels: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
+                **teacher: torch.Tensor) -> dict[str, torch.Tensor]:
         """Classification: logits (and the loss, given label ids). causal_lm: the loss on the target tokens
-        (labels: token ids, -100 where nothing is to be predicted)."""
-        encoded = self.encode(input_ids, attention_mask, token_type_ids, self.prompt())
+        (labels: token ids, -100 where nothing is to be predicted). `teacher` (distillation): the teacher's
+        `teacher_logits` and `teacher_states` for these rows, weighed by `distill_weights`."""
+        encoded = self.encode(input_ids, attention_mask, token_type_ids, self.prompt_for(task_ids, len(input_ids)))
         if self.causal_lm:
             # Hidden state t predicts token t + 1; only target positions go through the (large) LM head.
             states = encoded.states[:, -input_ids.shape[1]:-1]  # without leading virtual tokens
             targets = labels[:, 1:]
             keep = targets != -100
-            return {"loss": F.cross_entropy(self.lm_head(states[keep]).float(), targets[keep])}
-        output = {"logits": self.classify(encoded)}
-        if labels is not None:
-            output["loss"] = F.cross_entropy(output["logits"].float(), labels)
+            logits = self.lm_head(states[keep]).float()
+            output = {"loss": F.cross_entropy(logits, targets[keep]), "logits": logits}
+            student_states = states[keep]
+        else:
+            output = {"logits": self.task_logits(encoded, task_ids)}
+            if labels is not None:
+                output["loss"] = F.cross_entropy(output["logits"].float(), labels)
+            student_states = distilled_states(encoded)
+        if teacher:
+            output["loss"] = output["loss"] + distillation_loss(output["logits"], student_states, **teacher,
+                                                                weights=self.distill_weights)
         return output
 
     @property
@@ -175,19 +269,35 @@ class SoftPromptModel(nn.Module):
 
     @torch.no_grad()
     def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-               with_prompt: bool = True) -> torch.Tensor:
+               with_prompt: bool = True, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One score per label: the head's logits, or (causal_lm) each label word's log-likelihood after the
-        input. `with_prompt=False`: the frozen model alone (the zero-shot baseline of a causal_lm template)."""
-        prompt = self.prompt() if with_prompt else None
+        input. `with_prompt=False`: the frozen model alone (the zero-shot baseline of a causal_lm template).
+        Multi-task: each row's task's labels, padded with NOT_A_LABEL to the most labels of a task."""
+        prompt = self.prompt_for(task_ids, len(input_ids)) if with_prompt else None
         if not self.causal_lm:
-            return self.classify(self.encode(input_ids, attention_mask, token_type_ids, prompt))
-        return lm.label_word_scores(self, input_ids, attention_mask, prompt)
+            return self.task_logits(self.encode(input_ids, attention_mask, token_type_ids, prompt), task_ids)
+        if task_ids is None:
+            return lm.label_word_scores(self, input_ids, attention_mask, prompt, self.label_word_ids)
+        return self._routed_label_word_scores(input_ids, attention_mask, prompt, task_ids)
+
+    def _routed_label_word_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                  prompt: torch.Tensor | None, task_ids: torch.Tensor) -> torch.Tensor:
+        """Label-word scores of rows of several tasks, each row its own task's words."""
+        scores = input_ids.new_full((len(input_ids), self.logit_width), NOT_A_LABEL, dtype=torch.float)
+        for index in task_ids.unique().tolist():
+            rows = task_ids == index
+            rows_prompt = prompt[rows] if prompt is not None and prompt.dim() == 3 else prompt
+            words = self.task_label_words[self.task_names[index]]
+            scores[rows, :len(words)] = lm.label_word_scores(self, input_ids[rows], attention_mask[rows],
+                                                             rows_prompt, words)
+        return scores
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
-                 sampling: lm.Sampling | None = None, with_prompt: bool = True) -> torch.Tensor:
+                 sampling: lm.Sampling | None = None, with_prompt: bool = True,
+                 task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Continue each (left-padded) row with up to max_new_tokens tokens (see `lm.generate`)."""
-        prompt = self.prompt() if with_prompt else None
+        prompt = self.prompt_for(task_ids, len(input_ids)) if with_prompt else None
         return lm.generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, prompt, sampling)
 
     def _inputs_with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -235,14 +345,66 @@ class SoftPromptModel(nn.Module):
             return Encoded(states, real_tokens, attention_mask, next_position)
         return Encoded(self.base.base_model(**inputs).last_hidden_state, real_tokens, attention_mask, next_position)
 
-    def classify(self, encoded: Encoded, head_state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits from encoded rows; `head_state` swaps in another task's head weights."""
+    def features(self, encoded: Encoded) -> torch.Tensor:
+        """What a head reads: the model's pooler output, a decoder's last real token, or pooled hidden states."""
         if self.head_reads_model_pooler:
-            features = encoded.states
-        elif self.pooling == "model":  # decoder: the last real token, wherever the padding is
-            features = heads.last_real_token(encoded.states, encoded.attention_mask)
-        else:
-            features = self.head_dropout(heads.mean_features(encoded.states, encoded.real_tokens, self.pooling))
+            return encoded.states
+        if self.pooling == "model":  # decoder: the last real token, wherever the padding is
+            return heads.last_real_token(encoded.states, encoded.attention_mask)
+        return self.head_dropout(heads.mean_features(encoded.states, encoded.real_tokens, self.pooling))
+
+    def classify(self, encoded: Encoded, head_state: dict[str, torch.Tensor] | None = None,
+                 task: str | None = None) -> torch.Tensor:
+        """Logits from encoded rows of one task (`task`: which head of a multi-task model); `head_state` swaps in
+        another task's head weights."""
+        head = self.heads[task or self.task_names[0]] if self.multitask else self.head
         if head_state is None:
-            return self.head(features)
-        return torch.func.functional_call(self.head, head_state, (features,))
+            return head(self.features(encoded))
+        return torch.func.functional_call(head, head_state, (self.features(encoded),))
+
+    @property
+    def logit_width(self) -> int:
+        """Logits per row: the labels of the task with the most."""
+        if self.causal_lm:
+            return max(len(words or []) for words in self.task_label_words.values())
+        return max(head_module_outputs(head) for head in (self.heads.values() if self.multitask else [self.head]))
+
+    def task_logits(self, encoded: Encoded, task_ids: torch.Tensor | None) -> torch.Tensor:
+        """Logits of rows of one or several tasks: each row through its task's head, padded with NOT_A_LABEL to
+        the most labels of a task."""
+        if not self.multitask:
+            return self.head(self.features(encoded))
+        features = self.features(encoded)
+        if task_ids is None:
+            task_ids = torch.zeros(len(features), dtype=torch.long, device=features.device)
+        logits = features.new_full((len(features), self.logit_width), NOT_A_LABEL)
+        for index in task_ids.unique().tolist():
+            rows = task_ids == index
+            task_rows = self.heads[self.task_names[index]](features[rows])
+            logits[rows, :task_rows.shape[1]] = task_rows.to(logits.dtype)
+        return logits
+
+
+def head_module_outputs(head: nn.Module) -> int:
+    """The number of labels a head gives (its last Linear's outputs)."""
+    return [module for module in head.modules() if isinstance(module, nn.Linear)][-1].out_features
+
+
+def distilled_states(encoded: Encoded) -> torch.Tensor:
+    """The hidden states distillation compares: the real tokens' last hidden states (the same tokens for a
+    teacher and a student, whatever their prompts), or a pooler's input where the model reads only that."""
+    if encoded.states.dim() == 2:
+        return encoded.states
+    return encoded.states[encoded.real_tokens.bool()]
+
+
+def distillation_loss(logits: torch.Tensor, states: torch.Tensor, teacher_logits: torch.Tensor,
+                      teacher_states: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
+    """MPT's distillation terms: KL(teacher || student) of the softened logits, plus the MSE of hidden states
+    (`weights`: the KL's, the MSE's, and the softmax temperature)."""
+    logits_weight, hidden_weight, temperature = weights
+    student = (logits.float() / temperature).log_softmax(-1)
+    target = (teacher_logits.float() / temperature).log_softmax(-1)
+    kl = F.kl_div(student, target, log_target=True, reduction="batchmean") * temperature ** 2
+    mse = F.mse_loss(states.float(), teacher_states.float())
+    return logits_weight * kl + hidden_weight * mse

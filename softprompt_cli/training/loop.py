@@ -35,7 +35,7 @@ from softprompt_cli.artifacts.checkpoint import (
 from softprompt_cli.assemble import build_model
 from softprompt_cli.config.schema import Recipe
 from softprompt_cli.data.batching import evaluation_loader, training_loader
-from softprompt_cli.data.sources import Examples, load_examples
+from softprompt_cli.data.tasks import all_targets, load_task_data, task_labels
 from softprompt_cli.errors import UserError
 from softprompt_cli.model.loading import config_fingerprint
 from softprompt_cli.model.soft_prompt import PROMPT_PREFIX, SoftPromptModel
@@ -46,6 +46,7 @@ from softprompt_cli.training.control import (
     finish,
     stop_everywhere,
 )
+from softprompt_cli.training.distill import Teacher, load_teachers, teacher_outputs
 from softprompt_cli.training.evaluate import evaluate
 from softprompt_cli.training.metrics_log import MetricsLog
 from softprompt_cli.training.resume import capture_rng, check_resumable, load_state, restore_rng, save_state
@@ -110,8 +111,12 @@ class Run:
     scheduler: Any
     train_loader: Any
     eval_loader: Any
-    eval_examples: Examples
-    label_names: list[str]
+    eval_targets: list[str] | None
+    """Free-form causal_lm: every task's evaluation targets (rows point into it)."""
+    labels: list[str] | dict[str, list[str]]
+    """The label names, or each task's (multi-task)."""
+    teachers: dict[int, Teacher]
+    """Distillation: each task's teacher, by task index."""
     steps_per_epoch: int
     total_steps: int
     trainable: int
@@ -170,10 +175,12 @@ def make_optimizer(model: SoftPromptModel, recipe: Recipe) -> torch.optim.AdamW:
 def set_up(recipe: Recipe, accelerator: Accelerator) -> Run:
     """Data, model, optimizer, schedule and loaders, prepared for the processes (seeded before this)."""
     cfg = recipe.training
-    train_examples, eval_examples, label_names = load_examples(recipe.data, recipe.task)
-    model, tokenizer = build_model(recipe, label_names)
-    train_loader = training_loader(recipe, train_examples, tokenizer)
-    eval_loader = evaluation_loader(recipe, eval_examples, tokenizer)
+    tasks = load_task_data(recipe)
+    labels = task_labels(tasks) if recipe.is_multitask else tasks[0].label_names
+    model, tokenizer = build_model(recipe, labels)
+    teachers = load_teachers(recipe, model, tokenizer, task_labels(tasks))
+    train_loader = training_loader(recipe, tasks, tokenizer)
+    eval_loader = evaluation_loader(recipe, tasks, tokenizer)
     optimizer = make_optimizer(model, recipe)
     prepared, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
@@ -186,7 +193,7 @@ def set_up(recipe: Recipe, accelerator: Accelerator) -> Run:
         accelerator.init_trackers("tensorboard", config={"lr": cfg.lr, "batch_size": cfg.batch_size})
     unwrapped = accelerator.unwrap_model(prepared)
     return Run(recipe, Path(recipe.output.dir), accelerator, prepared, unwrapped, tokenizer, optimizer, scheduler,
-               train_loader, eval_loader, eval_examples, label_names, steps_per_epoch, total_steps,
+               train_loader, eval_loader, all_targets(tasks), labels, teachers, steps_per_epoch, total_steps,
                sum(p.numel() for p in unwrapped.trainable_state().values()), config_fingerprint(unwrapped.base.config))
 
 
@@ -207,8 +214,9 @@ def save_checkpoint(run: Run, name: str, progress: Progress, results: dict) -> i
     recipe = run.recipe
     info = {
         "method": recipe.method.model_dump(mode="json"),
-        "label_names": run.label_names,
-        "pooling": recipe.task.pooling,
+        "label_names": [] if recipe.is_multitask else run.labels,
+        "tasks": run.labels if recipe.is_multitask else {recipe.task_names[0]: run.labels},
+        "pooling": recipe.model_task.pooling,
         "base_model": {"name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision,
                        "fingerprint": run.fingerprint},
         "step": progress.step,
@@ -238,8 +246,8 @@ def validate(run: Run, progress: Progress, counters: Counters, log: MetricsLog) 
     """Evaluate, log, and keep best/ when the main metric improved."""
     started = time.perf_counter()
     memory.release_free_memory()  # evaluation's larger batches would otherwise grow the heap further
-    results = evaluate(run.model, run.eval_loader, run.accelerator, run.recipe, run.label_names, run.tokenizer,
-                       run.eval_examples.targets)
+    results = evaluate(run.model, run.eval_loader, run.accelerator, run.recipe, run.labels, run.tokenizer,
+                       run.eval_targets)
     memory.release_free_memory()
     counters.eval_seconds += time.perf_counter() - started
     counters.evaluations += 1
@@ -275,7 +283,7 @@ def train_step(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, float | 
     norm). A non-finite loss or gradient norm stops the run (UserError) before the optimizer step."""
     accelerator = run.accelerator
     with accelerator.accumulate(run.model):
-        loss = run.model(**batch)["loss"]
+        loss = run.model(**batch, **teacher_outputs(run.teachers, run.unwrapped, batch))["loss"]
         if accelerator.num_processes == 1:
             # With several processes each rank sees only its own loss: stopping one rank before backward would
             # leave the others waiting in the gradient all-reduce. There the gradient norm below, the same on

@@ -1,0 +1,104 @@
+"""Distillation for multi-task source training (MPT's paper): every task's rows also learn what an existing
+single-task checkpoint of that task, its teacher, makes of them (logits by KL, last hidden states by MSE).
+
+Teachers share the student's frozen base model; their outputs are computed before the student's forward and
+passed into it, so that DDP sees one forward per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from softprompt_cli.assemble import attach_trained, read_trained
+from softprompt_cli.config.schema import Recipe
+from softprompt_cli.errors import UserError
+from softprompt_cli.model.soft_prompt import NOT_A_LABEL, SoftPromptModel, distilled_states
+
+
+@dataclass
+class Teacher:
+    model: SoftPromptModel
+    head_state: dict[str, torch.Tensor]
+
+
+def _checked_teacher(recipe: Recipe, task: str, folder: str, labels: list[str]):
+    trained = read_trained(Path(folder))
+    where = f"distillation.teachers.{task} ({folder!r})"
+    if trained.recipe.is_multitask:
+        raise UserError(f"{where} is a multi-task checkpoint; a teacher is a single-task checkpoint of task {task}. "
+                        "Train one with that task's single-task recipe.")
+    if trained.label_names != labels:
+        raise UserError(f"{where} was trained with labels {trained.label_names}, task {task} has {labels}. Use a "
+                        "teacher trained on this task's data.")
+    own, theirs = recipe.model_task, trained.recipe.task
+    if (own.type, own.pooling) != (theirs.type, theirs.pooling):
+        raise UserError(f"{where} is a {theirs.type} checkpoint with pooling {theirs.pooling}; this recipe's tasks "
+                        f"are {own.type} with pooling {own.pooling}. Use teachers trained with the same task.type "
+                        "and task.pooling.")
+    return trained
+
+
+def load_teachers(recipe: Recipe, student: SoftPromptModel, tokenizer, task_labels: dict[str, list[str]]
+                  ) -> dict[int, Teacher]:
+    """The recipe's teachers by task index, on the student's base model (checked to be theirs), in eval mode."""
+    if recipe.distillation is None:
+        return {}
+    config = recipe.distillation
+    student.distill_weights = (config.logits_weight, config.hidden_weight, config.temperature)
+    teachers = {}
+    for task, folder in config.teachers.items():
+        trained = _checked_teacher(recipe, task, folder, task_labels[task])
+        model, head_state = attach_trained(trained, student.base, tokenizer)
+        teachers[student.task_index(task)] = Teacher(model.requires_grad_(False), head_state)
+    return teachers
+
+
+def _row_of_each(counts: torch.Tensor) -> torch.Tensor:
+    """For rows with `counts` entries each, laid out row after row: the row of every entry."""
+    return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+
+
+def _one_teacher(teacher: Teacher, batch: dict, rows: torch.Tensor, causal_lm: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, distilled states) of one teacher on the rows `rows` (a mask over the model's input rows)."""
+    model = teacher.model
+    input_ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
+    token_types = batch.get("token_type_ids")
+    encoded = model.encode(input_ids, mask, None if token_types is None else token_types[rows],
+                           model.prompt_for(None, len(input_ids)))
+    if causal_lm:
+        states = encoded.states[:, -input_ids.shape[1]:-1]
+        keep = batch["labels"][rows][:, 1:] != -100
+        return model.lm_head(states[keep]).float(), states[keep]
+    return model.classify(encoded, teacher.head_state or None).float(), distilled_states(encoded)
+
+
+@torch.no_grad()
+def teacher_outputs(teachers: dict[int, Teacher], student: SoftPromptModel, batch: dict) -> dict[str, torch.Tensor]:
+    """`teacher_logits` and `teacher_states` for every row of the batch, laid out as the student's forward lays out
+    its own: logits [rows, most labels] (padded with NOT_A_LABEL) or, causal_lm, [target tokens, vocabulary];
+    states: the real tokens' (or a pooler's input)."""
+    if not teachers:
+        return {}
+    input_rows = len(batch["input_ids"])
+    task_ids = batch.get("task_ids", torch.zeros(input_rows, dtype=torch.long))
+    pairs_apart = len(task_ids) * 2 == input_rows
+    sequence_tasks = torch.cat([task_ids, task_ids]) if pairs_apart else task_ids
+    if student.causal_lm:
+        state_rows = logit_rows = _row_of_each((batch["labels"][:, 1:] != -100).sum(-1))
+    else:
+        logit_rows = torch.arange(len(task_ids))
+        state_rows = _row_of_each(batch["attention_mask"].sum(-1)) if not student.head_reads_model_pooler \
+            else torch.arange(input_rows)
+    logits = states = None
+    for index in task_ids.unique().tolist():
+        part_logits, part_states = _one_teacher(teachers[index], batch, sequence_tasks == index, student.causal_lm)
+        if logits is None:
+            width = part_logits.shape[-1] if student.causal_lm else student.logit_width
+            logits = part_logits.new_full((len(logit_rows), width), NOT_A_LABEL)
+            states = part_states.new_zeros((len(state_rows), part_states.shape[-1]))
+        logits[(task_ids[logit_rows] == index).nonzero().squeeze(-1), :part_logits.shape[-1]] = part_logits
+        states[sequence_tasks[state_rows] == index] = part_states
+    return {"teacher_logits": logits, "teacher_states": states}
