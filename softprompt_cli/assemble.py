@@ -11,7 +11,13 @@ import torch
 import yaml
 
 from softprompt_cli.artifacts.checkpoint import RECIPE_FILE, RETRAIN, damaged_checkpoint, read_prefix_checkpoint
-from softprompt_cli.artifacts.peft import ADAPTER_CONFIG, REEXPORT, read_any_checkpoint
+from softprompt_cli.artifacts.peft import (
+    ADAPTER_CONFIG,
+    REEXPORT,
+    is_peft_adapter,
+    read_adapter_prompt,
+    read_any_checkpoint,
+)
 from softprompt_cli.config.load import RecipeError, parse_recipe
 from softprompt_cli.config.schema import SINGLE_TASK, Recipe
 from softprompt_cli.data.batching import label_word_ids
@@ -78,14 +84,19 @@ def read_trained(directory: Path, model_path: str | None = None, data_recipe: Re
 def read_source_prompt(directory: Path, fingerprint: str) -> SourcePrompt:
     """The soft prompt of a checkpoint (ours or a PEFT adapter) that another run starts from, checked to be made
     for the same base model."""
-    trained = read_trained(directory)
-    if trained.base_model["fingerprint"] != fingerprint:
+    if directory.is_dir() and is_peft_adapter(directory):  # its prompt alone: a CAUSAL_LM one needs no recipe
+        source, base_model = read_adapter_prompt(directory)
+    else:
+        trained = read_trained(directory)
+        prompt, _ = split_trained(trained.tensors)
+        source = SourcePrompt(trained.recipe.method.name, prompt, list(trained.task_labels))
+        base_model = trained.base_model
+    if base_model["fingerprint"] != fingerprint:
         raise UserError(f"method.init_checkpoint {str(directory)!r} was trained on "
-                        f"{trained.base_model['name_or_path']!r} (config fingerprint "
-                        f"{trained.base_model['fingerprint']}), not on this recipe's model (fingerprint "
+                        f"{base_model['name_or_path']!r} (config fingerprint "
+                        f"{base_model['fingerprint']}), not on this recipe's model (fingerprint "
                         f"{fingerprint}). Start from a source checkpoint of the same base model.")
-    prompt, _ = split_trained(trained.tensors)
-    return SourcePrompt(trained.recipe.method.name, prompt, list(trained.task_labels))
+    return source
 
 
 def load_frozen(recipe: Recipe, label_names: list[str], pooling: str | None = None,

@@ -116,7 +116,8 @@ def evaluate(
 @app.command()
 def predict(
     checkpoints: Annotated[list[str], typer.Argument(
-        help="checkpoint folders of one base model, as DIR or NAME=DIR (the task name rows refer to)",
+        help="checkpoint folders of one base model, as DIR or NAME=DIR (the task name rows refer to; a multi-task "
+             "checkpoint's tasks are named by its recipe, or NAME/TASK)",
         show_default=False)],
     input_file: Annotated[Optional[Path], typer.Option(
         "--input", help="csv, tsv, jsonl or parquet with the text columns")] = None,
@@ -124,7 +125,10 @@ def predict(
     text_pair: Annotated[Optional[list[str]], typer.Option(help="its pair text, for pair tasks")] = None,
     output: Annotated[Optional[Path], typer.Option(help=".jsonl, .csv or .tsv (default: jsonl on stdout)")] = None,
     task_column: Annotated[str, typer.Option(help="column naming each row's task; without it every row "
-                                                  "goes to every checkpoint")] = "task",
+                                                  "goes to every task")] = "task",
+    task: Annotated[Optional[str], typer.Option(
+        help="send every row to this task (a checkpoint's NAME, or a multi-task checkpoint's task), whatever "
+             "the task column says")] = None,
     text_field: Annotated[Optional[list[str]], typer.Option(
         help="text column(s) to read (default: the recipe's)")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
@@ -153,7 +157,7 @@ def predict(
 
         sampling = Sampling(temperature, top_k, top_p, torch.Generator().manual_seed(seed))
     run_predict(checkpoints, input_file, text or [], text_pair or [], output, task_column, text_field, batch_size,
-                model, Generation(max_new_tokens, sampling))
+                model, Generation(max_new_tokens, sampling), task)
 
 
 @app.command()

@@ -21,7 +21,8 @@ import yaml
 from softprompt_cli import metrics as metric_functions
 from softprompt_cli.artifacts.checkpoint import output_lock, refuse_earlier_output
 from softprompt_cli.config.load import apply_overrides, parse_recipe, read_yaml
-from softprompt_cli.data.sources import load_examples
+from softprompt_cli.config.schema import MEAN_METRIC, SINGLE_TASK, Recipe
+from softprompt_cli.data.tasks import load_task_data
 from softprompt_cli.errors import UserError
 from softprompt_cli.methods.base import registry
 
@@ -145,6 +146,32 @@ def plot(rows: dict[str, list[dict]], main_metric: str, majority: float | None, 
     plt.close(figure)
 
 
+def reported_metrics(recipe: Recipe) -> list[str]:
+    """The metrics of the report's table: a multi-task recipe's every `<task>/<metric>` and their mean."""
+    if not recipe.is_multitask:
+        return recipe.metrics
+    return [f"{name}/{metric}" for name, task in recipe.task_recipes() for metric in task.metrics] + [MEAN_METRIC]
+
+
+def majority_baseline(recipe: Recipe) -> tuple[float | None, str]:
+    """The main metric of always predicting the most frequent training label (each task's, then their mean, for a
+    multi-task recipe), and the report's sentence on it; None for free-form targets, which have no majority."""
+    values = {}
+    for task in load_task_data(recipe):
+        if not task.train.labels:
+            return None, ""
+        label = max(set(task.train.labels), key=task.train.labels.count)
+        main = task.recipe.main_metric
+        values[task.name] = metric_functions.compute([main], [label] * len(task.eval), task.eval.labels,
+                                                     len(task.label_names),
+                                                     task.recipe.task.positive_index(task.label_names))[main]
+    if not recipe.is_multitask:
+        return values[SINGLE_TASK], f"Majority class: {recipe.main_metric} {100 * values[SINGLE_TASK]:.1f}. "
+    mean = statistics.mean(values.values())
+    each = ", ".join(f"{name} {task.main_metric} {100 * values[name]:.1f}" for name, task in recipe.task_recipes())
+    return mean, f"Majority class: {each}; {MEAN_METRIC} {100 * mean:.1f}. "
+
+
 def compare(recipe_paths: list[Path], methods: list[str] | None, seeds: int, out: Path, overwrite: bool,
             overrides: list[str]) -> dict[str, Any]:
     known = list(registry())
@@ -170,13 +197,7 @@ def _run_comparison(recipe_paths: list[Path], methods: list[str], seeds: int, ou
         checked = {key: parse_recipe(r, source=f"recipe {str(recipe_path)!r} for {key[0]}")
                    for key, r in recipes.items()}
         any_recipe = next(iter(checked.values()))
-        train_examples, eval_examples, names = load_examples(any_recipe.data, any_recipe.task)
-        majority = None
-        if train_examples.labels:  # free-form generation targets have no majority class
-            majority_label = max(set(train_examples.labels), key=train_examples.labels.count)
-            majority = metric_functions.compute([any_recipe.main_metric], [majority_label] * len(eval_examples),
-                                                eval_examples.labels, len(names),
-                                                any_recipe.task.positive_index(names))[any_recipe.main_metric]
+        majority, baseline = majority_baseline(any_recipe)
         rows: dict[str, list[dict]] = {m: [] for m in methods}
         for (method, seed), recipe in recipes.items():
             print(f"[{recipe_path.stem}] {method}, seed {first_seed + seed} ...", flush=True)
@@ -187,11 +208,10 @@ def _run_comparison(recipe_paths: list[Path], methods: list[str], seeds: int, ou
         title = f"{recipe_path.stem}: {any_recipe.model.name_or_path}, {seeds} seed(s)"
         image = out / (f"report-{recipe_path.stem}.png" if len(recipe_paths) > 1 else "report.png")
         plot(rows, any_recipe.main_metric, majority, title, image)
-        lines = table(rows, any_recipe.metrics)
-        baseline = f"Majority class: {any_recipe.main_metric} {100 * majority:.1f}. " if majority is not None else ""
+        lines = table(rows, reported_metrics(any_recipe))
         sections += [f"## {title}", "", *lines, "", f"{baseline}![report]({image.name})", ""]
         report["recipes"][str(recipe_path)] = {
-            "majority": majority, "main_metric": any_recipe.main_metric,
+            "majority": majority, "main_metric": any_recipe.main_metric, "tasks": any_recipe.task_names,
             "methods": {m: [{k: v for k, v in r.items() if k not in ("losses", "evals")} for r in runs]
                         for m, runs in rows.items()},
         }

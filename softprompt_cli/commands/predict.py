@@ -1,10 +1,11 @@
 """`softprompt predict`: one frozen model, several trained soft prompts, rows of different tasks in
 the same forward batch (each row with its own prompt and head).
 
-Tasks can share a forward pass when their prompts have the same kind and length and their heads
-read the same thing (hidden states, or the model's own pooler); others go in separate batches.
-causal_lm checkpoints rank their label words (probabilities over the label words) or generate text,
-one task per batch.
+A multi-task checkpoint serves each of its tasks (named by its recipe, or NAME/TASK given NAME=DIR), all on
+its one SoftPromptModel. Tasks can share a forward pass when their prompts have the same kind and length and
+their heads read the same thing (hidden states, or the model's own pooler); others go in separate batches.
+causal_lm checkpoints rank their label words (probabilities over the label words; the tasks of one checkpoint
+share batches) or generate text, one task per batch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from transformers import DataCollatorWithPadding
 
 from softprompt_cli.assemble import Trained, attach_trained, load_frozen, read_trained
 from softprompt_cli.commands.arguments import check_predict_input
-from softprompt_cli.config.schema import Recipe
+from softprompt_cli.config.schema import SINGLE_TASK, Recipe
 from softprompt_cli.data.sources import input_fields, read_table, row_texts
 from softprompt_cli.data.templates import render
 from softprompt_cli.errors import UserError
@@ -39,15 +40,23 @@ class Task:
     head_state: dict[str, torch.Tensor]
     knows_its_texts: bool = True
     """False for PEFT adapters: they do not record how many texts a row has."""
+    model_task: str = SINGLE_TASK
+    """The task's name in its model (a multi-task checkpoint's task, whose head and prompt it picks)."""
+    checkpoint: int = 0
+    """Which loaded checkpoint it comes from: the tasks of one causal_lm model can share its forward passes."""
     prompt: torch.Tensor = field(init=False)
     """The prompt's inference form, computed once (P-tuning's encoder output, projected prefixes)."""
 
     @property
     def batch_key(self) -> tuple:
-        if self.model.causal_lm:
-            return ("causal_lm", self.name)
+        if self.model.causal_lm:  # generation lengths are per task; label words are routed by task id
+            return ("causal_lm", self.checkpoint, self.name if self.generates else "")
         return (self.model.kind, self.model.num_virtual_tokens, self.model.insert_at,
                 self.model.head_reads_model_pooler)
+
+    @property
+    def task_id(self) -> int:
+        return self.model.task_index(self.model_task)
 
     @property
     def generates(self) -> bool:
@@ -63,40 +72,59 @@ def _parse_reference(reference: str) -> tuple[str | None, Path]:
     return (name, Path(path)) if sep and name and not Path(reference).exists() else (None, Path(reference))
 
 
-def _read_named(references: list[str], model_path: str | None) -> dict[str, Trained]:
-    """Each checkpoint (`DIR` or `NAME=DIR`) read, by task name; one kind of task, one base model."""
-    named: dict[str, Trained] = {}
+def _served_names(name: str | None, directory: Path, trained: Trained) -> dict[str, str]:
+    """Each task the checkpoint serves, by the name rows give it -> its name in the model."""
+    if not trained.recipe.is_multitask:
+        return {name or (directory.parent.name if directory.name in ("best", "final") else directory.name):
+                SINGLE_TASK}
+    return {f"{name}/{task}" if name else task: task for task in trained.task_labels}
+
+
+def _read_named(references: list[str], model_path: str | None) -> list[tuple[Trained, dict[str, str]]]:
+    """Each checkpoint (`DIR` or `NAME=DIR`) read, with the tasks it serves (see `_served_names`); task names
+    unique, one kind of task, one base model."""
+    loaded: list[tuple[Trained, dict[str, str]]] = []
+    taken: set[str] = set()
     for reference in references:
         name, directory = _parse_reference(reference)
-        name = name or (directory.parent.name if directory.name in ("best", "final") else directory.name)
-        if name in named:
-            raise UserError(f"two checkpoints have the same task name ({name!r}); name them: NAME=DIR.")
-        named[name] = read_trained(directory, model_path)
-    if len({t.recipe.task.type for t in named.values()}) > 1:
+        trained = read_trained(directory, model_path)
+        names = _served_names(name, directory, trained)
+        clash = sorted(taken & set(names))
+        if clash:
+            raise UserError(f"two checkpoints have the same task name ({', '.join(map(repr, clash))}); name them: "
+                            "NAME=DIR (a multi-task checkpoint's tasks are then NAME/TASK).")
+        taken |= set(names)
+        loaded.append((trained, names))
+    if len({t.recipe.model_task.type for t, _ in loaded}) > 1:
         raise UserError("the checkpoints mix causal_lm and sequence_classification tasks; predict with each kind "
                         "separately.")
-    if len({t.base_model["fingerprint"] for t in named.values()}) > 1:
-        models = sorted({t.base_model["name_or_path"] for t in named.values()})
+    if len({t.base_model["fingerprint"] for t, _ in loaded}) > 1:
+        models = sorted({t.base_model["name_or_path"] for t, _ in loaded})
         raise UserError(f"the checkpoints were trained on different base models ({', '.join(models)}); "
                         "predict serves checkpoints of one base model at a time.")
-    return named
+    return loaded
 
 
 def load_tasks(references: list[str], model_path: str | None = None) -> tuple[dict[str, Task], Any]:
-    """Load checkpoints (`DIR` or `NAME=DIR`) onto one shared frozen base model."""
-    named = _read_named(references, model_path)
-    first = next(iter(named.values()))
-    own_head = [t for t in named.values() if t.recipe.task.pooling == "model"]
-    base, tokenizer = load_frozen(first.recipe, (own_head or [first])[0].label_names,
+    """Load checkpoints (`DIR` or `NAME=DIR`) onto one shared frozen base model: one Task per task they serve
+    (a multi-task checkpoint: one per task of it, all on its one model)."""
+    loaded = _read_named(references, model_path)
+    first = loaded[0][0]
+    own_head = [t for t, _ in loaded if t.recipe.model_task.pooling == "model"]
+    # A multi-task checkpoint has no label_names of its own: its first task's labels size the base model's head.
+    base, tokenizer = load_frozen(first.recipe, next(iter((own_head or [first])[0].task_labels.values())),
                                   pooling="model" if own_head else "mean")
     base.eval()
     tasks = {}
-    for name, trained in named.items():
+    for number, (trained, names) in enumerate(loaded):
         model, head_state = attach_trained(trained, base, tokenizer)
-        task = Task(name, trained.recipe, trained.label_names, model, head_state, not trained.from_peft)
-        with torch.no_grad():
-            task.prompt = model.prompt()
-        tasks[name] = task
+        recipes = dict(trained.recipe.task_recipes())
+        for name, model_task in names.items():
+            task = Task(name, recipes[model_task], trained.task_labels[model_task], model, head_state,
+                        not trained.from_peft, model_task, number)
+            with torch.no_grad():
+                task.prompt = model.task_prompt(model_task)
+            tasks[name] = task
     return tasks, tokenizer
 
 
@@ -109,21 +137,34 @@ class Item:
     sequences: list[dict]  # tokenized: one, or two for pair_mean
 
 
+def check_task_choice(tasks: dict[str, Task], task: str | None) -> None:
+    """--task must name one of the loaded tasks."""
+    if task is not None and task not in tasks:
+        raise UserError(f"--task {task!r} is not a task of the loaded checkpoints (their tasks: {', '.join(tasks)}). "
+                        "Name one of them, or drop --task to route rows by their task column.")
+
+
+def _row_tasks(row: dict, number: int, tasks: dict[str, Task], task_column: str | None, origin: str) -> list[Task]:
+    """The tasks a row goes to: the one its task column names, or every loaded task."""
+    if not (task_column and task_column in row):
+        return list(tasks.values())
+    name = str(row[task_column])
+    if name not in tasks:
+        raise UserError(f"row {number + 1} of {origin} names task {name!r}, which is not one of the loaded "
+                        f"checkpoints' tasks ({', '.join(tasks)}). Fix the {task_column!r} column, load that "
+                        "checkpoint, or send every row to one task with --task.")
+    return [tasks[name]]
+
+
 def make_items(rows: list[dict], tasks: dict[str, Task], tokenizer, task_column: str | None,
-               fields_override: list[str] | None, origin: str = "the input") -> list[Item]:
-    """One item per row and task; a row whose text is null, empty, a list or an object is refused (numbers are
-    read as their text)."""
+               fields_override: list[str] | None, origin: str = "the input", only_task: str | None = None
+               ) -> list[Item]:
+    """One item per row and task (`only_task`: every row that task's, whatever its task column says); a row
+    whose text is null, empty, a list or an object is refused (numbers are read as their text)."""
+    check_task_choice(tasks, only_task)
     items = []
     for number, row in enumerate(rows):
-        if task_column and task_column in row:
-            name = str(row[task_column])
-            if name not in tasks:
-                raise UserError(f"row {number + 1} of {origin} names task {name!r}, which is not one of the loaded "
-                                f"checkpoints ({', '.join(tasks)}). Fix the {task_column!r} column or load that "
-                                "checkpoint.")
-            targets = [tasks[name]]
-        else:
-            targets = list(tasks.values())
+        targets = [tasks[only_task]] if only_task else _row_tasks(row, number, tasks, task_column, origin)
         for task in targets:
             expected = input_fields(task.recipe.data, task.recipe.task)
             fields = fields_override or expected
@@ -153,9 +194,11 @@ def make_items(rows: list[dict], tasks: dict[str, Task], tokenizer, task_column:
 def predict_batch(items: list[Item], collate) -> list[torch.Tensor]:
     """Probabilities for each item; all items share one forward pass through the frozen model."""
     task = items[0].task
-    if task.model.causal_lm:  # one task per batch: the probabilities of its label words
+    if task.model.causal_lm:  # one model per batch: the probabilities of each row's task's label words
         batch = collate([item.sequences[0] for item in items])
-        return list(task.model.scores(batch["input_ids"], batch["attention_mask"]).softmax(-1))
+        task_ids = _task_ids(items, batch["input_ids"].device)
+        scores = task.model.scores(batch["input_ids"], batch["attention_mask"], task_ids=task_ids)
+        return [row[:len(item.task.label_names)].softmax(-1) for row, item in zip(scores, items)]
     order = sorted(range(len(items)), key=lambda i: items[i].task.name)  # each task's rows contiguous
     blocks, sequences, prompts = [], [], []
     for name in dict.fromkeys(items[i].task.name for i in order):
@@ -174,7 +217,7 @@ def predict_batch(items: list[Item], collate) -> list[torch.Tensor]:
     probabilities: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
     for task, members, rows in blocks:
         part = Encoded(encoded.states[rows], encoded.real_tokens[rows], encoded.attention_mask[rows])
-        logits = task.model.classify(part, task.head_state)
+        logits = task.model.classify(part, task.head_state or None, task=task.model_task)
         for i, p in zip(members, logits.float().softmax(-1)):
             probabilities[i] = p
     return probabilities
@@ -188,12 +231,20 @@ class Generation:
     """None: greedy."""
 
 
+def _task_ids(items: list[Item], device: torch.device) -> torch.Tensor | None:
+    """Each item's task id in its (multi-task) model, which picks its prompt and label words; None: one task."""
+    if not items[0].task.model.multitask:
+        return None
+    return torch.tensor([item.task.task_id for item in items], device=device)
+
+
 def generate_batch(items: list[Item], collate, tokenizer, generation: Generation) -> list[str]:
     task = items[0].task
     batch = collate([item.sequences[0] for item in items])
     tokens = task.model.generate(batch["input_ids"], batch["attention_mask"],
                                  generation.max_new_tokens or task.recipe.task.max_new_tokens,
-                                 tokenizer.eos_token_id, generation.sampling)
+                                 tokenizer.eos_token_id, generation.sampling,
+                                 task_ids=_task_ids(items, batch["input_ids"].device))
     return tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
 
@@ -281,7 +332,7 @@ def write_records(results: list[dict], output: Path | None) -> None:
 
 def run_predict(references: list[str], input_file: Path | None, texts: list[str], text_pairs: list[str],
                 output: Path | None, task_column: str, fields_override: list[str] | None, batch_size: int,
-                model_path: str | None, generation: Generation | None = None) -> list[dict]:
+                model_path: str | None, generation: Generation | None = None, task: str | None = None) -> list[dict]:
     check_predict_input(input_file, texts, text_pairs)
     if input_file is not None:
         rows = read_table(input_file, recipe=False)
@@ -294,7 +345,7 @@ def run_predict(references: list[str], input_file: Path | None, texts: list[str]
     check_input_columns(rows)
     tasks, tokenizer = load_tasks(references, model_path)
     items = make_items(rows, tasks, tokenizer, task_column, fields_override,
-                       repr(str(input_file)) if input_file is not None else "the --text arguments")
+                       repr(str(input_file)) if input_file is not None else "the --text arguments", task)
     outputs = predict(items, tokenizer, batch_size, progress=len(items) > 1000 and output is not None,
                       generation=generation)
     results = records(rows, items, outputs)

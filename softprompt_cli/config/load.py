@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +66,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
+            where: Any = _list_index(node, part, key) if isinstance(node, list) else part
+            child = node[where] if isinstance(node, list) else node.get(part)
+            if not isinstance(child, (dict, list)):
+                child = node[where] = {}
             node = child
-        node[parts[-1]] = value
+        node[_list_index(node, parts[-1], key) if isinstance(node, list) else parts[-1]] = value
     return data
+
+
+def _list_index(entries: list, part: str, key: str) -> int:
+    """The entry a dotted key's part names in a list (tasks.0.data.max_length: the first task)."""
+    if not part.isdigit() or int(part) >= len(entries):
+        raise UserError(f"override {key!r}: {part!r} is not an entry of that list, which has {len(entries)} "
+                        f"entries; name one by its position, 0 to {len(entries) - 1} (e.g. tasks.0.data.max_length)"
+                        ".")
+    return int(part)
 
 
 def absolute_path(path: str) -> str:
@@ -123,10 +134,25 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
 _METHOD = object()  # marks the method union while walking a location
 
 
+def _model_in(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """(the model class an annotation holds, whether it holds it inside a list or dict): `DataSection | None`,
+    `list[TaskEntry] | None`; (None, False) for anything else."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    for arg in typing.get_args(annotation):
+        container = typing.get_origin(arg) in (list, dict)
+        inner = typing.get_args(arg)[-1] if container and typing.get_args(arg) else arg
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner, container
+    return None, False
+
+
 def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
-    """The field names allowed at `loc` (for 'did you mean')."""
+    """The field names allowed at `loc` (for 'did you mean'); a list entry's index (tasks, 0) is stepped over."""
     model: Any = cls
-    for part in loc:
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
         if model is _METHOD:
             model = registry().get(part)
             continue
@@ -135,13 +161,23 @@ def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
             return []
         if part == "method" and model is cls:
             model = _METHOD
-        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            model = field.annotation
-        else:
+            continue
+        model, contained = _model_in(field.annotation)
+        if model is None or (contained and not parts):
             return []
+        if contained:
+            parts.pop(0)
     if model is _METHOD:
         return ["name", *MethodOptions.model_fields]
     return list(model.model_fields) if model is not None else []
+
+
+def readable_location(loc: tuple) -> str:
+    """A location as a recipe reads: ('tasks', 0, 'data', 'dir') -> tasks[0].data.dir."""
+    where = ""
+    for part in loc:
+        where += f"[{part}]" if isinstance(part, int) else f".{part}" if where else str(part)
+    return where or "recipe"
 
 
 def format_validation_errors(err: ValidationError, cls: type[BaseModel]) -> list[str]:
@@ -156,7 +192,7 @@ def format_validation_errors(err: ValidationError, cls: type[BaseModel]) -> list
         else:
             field_loc = loc
             allowed_loc = loc[:-1]
-        where = ".".join(str(p) for p in field_loc) or "recipe"
+        where = readable_location(field_loc)
         kind = error["type"]
         value = error.get("input")
         if kind == "extra_forbidden":

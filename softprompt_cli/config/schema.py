@@ -204,6 +204,9 @@ class TrainingSection(Section):
         False, description="recompute the frozen model's activations in the backward pass: less memory, more time")
     seed: int = 42
     eval_steps: int | None = Field(None, ge=1, description="also evaluate every N optimizer steps")
+    eval_each_epoch: bool = Field(
+        True, description="evaluate (and keep best/) at the end of every epoch; false: only every eval_steps and at "
+        "the last step (short runs over small data, where epochs are a few steps)")
     log_steps: int = Field(10, ge=1)
     save_state_steps: int | None = Field(
         None, ge=1, description="also save the resumable state every N steps (it is saved every epoch and on Ctrl-C)")
@@ -302,6 +305,9 @@ class Recipe(Section):
         if "task" in self.model_fields_set:
             raise ValueError("a multi-task recipe sets task under each task (tasks[i].task), not at the top")
         names = [entry.name for entry in self.tasks]
+        if SINGLE_TASK in names:  # checkpoints, metrics and predict read that name as "a single-task recipe"
+            raise ValueError(f"task name {SINGLE_TASK!r} is reserved for the only task of a single-task recipe; "
+                             "give that task another name")
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise ValueError(f"task name(s) {', '.join(twice)} appear more than once in tasks; give every task its "
@@ -320,6 +326,9 @@ class Recipe(Section):
             raise ValueError("distillation.teachers needs one teacher checkpoint for every task"
                              + (f"; {', '.join(extra)} not in tasks ({', '.join(names)})" if extra else "")
                              + (f"; none for {', '.join(missing)}" if missing else ""))
+        # What shapes the model (type, pooling, prompt_position) then reads the same through recipe.task; the
+        # section is not saved with the recipe (to_dict), each task's own is.
+        self.__dict__["task"] = self.tasks[0].task
         return self
 
     @model_validator(mode="after")

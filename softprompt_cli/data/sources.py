@@ -208,7 +208,11 @@ def _read_source(data: DataSection, split: str) -> Table:
     if split not in task.split_files:
         raise UserError(f"GLUE task {data.glue_task} has no split {split!r}; it has {', '.join(task.split_files)}.")
     path = folder / task.folder / task.split_files[split]
-    return Table(read_table(path, "tsv", list(task.headerless_columns) if task.headerless_columns else None), str(path))
+    rows = read_table(path, "tsv", list(task.headerless_columns) if task.headerless_columns else None)
+    renamed = [(column, hub) for column, hub in zip(task.text_columns, task.hub_text_fields) if column != hub]
+    for row in rows:  # the Hub's names too, so that a template reads {sentence1} whichever the source
+        row.update({hub: row[column] for column, hub in renamed if column in row})
+    return Table(rows, str(path))
 
 
 def _hold_out(data: DataSection, table: Table) -> tuple[Table, Table]:

@@ -78,6 +78,9 @@ class MethodOptions(BaseModel):
 
 
 _REGISTRY: dict[str, type[MethodOptions]] = {}
+_ALL_IMPORTED = False
+"""Whether every method module has been imported: one imported directly (a test, `init_prefix`) registers
+itself alone, so a non-empty registry is not yet a complete one."""
 
 
 def register(cls: type[MethodOptions]) -> type[MethodOptions]:
@@ -93,9 +96,11 @@ def register(cls: type[MethodOptions]) -> type[MethodOptions]:
 
 def registry() -> dict[str, type[MethodOptions]]:
     """Every method, by name; the method modules are imported on first use."""
-    if not _REGISTRY:
+    global _ALL_IMPORTED
+    if not _ALL_IMPORTED:
         package = importlib.import_module(METHODS_PACKAGE)
         for module in pkgutil.iter_modules(package.__path__):
             if not module.name.startswith("_") and module.name != "base":
                 importlib.import_module(f"{METHODS_PACKAGE}.{module.name}")
+        _ALL_IMPORTED = True
     return dict(sorted(_REGISTRY.items()))

@@ -6,6 +6,8 @@ passed into it, so that DDP sees one forward per step."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +77,19 @@ def _one_teacher(teacher: Teacher, batch: dict, rows: torch.Tensor, causal_lm: b
     return model.classify(encoded, teacher.head_state or None).float(), distilled_states(encoded)
 
 
+@contextlib.contextmanager
+def _in_eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """The module (the base model the teachers share with the training student) in eval mode, then every submodule
+    back in its own mode: a teacher's targets must not carry the student's dropout noise."""
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
+
+
 @torch.no_grad()
 def teacher_outputs(teachers: dict[int, Teacher], student: SoftPromptModel, batch: dict) -> dict[str, torch.Tensor]:
     """`teacher_logits` and `teacher_states` for every row of the batch, laid out as the student's forward lays out
@@ -93,12 +108,14 @@ def teacher_outputs(teachers: dict[int, Teacher], student: SoftPromptModel, batc
         state_rows = _row_of_each(batch["attention_mask"].sum(-1)) if not student.head_reads_model_pooler \
             else torch.arange(input_rows)
     logits = states = None
-    for index in task_ids.unique().tolist():
-        part_logits, part_states = _one_teacher(teachers[index], batch, sequence_tasks == index, student.causal_lm)
-        if logits is None:
-            width = part_logits.shape[-1] if student.causal_lm else student.logit_width
-            logits = part_logits.new_full((len(logit_rows), width), NOT_A_LABEL)
-            states = part_states.new_zeros((len(state_rows), part_states.shape[-1]))
-        logits[(task_ids[logit_rows] == index).nonzero().squeeze(-1), :part_logits.shape[-1]] = part_logits
-        states[sequence_tasks[state_rows] == index] = part_states
+    with _in_eval_mode(student.base):
+        for index in task_ids.unique().tolist():
+            part_logits, part_states = _one_teacher(teachers[index], batch, sequence_tasks == index,
+                                                    student.causal_lm)
+            if logits is None:
+                width = part_logits.shape[-1] if student.causal_lm else student.logit_width
+                logits = part_logits.new_full((len(logit_rows), width), NOT_A_LABEL)
+                states = part_states.new_zeros((len(state_rows), part_states.shape[-1]))
+            logits[(task_ids[logit_rows] == index).nonzero().squeeze(-1), :part_logits.shape[-1]] = part_logits
+            states[sequence_tasks[state_rows] == index] = part_states
     return {"teacher_logits": logits, "teacher_states": states}

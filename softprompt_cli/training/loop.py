@@ -339,7 +339,8 @@ def after_step(run: Run, progress: Progress, counters: Counters, log: MetricsLog
     if step % cfg.log_steps == 0 or step == run.total_steps:
         status = log_training(run, progress, counters, log, grad_norm)
     end_of_epoch = progress.batches_done == len(run.train_loader)
-    if cfg.eval_steps and step % cfg.eval_steps == 0 and not end_of_epoch:
+    evaluated_next = (end_of_epoch and cfg.eval_each_epoch) or step >= run.total_steps  # by train_epoch
+    if cfg.eval_steps and step % cfg.eval_steps == 0 and not evaluated_next:
         validate(run, progress, counters, log)
     if cfg.save_state_steps and step % cfg.save_state_steps == 0 and not end_of_epoch:
         save_training_state(run, progress)
@@ -370,7 +371,8 @@ def train_epoch(run: Run, progress: Progress, counters: Counters, log: MetricsLo
         if progress.step >= run.total_steps:
             break
     results = None
-    if progress.batches_done == len(run.train_loader) or progress.step >= run.total_steps:
+    end_of_epoch = progress.batches_done == len(run.train_loader) and run.recipe.training.eval_each_epoch
+    if end_of_epoch or progress.step >= run.total_steps:
         results = validate(run, progress, counters, log)
     if progress.batches_done == len(run.train_loader):
         progress.epoch, progress.batches_done = progress.epoch + 1, 0
