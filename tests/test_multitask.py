@@ -551,3 +551,28 @@ def test_teacher_outputs_are_each_teachers_own(tmp_path, tiny_models, teachers):
         alone = teacher.eval().scores(batch["input_ids"][rows], batch["attention_mask"][rows],
                                       batch["token_type_ids"][rows])
         torch.testing.assert_close(outputs["teacher_logits"][rows], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_teacher_states_follow_the_batch_rows(tmp_path, tiny_models, teachers):
+    """Each row's teacher states are its teacher's real-token states, in the order the student lays out its own
+    (row after row), however the tasks' rows are interleaved."""
+    from accelerate import Accelerator
+
+    from softprompt_cli.assemble import load_trained
+    from softprompt_cli.config.load import load_recipe
+    from softprompt_cli.model.soft_prompt import distilled_states
+    from softprompt_cli.training.distill import teacher_outputs
+    from softprompt_cli.training.loop import set_up
+
+    run = set_up(load_recipe(distillation_recipe(tmp_path, tiny_models["bert"], teachers)), Accelerator())
+    batch = next(b for b in run.train_loader if len(b["task_ids"].unique()) == 2)
+    outputs = teacher_outputs(run.teachers, run.unwrapped, batch)
+    models = {index: load_trained(teachers[task])[1].eval() for index, task in enumerate(("sst2", "cola"))}
+    expected = []
+    for row, task in enumerate(batch["task_ids"].tolist()):
+        model = models[task]
+        one = {k: batch[k][row:row + 1] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        with torch.no_grad():
+            encoded = model.encode(one["input_ids"], one["attention_mask"], one["token_type_ids"], model.prompt())
+        expected.append(distilled_states(encoded)[0])
+    torch.testing.assert_close(outputs["teacher_states"], torch.cat(expected), atol=1e-5, rtol=1e-4)

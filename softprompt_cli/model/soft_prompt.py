@@ -252,12 +252,12 @@ class SoftPromptModel(nn.Module):
             keep = targets != -100
             logits = self.lm_head(states[keep]).float()
             output = {"loss": F.cross_entropy(logits, targets[keep]), "logits": logits}
-            student_states = states[keep]
+            student_states = states[keep] if teacher else None
         else:
             output = {"logits": self.task_logits(encoded, task_ids)}
             if labels is not None:
                 output["loss"] = F.cross_entropy(output["logits"].float(), labels)
-            student_states = distilled_states(encoded)
+            student_states = distilled_states(encoded)[0] if teacher else None
         if teacher:
             output["loss"] = output["loss"] + distillation_loss(output["logits"], student_states, **teacher,
                                                                 weights=self.distill_weights)
@@ -390,12 +390,15 @@ def head_module_outputs(head: nn.Module) -> int:
     return [module for module in head.modules() if isinstance(module, nn.Linear)][-1].out_features
 
 
-def distilled_states(encoded: Encoded) -> torch.Tensor:
-    """The hidden states distillation compares: the real tokens' last hidden states (the same tokens for a
-    teacher and a student, whatever their prompts), or a pooler's input where the model reads only that."""
-    if encoded.states.dim() == 2:
-        return encoded.states
-    return encoded.states[encoded.real_tokens.bool()]
+def distilled_states(encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states distillation compares, and the row of each: the real tokens' last hidden states (the same
+    tokens for a teacher and a student, whatever their prompts), or, where the model computes only its head's
+    input (a pooler's output, the first token alone), that input, one per row."""
+    states = encoded.states
+    if states.dim() == 3 and states.shape[1] == encoded.real_tokens.shape[1]:
+        real = encoded.real_tokens.bool()
+        return states[real], real.nonzero()[:, 0]
+    return states.reshape(len(states), -1), torch.arange(len(states), device=states.device)
 
 
 def distillation_loss(logits: torch.Tensor, states: torch.Tensor, teacher_logits: torch.Tensor,

@@ -57,14 +57,10 @@ def load_teachers(recipe: Recipe, student: SoftPromptModel, tokenizer, task_labe
     return teachers
 
 
-def _row_of_each(counts: torch.Tensor) -> torch.Tensor:
-    """For rows with `counts` entries each, laid out row after row: the row of every entry."""
-    return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-
-
 def _one_teacher(teacher: Teacher, batch: dict, rows: torch.Tensor, causal_lm: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, distilled states) of one teacher on the rows `rows` (a mask over the model's input rows)."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, distilled states, the row of each state among `rows`) of one teacher on the rows `rows` (a mask
+    over the model's input rows)."""
     model = teacher.model
     input_ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
     token_types = batch.get("token_type_ids")
@@ -73,8 +69,16 @@ def _one_teacher(teacher: Teacher, batch: dict, rows: torch.Tensor, causal_lm: b
     if causal_lm:
         states = encoded.states[:, -input_ids.shape[1]:-1]
         keep = batch["labels"][rows][:, 1:] != -100
-        return model.lm_head(states[keep]).float(), states[keep]
-    return model.classify(encoded, teacher.head_state or None).float(), distilled_states(encoded)
+        return model.lm_head(states[keep]).float(), states[keep], keep.nonzero()[:, 0]
+    states, state_rows = distilled_states(encoded)
+    return model.classify(encoded, teacher.head_state or None).float(), states, state_rows
+
+
+def _in_row_order(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Values of several row subsets, each with the (global) row of every value, in row order as one batch has
+    them (a stable sort keeps each row's tokens in order)."""
+    values = torch.cat([part for part, _ in parts])
+    return values[torch.argsort(torch.cat([rows for _, rows in parts]), stable=True)]
 
 
 @contextlib.contextmanager
@@ -94,28 +98,23 @@ def _in_eval_mode(module: torch.nn.Module) -> Iterator[None]:
 def teacher_outputs(teachers: dict[int, Teacher], student: SoftPromptModel, batch: dict) -> dict[str, torch.Tensor]:
     """`teacher_logits` and `teacher_states` for every row of the batch, laid out as the student's forward lays out
     its own: logits [rows, most labels] (padded with NOT_A_LABEL) or, causal_lm, [target tokens, vocabulary];
-    states: the real tokens' (or a pooler's input)."""
+    states: as `distilled_states` (or, causal_lm, the target tokens')."""
     if not teachers:
         return {}
     input_rows = len(batch["input_ids"])
     task_ids = batch.get("task_ids", torch.zeros(input_rows, dtype=torch.long))
-    pairs_apart = len(task_ids) * 2 == input_rows
-    sequence_tasks = torch.cat([task_ids, task_ids]) if pairs_apart else task_ids
-    if student.causal_lm:
-        state_rows = logit_rows = _row_of_each((batch["labels"][:, 1:] != -100).sum(-1))
-    else:
-        logit_rows = torch.arange(len(task_ids))
-        state_rows = _row_of_each(batch["attention_mask"].sum(-1)) if not student.head_reads_model_pooler \
-            else torch.arange(input_rows)
-    logits = states = None
+    sequence_tasks = torch.cat([task_ids, task_ids]) if len(task_ids) * 2 == input_rows else task_ids
+    logits, states = [], []
     with _in_eval_mode(student.base):
         for index in task_ids.unique().tolist():
-            part_logits, part_states = _one_teacher(teachers[index], batch, sequence_tasks == index,
-                                                    student.causal_lm)
-            if logits is None:
-                width = part_logits.shape[-1] if student.causal_lm else student.logit_width
-                logits = part_logits.new_full((len(logit_rows), width), NOT_A_LABEL)
-                states = part_states.new_zeros((len(state_rows), part_states.shape[-1]))
-            logits[(task_ids[logit_rows] == index).nonzero().squeeze(-1), :part_logits.shape[-1]] = part_logits
-            states[sequence_tasks[state_rows] == index] = part_states
-    return {"teacher_logits": logits, "teacher_states": states}
+            rows = sequence_tasks == index
+            part_logits, part_states, state_rows = _one_teacher(teachers[index], batch, rows, student.causal_lm)
+            sequences = rows.nonzero().squeeze(-1)
+            states.append((part_states, sequences[state_rows]))
+            if student.causal_lm:  # one logit row per target token, like the states
+                logits.append((part_logits, sequences[state_rows]))
+                continue
+            padded = part_logits.new_full((len(part_logits), student.logit_width), NOT_A_LABEL)
+            padded[:, :part_logits.shape[-1]] = part_logits
+            logits.append((padded, (task_ids == index).nonzero().squeeze(-1)))
+    return {"teacher_logits": _in_row_order(logits), "teacher_states": _in_row_order(states)}
