@@ -159,3 +159,19 @@ def test_expose_past_key_values_hands_the_prefix_on_as_the_cache():
     wrapped = model.forward
     assert expose_past_key_values(model).forward is wrapped  # applied once
     assert not names_past_key_values(Model())  # the class is untouched
+
+
+def test_export_notes_that_peft_drops_the_token_types_of_pairs():
+    from types import SimpleNamespace
+
+    from softprompt_cli.commands.export import token_type_note
+    from softprompt_cli.config.load import parse_recipe
+
+    def recipe(task: str):
+        return parse_recipe({"model": {"name_or_path": "m"}, "data": {"glue_task": task, "dir": "glue"},
+                             "method": {"name": "prompt_tuning"}})
+
+    segments = SimpleNamespace(config=SimpleNamespace(type_vocab_size=2))
+    assert "token_type_ids" in token_type_note(recipe("mrpc"), segments)
+    assert token_type_note(recipe("sst2"), segments) is None  # single texts: equal in PEFT
+    assert token_type_note(recipe("mrpc"), SimpleNamespace(config=SimpleNamespace(type_vocab_size=1))) is None
