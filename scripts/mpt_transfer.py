@@ -10,7 +10,7 @@ Stages (each run's result is appended to RESULTS as it ends; a rerun skips what 
    MPT from the source (source_shared, source_task, source_average), prompt tuning from scratch (sample_vocab,
    text), and the plain multi-task prompt (MPT's source_shared from the prompt_tuning source: its prompt is P).
 
-    python scripts/mpt_transfer.py                         # all of it: about 70 min on 2 CPU cores
+    python scripts/mpt_transfer.py                         # all of it: about an hour on 2 CPU cores
     python scripts/mpt_transfer.py --sizes 64 --seeds 0    # one column, one seed
     python scripts/mpt_transfer.py --report                # the tables from RESULTS only
 """
@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024, 0], help="0: all 3,668 pairs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--init-task", default="sst2", help="source_task's task")
     parser.add_argument("--work", default=str(REPO / "runs" / "mpt_transfer"))
     parser.add_argument("--results", default=str(REPO / "runs" / "mpt_transfer" / "results.jsonl"))
