@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -121,3 +125,45 @@ def write_recipe(tmp_path: Path, model: str, method: dict, **sections) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def interrupt_at_optimizer_step(monkeypatch, stop_at: int) -> None:
+    """Send ourselves SIGINT right after the `stop_at`-th optimizer step, as a user's Ctrl-C would."""
+    import torch
+
+    original = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def logged_without_timings(run: Path) -> list[dict]:
+    """A run's metrics log without its timings (what two equal runs share)."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "examples_per_s")} for r in lines]
+
+
+def train_in_two_processes(recipe: Path) -> subprocess.CompletedProcess:
+    """`softprompt train` in two gloo processes (what `accelerate launch --multi_gpu` really starts on CPU), on a
+    free port so that parallel runs do not collide on 29500; it must succeed within 5 minutes."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(port), "-m", "softprompt_cli", "train", str(recipe)]
+    try:
+        done = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as timeout:
+        raise AssertionError(f"the 2-process run hung: {str(timeout.stdout)[-2000:]} {str(timeout.stderr)[-2000:]}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    return done

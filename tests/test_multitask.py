@@ -4,10 +4,7 @@ exact resume, two processes, target adaptation from a source MPT checkpoint, and
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import GLUE_DIR, REPO, SHARED_DATA, cli_exit_code
+from conftest import (
+    GLUE_DIR,
+    REPO,
+    SHARED_DATA,
+    cli_exit_code,
+    interrupt_at_optimizer_step,
+    logged_without_timings,
+    train_in_two_processes,
+)
 from safetensors.torch import load_file
 
 AG_NEWS = SHARED_DATA / "ag_news"
@@ -319,21 +324,6 @@ def test_multitask_causal_lm_with_own_templates_and_label_words(tmp_path, tiny_m
 # ---------------------------------------------------------------- exact resume
 
 
-def interrupt_at_optimizer_step(monkeypatch, stop_at: int) -> None:
-    """SIGINT right after the `stop_at`-th optimizer step, as a user's Ctrl-C (as in test_resume)."""
-    original = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def step(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == stop_at:
-            signal.raise_signal(signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
-
-
 def test_interrupted_multitask_run_resumes_exactly(tmp_path, tiny_models, run_cli, monkeypatch):
     tasks = [glue_task("sst2", "sst2", train=16, pooling="mean"), glue_task("cola", "cola", train=8, pooling="mean")]
     sections = {"task_sampling": {"rule": "temperature", "temperature": 2.0},
@@ -356,13 +346,7 @@ def test_interrupted_multitask_run_resumes_exactly(tmp_path, tiny_models, run_cl
         for key in weights_a:
             torch.testing.assert_close(weights_b[key], weights_a[key], atol=1e-6, rtol=0)
     assert summary_of(b)["final"] == summary_of(a)["final"]
-    assert logged(b) == logged(a)
-
-
-def logged(run: Path) -> list[dict]:
-    """The run's metrics log without its timings."""
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "examples_per_s")} for r in lines]
+    assert logged_without_timings(b) == logged_without_timings(a)
 
 
 # ---------------------------------------------------------------- two processes
@@ -375,19 +359,7 @@ def test_two_processes_gather_every_tasks_metrics(tmp_path, tiny_models, run_cli
              glue_task("cola", "cola", train=8, evaluate=5, pooling="mean")]
     recipe = write_multitask(tmp_path, tiny_models["bert"], {"name": "multitask_prompt_tuning"}, tasks,
                              task_sampling={"rule": "uniform"}, training={"max_steps": 3})
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(port), "-m", "softprompt_cli", "train", str(recipe)]
-    try:
-        done = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as timeout:
-        raise AssertionError(f"the 2-process run hung: {str(timeout.stdout)[-2000:]} {str(timeout.stderr)[-2000:]}")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "2 process(es)" in done.stdout
+    train_in_two_processes(recipe)
     run = tmp_path / "run"
     final = summary_of(run)["final"]
     assert list(final) == CLASSIFICATION_TASKS[:3] + ["mean"]

@@ -3,37 +3,16 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import interrupt_at_optimizer_step, logged_without_timings, write_recipe
 from safetensors.torch import load_file
 
 METHODS = {
     "p_tuning_lstm": {"name": "p_tuning", "encoder": "lstm", "encoder_hidden_size": 8},
     "prefix_projection": {"name": "prefix_tuning", "projection": True, "encoder_hidden_size": 8},
 }
-
-
-def interrupt_at_optimizer_step(monkeypatch, stop_at: int) -> None:
-    """Send ourselves SIGINT right after the `stop_at`-th optimizer step, as a user's Ctrl-C would."""
-    original = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def step(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == stop_at:
-            signal.raise_signal(signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
-
-
-def comparable(run) -> list[dict]:
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "examples_per_s")} for r in lines]
 
 
 @pytest.mark.parametrize("stop_at", [4, 6, 9])  # mid-epoch, at an epoch's end, mid second epoch
@@ -66,7 +45,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_models, ru
             torch.testing.assert_close(weights_b[key], weights_a[key], atol=1e-6, rtol=0)
     final_a, final_b = (json.loads((run / "summary.json").read_text())["final"] for run in (a, b))
     assert final_b == final_a
-    assert comparable(b) == comparable(a)
+    assert logged_without_timings(b) == logged_without_timings(a)
     # The training form is saved for resuming: the LSTM / projection MLP, not only their output.
     assert any(".encoder." in key for key in load_file(b / "state" / "params.safetensors"))
 

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import yaml
-from conftest import REPO, write_recipe
+from conftest import train_in_two_processes, write_recipe
 
 
 def no_traceback(*texts: str) -> bool:
@@ -113,20 +109,7 @@ def test_two_processes_match_one(tmp_path, tiny_models, run_cli, task):
                               data={"max_eval_samples": 37})  # odd: exercises gather_for_metrics' de-duplication
     else:
         recipe = generation_recipe(tmp_path, tiny_models["gpt2"])
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    with socket.socket() as probe:  # a free port, so that parallel runs do not collide on 29500
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(port),
-              "-m", "softprompt_cli", "train", str(recipe)]
-    try:
-        done = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as timeout:
-        raise AssertionError(f"the 2-process run hung: {str(timeout.stdout)[-2000:]} {str(timeout.stderr)[-2000:]}")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "2 process(es)" in done.stdout
+    train_in_two_processes(recipe)
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == ["best", "final", "metrics.jsonl", "recipe.yaml", "state",
                                                       "summary.json"]
