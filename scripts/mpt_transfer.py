@@ -46,9 +46,8 @@ def recipe_data(path: Path) -> dict:
 
     data = read_yaml(path)
     for entry in data.get("tasks") or [{"data": data.get("data")}]:  # paths are relative to the repository
-        for key in ("dir",):
-            if entry["data"].get(key):
-                entry["data"][key] = str((REPO / entry["data"][key]).resolve())
+        if entry["data"].get("dir"):
+            entry["data"]["dir"] = str((REPO / entry["data"]["dir"]).resolve())
         if entry["data"].get("files"):
             entry["data"]["files"] = {k: str((REPO / v).resolve()) for k, v in entry["data"]["files"].items()}
     return data

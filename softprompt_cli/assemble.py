@@ -84,7 +84,10 @@ def read_trained(directory: Path, model_path: str | None = None, data_recipe: Re
 def read_source_prompt(directory: Path, fingerprint: str) -> SourcePrompt:
     """The soft prompt of a checkpoint (ours or a PEFT adapter) that another run starts from, checked to be made
     for the same base model."""
-    if directory.is_dir() and is_peft_adapter(directory):  # its prompt alone: a CAUSAL_LM one needs no recipe
+    if not directory.is_dir():
+        raise UserError(f"method.init_checkpoint {str(directory)!r} is not a folder. Point it at a source run's "
+                        "best/ or final/ folder (or a PEFT adapter folder).")
+    if is_peft_adapter(directory):  # its prompt alone: a CAUSAL_LM one needs no recipe
         source, base_model = read_adapter_prompt(directory)
     else:
         trained = read_trained(directory)

@@ -88,34 +88,30 @@ def model_spec(base: nn.Module, tokenizer, prefix_from_checkpoint: Callable | No
     )
 
 
-def _resized_head(head: nn.Module, num_labels: int, init_range: float) -> nn.Module:
-    """A trainable copy of a model's own head whose output layer (its last Linear) has `num_labels` outputs."""
-    copied = copy.deepcopy(head).requires_grad_(True)
-    for hook_holder in copied.modules():  # the shared head's input hook must not come along
-        hook_holder._forward_pre_hooks.clear()
-        hook_holder.__dict__.pop("softprompt_input", None)
-    owner, name = copied, None
-    for module_name, module in copied.named_modules():
-        if isinstance(module, nn.Linear):
-            name = module_name
-    if name is None:
+def _output_layer(head: nn.Module) -> tuple[str, nn.Linear]:
+    """A head's output layer: its last Linear, and its name inside the head ('' for a Linear head)."""
+    layers = [(name, module) for name, module in head.named_modules() if isinstance(module, nn.Linear)]
+    if not layers:
         raise UserError(f"the model's own head ({type(head).__name__}) has no Linear output layer to give each task "
                         "its labels. Use task.pooling: mean, which adds a head of its own.")
-    if name == "":
-        linear = copied
-    else:
-        *path, last = name.split(".")
-        for part in path:
-            owner = getattr(owner, part)
-        linear = getattr(owner, last)
+    return layers[-1]
+
+
+def _resized_head(head: nn.Module, num_labels: int, init_range: float) -> nn.Module:
+    """A trainable copy of a model's own head whose output layer has `num_labels` outputs."""
+    copied = copy.deepcopy(head).requires_grad_(True)
+    for module in copied.modules():  # the shared head's input hook must not come along
+        module._forward_pre_hooks.clear()
+        module.__dict__.pop("softprompt_input", None)
+    name, linear = _output_layer(copied)
     fresh = nn.Linear(linear.in_features, num_labels, bias=linear.bias is not None,
                       dtype=linear.weight.dtype, device=linear.weight.device)
     nn.init.normal_(fresh.weight, std=init_range)
     if fresh.bias is not None:
         nn.init.zeros_(fresh.bias)
-    if name == "":
+    if not name:
         return fresh
-    setattr(owner, last, fresh)
+    copied.set_submodule(name, fresh)
     return copied
 
 
@@ -386,8 +382,8 @@ class SoftPromptModel(nn.Module):
 
 
 def head_module_outputs(head: nn.Module) -> int:
-    """The number of labels a head gives (its last Linear's outputs)."""
-    return [module for module in head.modules() if isinstance(module, nn.Linear)][-1].out_features
+    """The number of labels a head gives."""
+    return _output_layer(head)[1].out_features
 
 
 def distilled_states(encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
