@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from softprompt_cli.commands.predict import load_tasks, make_items, predict
 from softprompt_cli.data.sources import read_table
+from softprompt_cli.inference.batches import make_items, predict
+from softprompt_cli.inference.tasks import load_tasks
 
 
 def main() -> None:

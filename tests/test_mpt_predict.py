@@ -109,7 +109,7 @@ def test_causal_lm_multitask_checkpoint_routes_label_words(tmp_path, checkpoints
 
 
 def test_all_tasks_of_a_checkpoint_share_forward_batches(checkpoints):
-    from softprompt_cli.commands.predict import load_tasks
+    from softprompt_cli.inference.tasks import load_tasks
 
     tasks, _ = load_tasks([f"mpt={checkpoints['mpt']}", f"pt={checkpoints['pt']}"])
     assert list(tasks) == [f"{ref}/{name}" for ref in ("mpt", "pt") for name in BERT_TASKS]

@@ -3,7 +3,7 @@
 Why these rules exist:
 
 * The package is layered so that each part can be read, tested and changed without the parts
-  above it: `cli -> commands -> {training, assemble, artifacts} -> model -> methods`, with
+  above it: `cli -> commands -> {serving, inference, training, assemble, artifacts} -> model -> methods`, with
   `config` and `data` as leaves that everything may use and that use nothing above them, and the
   top-level utilities (errors, metrics, memory, hub, peft_compat) as leaves below even those.
   Imports must point down the layers; an import that points up is a dependency the design
@@ -37,6 +37,9 @@ LAYERS = [
     (f"{PACKAGE}.__main__", 8),
     (f"{PACKAGE}.cli", 7),
     (f"{PACKAGE}.commands", 6),
+    # The HTTP server answers with what predict answers: loaded tasks and their batches (inference).
+    (f"{PACKAGE}.serving", 5),
+    (f"{PACKAGE}.inference", 5),
     (f"{PACKAGE}.training", 5),
     (f"{PACKAGE}.assemble", 5),
     (f"{PACKAGE}.artifacts", 4),
