@@ -227,6 +227,42 @@ def compare(
 
 
 @app.command()
+def serve(
+    checkpoints: Annotated[list[str], typer.Argument(
+        help="checkpoint folders (a run's best/ or final/, or the run folder), NAME=DIR, PEFT prompt-learning "
+             "adapters, or folders holding them", show_default=False)],
+    host: Annotated[str, typer.Option(help="address to listen on (loopback only by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    model: Annotated[Optional[str], typer.Option(help="the base model's location, if it moved (same model)")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="SOFTPROMPT_API_KEY", show_default=False,
+        help="require 'Authorization: Bearer KEY' on every endpoint")] = None,
+    admin_root: Annotated[Optional[Path], typer.Option(
+        help="enable POST /admin/load and /admin/unload, for checkpoints under this folder only")] = None,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="rows per forward pass")] = 32,
+    max_queue: Annotated[int, typer.Option(min=1, help="waiting requests before 503")] = 256,
+    max_input_tokens: Annotated[int, typer.Option(min=1, help="tokens per prompt or input")] = 2048,
+    max_tokens_limit: Annotated[int, typer.Option(min=1, help="largest max_tokens a request may ask")] = 512,
+    max_inputs: Annotated[int, typer.Option(min=1, help="inputs per /v1/classify request")] = 128,
+    chat_template: Annotated[Optional[Path], typer.Option(
+        help="Jinja chat template for /v1/chat/completions (default: the tokenizer's)")] = None,
+    one_prompt_per_batch: Annotated[bool, typer.Option(
+        help="batch only requests of the same soft prompt together (to measure what cross-prompt batching "
+             "gives)")] = False,
+) -> None:
+    """Serve soft prompts over HTTP (OpenAI-compatible completions, /v1/classify) from one frozen base model;
+    requests for different soft prompts share forward passes."""
+    from softprompt_cli.commands.serve import read_chat_template, run_serve
+    from softprompt_cli.serving.app import Settings
+    from softprompt_cli.serving.engine import Limits
+
+    limits = Limits(max_batch_size, max_queue, one_prompt_per_batch)
+    settings = Settings(api_key or None, admin_root, limits, max_input_tokens, max_tokens_limit, max_inputs,
+                        read_chat_template(chat_template))
+    run_serve(checkpoints, host, port, model, settings)
+
+
+@app.command()
 def methods() -> None:
     """List the soft-prompt methods and their options."""
     from softprompt_cli.commands.methods import print_methods

@@ -14,7 +14,7 @@ import torch
 from softprompt_cli.commands.arguments import check_predict_input
 from softprompt_cli.data.sources import read_table
 from softprompt_cli.errors import UserError
-from softprompt_cli.inference.batches import Generation, Item, make_items, predict
+from softprompt_cli.inference.batches import Generation, Item, label_record, make_items, predict
 from softprompt_cli.inference.tasks import load_tasks
 
 OUTPUT_PREFIX = "pred_"
@@ -40,9 +40,7 @@ def records(rows: list[dict], items: list[Item], outputs: list[torch.Tensor | st
         if isinstance(p, str):
             prediction["pred_generated"] = p
         else:
-            best = int(p.argmax())
-            prediction.update(pred_label=item.task.label_names[best], pred_score=round(float(p[best]), 6),
-                              pred_probabilities={n: round(float(v), 6) for n, v in zip(item.task.label_names, p)})
+            prediction.update({OUTPUT_PREFIX + k: v for k, v in label_record(item.task.label_names, p).items()})
         out.append({**rows[item.row], **prediction})
     return out
 

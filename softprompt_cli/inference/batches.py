@@ -172,3 +172,10 @@ def predict(items: list[Item], tokenizer, batch_size: int, progress: bool = Fals
                 results[i] = output
             bar.advance(job, len(indices))
     return results
+
+
+def label_record(label_names: list[str], probabilities: torch.Tensor) -> dict:
+    """A prediction as predict and serve give it: the likeliest label, its probability and every label's."""
+    best = int(probabilities.argmax())
+    return {"label": label_names[best], "score": round(float(probabilities[best]), 6),
+            "probabilities": {n: round(float(v), 6) for n, v in zip(label_names, probabilities)}}

@@ -55,17 +55,28 @@ class Task:
         return self.recipe.task.pooling == "pair_mean"
 
 
-def _parse_reference(reference: str) -> tuple[str | None, Path]:
+def parse_reference(reference: str) -> tuple[str | None, Path]:
     name, sep, path = reference.partition("=")
     return (name, Path(path)) if sep and name and not Path(reference).exists() else (None, Path(reference))
 
 
-def _served_names(name: str | None, directory: Path, trained: Trained) -> dict[str, str]:
+def served_names(name: str | None, directory: Path, trained: Trained) -> dict[str, str]:
     """Each task the checkpoint serves, by the name rows give it -> its name in the model."""
     if not trained.recipe.is_multitask:
         return {name or (directory.parent.name if directory.name in ("best", "final") else directory.name):
                 SINGLE_TASK}
     return {f"{name}/{task}" if name else task: task for task in trained.task_labels}
+
+
+def refuse_mixed(loaded: list[Trained], what: str = "predict") -> None:
+    """Checkpoints served together: one kind of task, one base model."""
+    if len({t.recipe.model_task.type for t in loaded}) > 1:
+        raise UserError(f"the checkpoints mix causal_lm and sequence_classification tasks; {what} each kind "
+                        "separately.")
+    if len({t.base_model["fingerprint"] for t in loaded}) > 1:
+        models = sorted({t.base_model["name_or_path"] for t in loaded})
+        raise UserError(f"the checkpoints were trained on different base models ({', '.join(models)}); "
+                        f"{what} serves checkpoints of one base model at a time.")
 
 
 def _read_named(references: list[str], model_path: str | None) -> list[tuple[Trained, dict[str, str]]]:
@@ -74,43 +85,51 @@ def _read_named(references: list[str], model_path: str | None) -> list[tuple[Tra
     loaded: list[tuple[Trained, dict[str, str]]] = []
     taken: set[str] = set()
     for reference in references:
-        name, directory = _parse_reference(reference)
+        name, directory = parse_reference(reference)
         trained = read_trained(directory, model_path)
-        names = _served_names(name, directory, trained)
+        names = served_names(name, directory, trained)
         clash = sorted(taken & set(names))
         if clash:
             raise UserError(f"two checkpoints have the same task name ({', '.join(map(repr, clash))}); name them: "
                             "NAME=DIR (a multi-task checkpoint's tasks are then NAME/TASK).")
         taken |= set(names)
         loaded.append((trained, names))
-    if len({t.recipe.model_task.type for t, _ in loaded}) > 1:
-        raise UserError("the checkpoints mix causal_lm and sequence_classification tasks; predict with each kind "
-                        "separately.")
-    if len({t.base_model["fingerprint"] for t, _ in loaded}) > 1:
-        models = sorted({t.base_model["name_or_path"] for t, _ in loaded})
-        raise UserError(f"the checkpoints were trained on different base models ({', '.join(models)}); "
-                        "predict serves checkpoints of one base model at a time.")
+    refuse_mixed([t for t, _ in loaded])
     return loaded
+
+
+def load_shared_base(loaded: list[Trained]) -> tuple[torch.nn.Module, Any]:
+    """The frozen base model and tokenizer that checkpoints of one base model share, in eval mode."""
+    first = loaded[0]
+    own_head = [t for t in loaded if t.recipe.model_task.pooling == "model"]
+    # A multi-task checkpoint has no label_names of its own: its first task's labels size the base model's head.
+    base, tokenizer = load_frozen(first.recipe, next(iter((own_head or [first])[0].task_labels.values())),
+                                  pooling="model" if own_head else "mean")
+    return base.eval(), tokenizer
+
+
+def attach_tasks(trained: Trained, names: dict[str, str], number: int, base: torch.nn.Module,
+                 tokenizer: Any) -> dict[str, Task]:
+    """A checkpoint's tasks (`names`: served name -> its name in the model) on the shared base model; `number`
+    tells checkpoints apart (the tasks of one causal_lm checkpoint share forward passes)."""
+    model, head_state = attach_trained(trained, base, tokenizer)
+    recipes = dict(trained.recipe.task_recipes())
+    tasks = {}
+    for name, model_task in names.items():
+        task = Task(name, recipes[model_task], trained.task_labels[model_task], model, head_state,
+                    not trained.from_peft, model_task, number)
+        with torch.no_grad():
+            task.prompt = model.task_prompt(model_task)
+        tasks[name] = task
+    return tasks
 
 
 def load_tasks(references: list[str], model_path: str | None = None) -> tuple[dict[str, Task], Any]:
     """Load checkpoints (`DIR` or `NAME=DIR`) onto one shared frozen base model: one Task per task they serve
     (a multi-task checkpoint: one per task of it, all on its one model)."""
     loaded = _read_named(references, model_path)
-    first = loaded[0][0]
-    own_head = [t for t, _ in loaded if t.recipe.model_task.pooling == "model"]
-    # A multi-task checkpoint has no label_names of its own: its first task's labels size the base model's head.
-    base, tokenizer = load_frozen(first.recipe, next(iter((own_head or [first])[0].task_labels.values())),
-                                  pooling="model" if own_head else "mean")
-    base.eval()
+    base, tokenizer = load_shared_base([trained for trained, _ in loaded])
     tasks = {}
     for number, (trained, names) in enumerate(loaded):
-        model, head_state = attach_trained(trained, base, tokenizer)
-        recipes = dict(trained.recipe.task_recipes())
-        for name, model_task in names.items():
-            task = Task(name, recipes[model_task], trained.task_labels[model_task], model, head_state,
-                        not trained.from_peft, model_task, number)
-            with torch.no_grad():
-                task.prompt = model.task_prompt(model_task)
-            tasks[name] = task
+        tasks.update(attach_tasks(trained, names, number, base, tokenizer))
     return tasks, tokenizer

@@ -57,18 +57,49 @@ def label_word_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return (log_probs * word_mask).sum(-1).view(batch, count)
 
 
+@dataclass
+class Decoding:
+    """Rows being continued token by token: their KV cache (of the input, not of a prefix), attention mask
+    over the cache, next position ids, and the prefix a prefix-kind prompt gives every step (else None)."""
+
+    cache: DynamicCache
+    attention_mask: torch.Tensor
+    next_position: torch.Tensor
+    prefix: torch.Tensor | None
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: torch.Tensor | None
+            ) -> tuple[Decoding, torch.Tensor]:
+    """Run (left-padded) rows with their prompt through the model once, keeping a KV cache: the decoding state
+    and the logits of each row's next token."""
+    cache = DynamicCache(config=model.base.config)
+    encoded = model.encode(input_ids, attention_mask, None, prompt, cache=cache)
+    prefix = prompt if prompt is not None and model.kind == "prefix" else None
+    state = Decoding(cache, encoded.attention_mask, encoded.next_position, prefix)
+    return state, model.lm_head(encoded.states[:, -1])
+
+
+@torch.no_grad()
+def decode_step(model, state: Decoding, tokens: torch.Tensor) -> torch.Tensor:
+    """Append one token to each row (updating `state`): the logits of each row's next token."""
+    batch = len(tokens)
+    state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(batch, 1)], 1)
+    inputs = dict(input_ids=tokens[:, None], attention_mask=state.attention_mask,
+                  position_ids=state.next_position[:, None], use_cache=True, **{model.cache_argument: state.cache})
+    state.next_position = state.next_position + 1
+    if state.prefix is not None:  # a prefix reaches the attention function at every step, as in training
+        inputs["softprompt_prefix"] = state.prefix
+    return model.lm_head(model.base.base_model(**inputs).last_hidden_state[:, -1])
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
              prompt: torch.Tensor | None, sampling: Sampling | None = None) -> torch.Tensor:
     """Continue each (left-padded) row with up to max_new_tokens tokens, through a KV cache: [B, new] token ids,
-    padded after EOS. Greedy unless `sampling` is given. The cache holds the input only; a prefix reaches the
-    attention function at every step, as in training."""
-    cache = DynamicCache(config=model.base.config)
-    encoded = model.encode(input_ids, attention_mask, None, prompt, cache=cache)
-    mask, position = encoded.attention_mask, encoded.next_position
-    logits = model.lm_head(encoded.states[:, -1])
-    batch = input_ids.shape[0]
-    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    padded after EOS. Greedy unless `sampling` is given."""
+    state, logits = prefill(model, input_ids, attention_mask, prompt)
+    done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
     tokens = []
     while True:
         token = sampling.choose(logits.float()) if sampling else logits.argmax(-1)
@@ -77,10 +108,41 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
         done |= token == eos_token_id
         if done.all() or len(tokens) == max_new_tokens:
             return torch.stack(tokens, 1)
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
-        inputs = dict(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
-                      use_cache=True, **{model.cache_argument: cache})
-        position = position + 1
-        if prompt is not None and model.kind == "prefix":
-            inputs["softprompt_prefix"] = prompt
-        logits = model.lm_head(model.base.base_model(**inputs).last_hidden_state[:, -1])
+        logits = decode_step(model, state, token)
+
+
+def _left_pad(values: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """`values` padded with zeros at the start of `dim` to `length`."""
+    missing = length - values.shape[dim]
+    if missing == 0:
+        return values
+    shape = list(values.shape)
+    shape[dim] = missing
+    return torch.cat([values.new_zeros(shape), values], dim)
+
+
+def merge_decoding(running: Decoding, joining: Decoding) -> None:
+    """Add `joining`'s rows to `running` (both of prompts of one kind): caches left-padded to one length, the
+    padding masked out. Keys carry their positions (rotary) or need none, so padding moves nothing."""
+    length = max(running.attention_mask.shape[1], joining.attention_mask.shape[1])
+    for ours, theirs in zip(running.cache.layers, joining.cache.layers):
+        ours.keys = torch.cat([_left_pad(ours.keys, length, -2), _left_pad(theirs.keys, length, -2)])
+        ours.values = torch.cat([_left_pad(ours.values, length, -2), _left_pad(theirs.values, length, -2)])
+    running.attention_mask = torch.cat([_left_pad(running.attention_mask, length, 1),
+                                        _left_pad(joining.attention_mask, length, 1)])
+    running.next_position = torch.cat([running.next_position, joining.next_position])
+    if running.prefix is not None:  # [layers, 2, rows, ...]
+        running.prefix = torch.cat([running.prefix, joining.prefix], dim=2)
+
+
+def keep_rows(state: Decoding, rows: torch.Tensor) -> None:
+    """Keep only `rows` (indices) of `state`, and drop the cache columns no remaining row attends to."""
+    mask = state.attention_mask[rows]
+    first = int(mask.any(0).long().argmax())  # the first column some row still reads
+    for layer in state.cache.layers:
+        layer.keys = layer.keys[rows, :, first:]
+        layer.values = layer.values[rows, :, first:]
+    state.attention_mask = mask[:, first:]
+    state.next_position = state.next_position[rows]
+    if state.prefix is not None:
+        state.prefix = state.prefix[:, :, rows]

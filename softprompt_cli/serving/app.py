@@ -1,0 +1,455 @@
+"""The HTTP side of `softprompt serve` (FastAPI): OpenAI-compatible completions and chat completions for causal_lm
+soft prompts, /v1/classify for classifiers (answers as `softprompt predict` gives them), hot loading, health and
+Prometheus metrics. Every forward pass runs on the engine's thread; handlers only check, tokenize and wait."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from softprompt_cli.data.sources import input_fields
+from softprompt_cli.errors import UserError
+from softprompt_cli.inference.batches import label_record, make_items
+from softprompt_cli.inference.tasks import Task
+from softprompt_cli.model.lm import Sampling
+from softprompt_cli.serving import schemas
+from softprompt_cli.serving.engine import Engine, Limits, Overloaded
+from softprompt_cli.serving.metrics import Metrics
+from softprompt_cli.serving.registry import Registry
+from softprompt_cli.serving.requests import Classification, Completion
+from softprompt_cli.serving.text import TextStream
+
+log = logging.getLogger("softprompt.serve")
+DISCONNECT_POLL_S = 0.25
+"""How often a handler waiting for the engine checks that its client is still there."""
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class Settings:
+    api_key: str | None = None
+    admin_root: Path | None = None
+    """Hot loading reads checkpoints under this folder only; None: the admin endpoints are off."""
+    limits: Limits = field(default_factory=Limits)
+    max_input_tokens: int = 2048
+    max_tokens_limit: int = 512
+    max_inputs: int = 128
+    """Inputs in one /v1/classify request."""
+    chat_template: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers, self.kind = status, message, param, headers, kind
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited."""
+
+
+@dataclass
+class Server:
+    registry: Registry
+    engine: Engine
+    metrics: Metrics
+    settings: Settings
+    started: int = field(default_factory=lambda: int(time.time()))
+    load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def create_app(registry: Registry, settings: Settings) -> FastAPI:
+    metrics = Metrics()
+    engine = Engine(lambda completion: completion.task.model if completion.task else registry.runner,
+                    registry.tokenizer, settings.limits, metrics)
+    server = Server(registry, engine, metrics, settings)
+
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="softprompt serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    app.middleware("http")(_guard)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(ClientGone, _client_gone)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    for path, endpoint, methods in ROUTES:
+        app.add_api_route(path, endpoint, methods=methods)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- guard and errors
+
+
+def _error(status: int, message: str, param: str | None = None, headers: dict | None = None,
+           kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(schemas.error_body(message, kind, param), status_code=status, headers=headers)
+
+
+async def _guard(request: Request, call_next):
+    """Every request: the API key (when one is set), a bound on the body size, and its metrics."""
+    server: Server = request.app.state.server
+    start = time.monotonic()
+    key = server.settings.api_key
+    length = request.headers.get("content-length", "0")
+    if key and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {key}"):
+        response = _error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
+                          "key the server was started with (--api-key or SOFTPROMPT_API_KEY).",
+                          headers={"WWW-Authenticate": "Bearer"}, kind="authentication_error")
+    elif not length.isdigit() or int(length) > server.settings.max_body_bytes:
+        response = _error(413, f"the request body is over {server.settings.max_body_bytes} bytes (or its "
+                          "Content-Length is not a number). Send fewer or shorter inputs per request.")
+    else:
+        response = await call_next(request)
+    route = request.scope.get("route")
+    server.metrics.observe_request(getattr(route, "path", "unmatched"), response.status_code,
+                                   time.monotonic() - start)
+    return response
+
+
+async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+    return _error(error.status, error.message, error.param, error.headers, error.kind)
+
+
+async def _client_gone(request: Request, error: ClientGone) -> Response:
+    return Response(status_code=499)  # nobody reads it: the client closed the connection
+
+
+async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
+        if problem.get("type") == "json_invalid":
+            problems.append(f"the body is not valid JSON ({problem.get('ctx', {}).get('error', 'parse error')})")
+        elif problem.get("type") == "extra_forbidden":
+            problems.append(f"{where}: not a field this server knows (remove it)")
+        else:
+            problems.append(f"{where or 'body'}: {problem.get('msg')}")
+    return _error(400, "invalid request: " + "; ".join(problems[:5]), param=None)
+
+
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    message = {404: f"no endpoint {request.url.path}; see GET /v1/models, POST /v1/completions, "
+                    "/v1/chat/completions, /v1/classify", 405: f"{request.method} is not allowed on {request.url.path}"}
+    return _error(error.status_code, message.get(error.status_code, str(error.detail)))
+
+
+async def _internal_error(request: Request, error: Exception) -> JSONResponse:
+    log.exception("request failed")
+    return _error(500, f"the server failed on this request ({type(error).__name__}: {error})", kind="server_error")
+
+
+# ---------------------------------------------------------------------------------------------- looking things up
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+def _task(server: Server, name: str) -> Task | None:
+    """The task a request's `model` names (None: the base model); 404 listing the known names."""
+    if name == server.registry.base_name:
+        return None
+    task = server.registry.get(name)
+    if task is None:
+        known = [server.registry.base_name, *server.registry.names()]
+        raise ApiError(404, f"model {name!r} is not served here; the models are: {', '.join(known)} (GET /v1/models)",
+                       "model", kind="not_found_error")
+    return task
+
+
+def _submit(server: Server, work) -> None:
+    try:
+        server.engine.submit(work)
+    except Overloaded:
+        raise ApiError(503, f"the server is busy: {server.settings.limits.max_queue} requests are already waiting. "
+                       f"Retry after {RETRY_AFTER_S} s.", headers={"Retry-After": str(RETRY_AFTER_S)},
+                       kind="overloaded_error") from None
+
+
+async def _wait(request: Request, awaitable: asyncio.Future | asyncio.Task, on_gone) -> object:
+    """The result of `awaitable`, watching the client: gone, `on_gone()` is called and ClientGone raised."""
+    while True:
+        done, _ = await asyncio.wait({awaitable}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return awaitable.result()
+        if await request.is_disconnected():
+            on_gone()
+            raise ClientGone()
+
+
+# ---------------------------------------------------------------------------------------------- endpoints
+
+
+async def health(request: Request) -> dict:
+    server = _server(request)
+    return {"status": "ok", "model": server.registry.base_name, "soft_prompts": len(server.registry.names()),
+            "waiting": server.engine.waiting, "running": server.engine.running_rows}
+
+
+async def metrics(request: Request) -> Response:
+    server = _server(request)
+    server.metrics.prompts.set(len(server.registry.names()))
+    return Response(server.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _model_card(server: Server, name: str, task: Task | None) -> dict:
+    card = {"id": name, "object": "model", "created": server.started, "owned_by": "softprompt",
+            "root": server.registry.base_name, "parent": None if task is None else server.registry.base_name}
+    if task is not None:
+        card["softprompt"] = {"method": task.recipe.method.name, "task_type": task.recipe.task.type,
+                              "num_virtual_tokens": task.model.num_virtual_tokens,
+                              "labels": None if task.generates else task.label_names}
+    return card
+
+
+async def models(request: Request) -> dict:
+    server = _server(request)
+    cards = [_model_card(server, server.registry.base_name, None)]
+    cards += [_model_card(server, name, task) for name, task in dict(server.registry.tasks).items()]
+    return {"object": "list", "data": cards}
+
+
+async def classify(request: Request, body: schemas.ClassifyRequest) -> dict:
+    server = _server(request)
+    task = _task(server, body.model)
+    if task is None or task.generates:
+        raise ApiError(400, f"model {body.model!r} generates text and has no labels: use /v1/completions. "
+                       "/v1/classify takes classifiers and causal_lm soft prompts with label words.", "model")
+    if len(body.input) > server.settings.max_inputs:
+        raise ApiError(400, f"input has {len(body.input)} texts; this server takes at most "
+                       f"{server.settings.max_inputs} per request (--max-inputs). Split the request.", "input")
+    items = [_classify_item(server, task, text, index) for index, text in enumerate(body.input)]
+    work = Classification(asyncio.get_running_loop(), items=items, future=asyncio.get_running_loop().create_future())
+    _submit(server, work)
+
+    def gone() -> None:
+        work.cancelled = True
+
+    results = await _wait(request, work.future, gone)
+    data = [{"index": i, **label_record(task.label_names, p)} for i, p in enumerate(results)]
+    return {"object": "list", "model": body.model, "data": data}
+
+
+def _classify_item(server: Server, task: Task, given: str | list[str], index: int):
+    """One input of /v1/classify tokenized for its task, as predict tokenizes it (long texts truncated to the
+    recipe's max_length); too long before truncation (max_input_tokens), or of the wrong shape: 400."""
+    texts = [given] if isinstance(given, str) else list(given)
+    expected = len(input_fields(task.recipe.data, task.recipe.task))
+    if not 1 <= len(texts) <= 2 or (task.knows_its_texts and len(texts) != expected):
+        shape = "a text" if expected == 1 else "a pair [text, text_pair]"
+        raise ApiError(400, f"input[{index}] has {len(texts)} texts; model {task.name!r} reads {shape} per input.",
+                       "input")
+    tokens = sum(len(server.registry.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+    if tokens > server.settings.max_input_tokens:
+        raise ApiError(400, f"input[{index}] has {tokens} tokens; this server takes at most "
+                       f"{server.settings.max_input_tokens} per input (--max-input-tokens).", "input")
+    fields = ["text", "text_pair"][:len(texts)]
+    try:
+        [item] = make_items([dict(zip(fields, texts))], {task.name: task}, server.registry.tokenizer, None, fields,
+                            origin=f"input[{index}]", only_task=task.name)
+    except UserError as error:
+        raise ApiError(400, str(error), "input") from None
+    return item
+
+
+def _sampling(body: schemas.CompletionRequest | schemas.ChatRequest) -> Sampling | None:
+    if body.temperature == 0:
+        return None
+    generator = torch.Generator()
+    if body.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(body.seed)
+    return Sampling(body.temperature, 0, body.top_p, generator)
+
+
+def _completion(request: Request, server: Server, body, input_ids: list[int], max_tokens: int) -> Completion:
+    """A generation request checked against the server's limits and the model's positions."""
+    task = _task(server, body.model)
+    if task is not None and not task.model.causal_lm:
+        raise ApiError(400, f"model {body.model!r} is a classifier: use /v1/classify.", "model")
+    limits = server.settings
+    if max_tokens > limits.max_tokens_limit:
+        raise ApiError(400, f"max_tokens is {max_tokens}; this server generates at most {limits.max_tokens_limit} "
+                       "tokens per request (--max-tokens-limit).", "max_tokens")
+    if len(input_ids) > limits.max_input_tokens:
+        raise ApiError(400, f"the prompt has {len(input_ids)} tokens; this server takes at most "
+                       f"{limits.max_input_tokens} (--max-input-tokens).", "prompt")
+    if len(body.stop_strings) > schemas.MAX_STOP_STRINGS:
+        raise ApiError(400, f"stop has {len(body.stop_strings)} strings; give at most {schemas.MAX_STOP_STRINGS}.",
+                       "stop")
+    virtual = task.model.num_virtual_tokens if task is not None else 0
+    positions = server.registry.max_positions
+    if positions and virtual + len(input_ids) + max_tokens > positions:
+        raise ApiError(400, f"the prompt ({len(input_ids)} tokens) + the soft prompt ({virtual}) + max_tokens "
+                       f"({max_tokens}) exceed the model's {positions} positions. Shorten the prompt or lower "
+                       "max_tokens.", "max_tokens")
+    if not input_ids:
+        raise ApiError(400, "the prompt is empty: give some text to continue.", "prompt")
+    tokenizer = server.registry.tokenizer
+    stream = TextStream(tokenizer, tokenizer.eos_token_id, body.stop_strings, max_tokens)
+    return Completion(asyncio.get_running_loop(), task=task, input_ids=input_ids, stream=stream,
+                      sampling=_sampling(body), events=asyncio.Queue(), model_name=body.model)
+
+
+async def _next_event(request: Request, work: Completion) -> tuple:
+    def gone() -> None:
+        work.cancelled = True
+
+    return await _wait(request, asyncio.ensure_future(work.events.get()), gone)
+
+
+async def _answer(request: Request, server: Server, work: Completion, chat: bool) -> dict:
+    """The whole generation as one response."""
+    _submit(server, work)
+    parts = []
+    while True:
+        event = await _next_event(request, work)
+        if event[0] == "error":
+            raise event[1]
+        if event[0] == "text":
+            parts.append(event[1])
+            continue
+        body = schemas.completion_body(chat, schemas.new_id("chatcmpl" if chat else "cmpl"), work.model_name,
+                                       "".join(parts), event[1])
+        body["usage"] = schemas.usage(len(work.input_ids), len(work.stream.tokens))
+        return body
+
+
+async def _events(work: Completion, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events of a streamed generation, then [DONE]; a client that leaves cancels the generation."""
+    ident = schemas.new_id("chatcmpl" if chat else "cmpl")
+    try:
+        if chat:
+            yield _sse(schemas.completion_body(True, ident, work.model_name, "", None, first=True, final=False))
+        while True:
+            event = await work.events.get()
+            if event[0] == "error":
+                yield _sse(schemas.error_body(f"generation failed: {event[1]}", "server_error"))
+                break
+            done = event[0] == "done"
+            text, reason = (None, event[1]) if done else (event[1], None)
+            yield _sse(schemas.completion_body(chat, ident, work.model_name, text, reason, final=False))
+            if done:
+                if include_usage:
+                    chunk = schemas.completion_body(chat, ident, work.model_name, None, None, final=False)
+                    chunk.update(choices=[], usage=schemas.usage(len(work.input_ids), len(work.stream.tokens)))
+                    yield _sse(chunk)
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        work.cancelled = True  # finished, or the client went away: either way the engine may drop the row
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _respond(request: Request, server: Server, work: Completion, body, chat: bool):
+    if not body.stream:
+        return await _answer(request, server, work, chat)
+    _submit(server, work)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(_events(work, chat, include_usage), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def completions(request: Request, body: schemas.CompletionRequest) -> object:
+    server = _server(request)
+    if isinstance(body.prompt, list) and len(body.prompt) != 1:
+        raise ApiError(400, f"prompt is a list of {len(body.prompt)} texts; this server takes one prompt per "
+                       "request (send several requests: they are batched together).", "prompt")
+    text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    work = _completion(request, server, body, server.registry.tokenizer(text)["input_ids"], body.max_tokens)
+    return await _respond(request, server, work, body, chat=False)
+
+
+async def chat_completions(request: Request, body: schemas.ChatRequest) -> object:
+    server = _server(request)
+    tokenizer = server.registry.tokenizer
+    template = server.settings.chat_template or tokenizer.chat_template
+    if not template:
+        raise ApiError(400, f"the model {server.registry.base_name!r} has no chat template, so chat messages "
+                       "cannot be turned into text. Use /v1/completions, or start the server with "
+                       "--chat-template FILE.", "messages")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                             tokenize=False)
+    except Exception as error:  # a template's own raise_exception(), or a broken template
+        raise ApiError(400, f"the chat template refused these messages: {error}", "messages") from None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    work = _completion(request, server, body, ids, body.token_limit)
+    return await _respond(request, server, work, body, chat=True)
+
+
+# ---------------------------------------------------------------------------------------------- admin
+
+
+def _admin_path(server: Server, given: str) -> Path:
+    """A path to load from, which must lie under the admin root (no `..`, no symlink out of it)."""
+    root = server.settings.admin_root
+    if root is None:
+        raise ApiError(403, "loading and unloading are off: start the server with --admin-root DIR to load "
+                       "checkpoints from under DIR.", kind="permission_error")
+    resolved = (root / given).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ApiError(403, f"path {given!r} is outside the admin root {str(root)!r}; only checkpoints under it can "
+                       "be loaded.", "path", kind="permission_error")
+    return resolved
+
+
+async def load(request: Request, body: schemas.LoadRequest) -> dict:
+    server = _server(request)
+    folder = _admin_path(server, body.path)
+    if body.name is not None and server.registry.get(body.name) is not None:
+        raise ApiError(409, f"a soft prompt named {body.name!r} is already served; unload it first or choose "
+                       "another name.", "name")
+    async with server.load_lock:  # one load at a time: names are checked and taken together
+        try:
+            names = await asyncio.to_thread(server.registry.load, folder, body.name)
+        except UserError as error:
+            raise ApiError(409 if "already served" in str(error) else 400, str(error), "path") from None
+    return {"loaded": names}
+
+
+async def unload(request: Request, body: schemas.UnloadRequest) -> dict:
+    server = _server(request)
+    _admin_path(server, ".")
+    try:
+        server.registry.unload(body.name)
+    except KeyError:
+        raise ApiError(404, f"no soft prompt {body.name!r} is loaded; loaded: {', '.join(server.registry.names())}.",
+                       "name", kind="not_found_error") from None
+    return {"unloaded": body.name}
+
+
+ROUTES = [
+    ("/health", health, ["GET"]),
+    ("/metrics", metrics, ["GET"]),
+    ("/v1/models", models, ["GET"]),
+    ("/v1/completions", completions, ["POST"]),
+    ("/v1/chat/completions", chat_completions, ["POST"]),
+    ("/v1/classify", classify, ["POST"]),
+    ("/admin/load", load, ["POST"]),
+    ("/admin/unload", unload, ["POST"]),
+]

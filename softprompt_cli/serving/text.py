@@ -1,0 +1,58 @@
+"""Generated tokens to text, as a stream: each new token gives the text that is now certain (not the start of a
+stop string, not half a character), and the reason the row finished, if it did."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+INCOMPLETE_CHARACTER = "\ufffd"
+"""What a tokenizer decodes half of a multi-byte character to: held back until the rest arrives."""
+
+
+@dataclass
+class TextStream:
+    tokenizer: object
+    eos_token_id: int | None
+    stop: list[str] = field(default_factory=list)
+    max_tokens: int = 16
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0
+    """Characters of the text already given out."""
+    finish_reason: str | None = None
+
+    def _held_back(self, text: str) -> int:
+        """Characters at the end of `text` that may still change: half a character, or the start of a stop
+        string."""
+        if text.endswith(INCOMPLETE_CHARACTER):
+            return 1
+        return max((size for stop in self.stop for size in range(min(len(stop) - 1, len(text)), 0, -1)
+                    if text.endswith(stop[:size])), default=0)
+
+    def accept(self, token: int) -> str:
+        """Take one generated token: the text it adds (possibly empty); `finish_reason` is set once the row is
+        done ("stop": EOS or a stop string, "length": max_tokens)."""
+        if token == self.eos_token_id:
+            self.finish_reason = "stop"
+            return self._flush(self._text())
+        self.tokens.append(token)
+        text = self._text()
+        ends = [text.find(stop, max(0, self.sent - len(stop) + 1)) for stop in self.stop]
+        ends = [end for end in ends if end >= 0]
+        if ends:
+            self.finish_reason = "stop"
+            return self._flush(text[:min(ends)])
+        if len(self.tokens) >= self.max_tokens:
+            self.finish_reason = "length"
+            return self._flush(text)
+        certain = len(text) - self._held_back(text)
+        delta = text[self.sent:certain] if certain > self.sent else ""
+        self.sent = max(self.sent, certain)
+        return delta
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def _flush(self, text: str) -> str:
+        delta = text[self.sent:]
+        self.sent = len(text)
+        return delta.removesuffix(INCOMPLETE_CHARACTER)
