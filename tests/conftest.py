@@ -167,3 +167,35 @@ def train_in_two_processes(recipe: Path) -> subprocess.CompletedProcess:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
     return done
+
+
+# --------------------------------------------------------------------------------------------- served checkpoints
+
+SST2_LM_TASK = {"type": "causal_lm", "template": "Review: {sentence} Sentiment:",
+                "label_words": {"negative": " bad", "positive": " good"}}
+LM_METHODS = {"pt": {"name": "prompt_tuning"}, "prefix": {"name": "prefix_tuning"},
+              "ptuning": {"name": "p_tuning", "encoder_hidden_size": 16}}
+
+
+def _train(tmp_path: Path, model: Path, method: dict, **sections) -> Path:
+    recipe = write_recipe(tmp_path, str(model), method, training={"epochs": 1, "lr": 3e-2}, **sections)
+    assert cli_exit_code("train", recipe) == 0
+    return tmp_path / "run" / "final"
+
+
+@pytest.fixture(scope="session")
+def lm_checkpoints(tmp_path_factory, tiny_models) -> dict[str, Path]:
+    return {name: _train(tmp_path_factory.mktemp(name), tiny_models["llama"], method,
+                         data={"glue_task": "sst2", "max_train_samples": 16, "max_eval_samples": 8},
+                         task=SST2_LM_TASK)
+            for name, method in LM_METHODS.items()}
+
+
+@pytest.fixture(scope="session")
+def classifiers(tmp_path_factory, tiny_models) -> dict[str, Path]:
+    methods = {"mrpc_pt": {"name": "prompt_tuning"}, "mrpc_prefix": {"name": "prefix_tuning"}}
+    trained = {name: _train(tmp_path_factory.mktemp(name), tiny_models["bert"], method)
+               for name, method in methods.items()}
+    trained["mrpc_start"] = _train(tmp_path_factory.mktemp("start"), tiny_models["bert"], {"name": "prompt_tuning"},
+                                   task={"prompt_position": "start"})  # exportable to PEFT
+    return trained

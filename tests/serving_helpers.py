@@ -47,3 +47,19 @@ class RunningServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def slow_decoding(monkeypatch, seconds: float) -> list[int]:
+    """Make every decode step of the engine take `seconds` longer (so that a generation surely still runs when
+    the test acts); returns a list that grows by one per step."""
+    from softprompt_cli.model import lm
+
+    decode_step, steps = lm.decode_step, []
+
+    def slow_step(*args):
+        steps.append(1)
+        time.sleep(seconds)
+        return decode_step(*args)
+
+    monkeypatch.setattr(lm, "decode_step", slow_step)
+    return steps

@@ -525,8 +525,8 @@ def test_cli_help(run_cli):
 @pytest.mark.parametrize(
     "argv",
     [["--help"], ["validate", "recipes/mrpc_prompt_tuning.yaml"], ["validate", "recipes/mrpc_prompt_tuning.yaml",
-                                                                   "training.lrr=1"]],
-    ids=["help", "validate", "validate-error"],
+                                                                   "training.lrr=1"], ["serve", "--help"]],
+    ids=["help", "validate", "validate-error", "serve-help"],
 )
 def test_cli_does_not_import_torch_or_transformers(argv):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

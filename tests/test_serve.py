@@ -5,39 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import httpx
 import pytest
-from conftest import write_recipe
-from serving_helpers import RunningServer
+from conftest import SST2_LM_TASK as SST2_TASK
+from serving_helpers import RunningServer, slow_decoding
 
 from softprompt_cli.serving.app import Settings, create_app
 from softprompt_cli.serving.engine import Limits
 from softprompt_cli.serving.registry import Registry
 
-SST2_TASK = {"type": "causal_lm", "template": "Review: {sentence} Sentiment:",
-             "label_words": {"negative": " bad", "positive": " good"}}
-LM_METHODS = {"pt": {"name": "prompt_tuning"}, "prefix": {"name": "prefix_tuning"},
-              "ptuning": {"name": "p_tuning", "encoder_hidden_size": 16}}
 CHAT_TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
 PROMPTS = ["the movie was", "a dull , plodding", "one of the best films", "i did not", "what a", "x"]
-
-
-def _train(tmp_path: Path, model: Path, method: dict, cli_exit_code, **sections) -> Path:
-    recipe = write_recipe(tmp_path, str(model), method, training={"epochs": 1, "lr": 3e-2}, **sections)
-    assert cli_exit_code("train", recipe) == 0
-    return tmp_path / "run" / "final"
-
-
-@pytest.fixture(scope="module")
-def lm_checkpoints(tmp_path_factory, tiny_models) -> dict[str, Path]:
-    from conftest import cli_exit_code
-
-    return {name: _train(tmp_path_factory.mktemp(name), tiny_models["llama"], method, cli_exit_code,
-                         data={"glue_task": "sst2", "max_train_samples": 16, "max_eval_samples": 8},
-                         task=SST2_TASK)
-            for name, method in LM_METHODS.items()}
 
 
 def _server(references: list[str], **settings) -> RunningServer:
@@ -67,15 +46,6 @@ def test_concurrent_completions_equal_the_same_requests_one_at_a_time(lm_checkpo
     texts = [a.json()["choices"][0]["text"] for a in alone]
     assert [t[1]["choices"][0]["text"] for t in together] == texts
     assert any(texts)
-
-
-@pytest.fixture(scope="module")
-def classifiers(tmp_path_factory, tiny_models) -> dict[str, Path]:
-    from conftest import cli_exit_code
-
-    methods = {"mrpc_pt": {"name": "prompt_tuning"}, "mrpc_prefix": {"name": "prefix_tuning"}}
-    return {name: _train(tmp_path_factory.mktemp(name), tiny_models["bert"], method, cli_exit_code)
-            for name, method in methods.items()}
 
 
 @pytest.fixture(scope="module")
@@ -145,17 +115,7 @@ def _complete(client, model: str, prompt: str, **options) -> dict:
 def test_a_generation_joins_while_a_long_one_decodes(lm_server, monkeypatch):
     """A short request sent while a long one decodes is answered before the long one ends, with what it gets
     alone (each decode step is slowed down, so that the long one surely still runs)."""
-    import time
-
-    from softprompt_cli.model import lm
-
-    decode_step = lm.decode_step
-
-    def slow_step(*args):
-        time.sleep(0.02)
-        return decode_step(*args)
-
-    monkeypatch.setattr(lm, "decode_step", slow_step)
+    slow_decoding(monkeypatch, 0.02)
     with lm_server.client() as client:
         short_alone = _complete(client, "prefix", "i did not", max_tokens=2)["choices"][0]["text"]
 
@@ -222,14 +182,13 @@ def test_classify_answers_what_predict_gives(classifiers, lm_checkpoints, run_cl
              ["It rained.", "It was raining."]]
     references = [f"{name}={path}" for name, path in classifiers.items()]
     requests = [("/v1/classify", {"model": name, "input": pairs[i % 3:] or pairs})
-                for i, name in enumerate(list(classifiers) * 3)]
+                for i, name in enumerate(list(classifiers) * 3)]  # three kinds of prompt: batched apart
     with _server(references) as server:
         answers = asyncio.run(_concurrently(server.url, requests))
     for (_, body), (status, answer) in zip(requests, answers):
         assert status == 200, answer
-        code, out, err = run_cli("predict", classifiers[body["model"]], "--text",
-                                 *[x for p in body["input"] for x in (p[0], "--text-pair", p[1])][:1], "--text-pair",
-                                 body["input"][0][1])
+        first = body["input"][0]
+        code, out, err = run_cli("predict", classifiers[body["model"]], "--text", first[0], "--text-pair", first[1])
         assert code == 0, err
         expected = json.loads(out.splitlines()[0])
         got = answer["data"][0]
@@ -241,3 +200,17 @@ def test_classify_answers_what_predict_gives(classifiers, lm_checkpoints, run_cl
     assert answer.status_code == 200, answer.text
     expected = [json.loads(line)["pred_probabilities"] for line in out.splitlines()]
     assert [d["probabilities"] for d in answer.json()["data"]] == [pytest.approx(e, abs=2e-6) for e in expected]
+
+
+def test_a_peft_adapter_is_served_unchanged(classifiers, tmp_path, run_cli):
+    adapter = tmp_path / "adapter"
+    code, _, err = run_cli("export", classifiers["mrpc_start"], adapter)
+    assert code == 0, err
+    body = {"input": [["The cat sat.", "A cat was sitting."], ["He left.", "Stocks rose."]]}
+    with _server([f"ours={classifiers['mrpc_start']}", f"peft={adapter}"]) as server, server.client() as client:
+        ours = client.post("/v1/classify", json={"model": "ours", **body})
+        peft = client.post("/v1/classify", json={"model": "peft", **body})
+    assert ours.status_code == peft.status_code == 200, peft.text
+    for a, b in zip(ours.json()["data"], peft.json()["data"]):
+        assert a["label"] == b["label"]
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)

@@ -32,10 +32,9 @@ def is_checkpoint(folder: Path) -> bool:
 
 
 def _run_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint a folder stands for: itself, or a run's best/ (else final/)."""
-    if is_checkpoint(folder):
-        return folder
-    return next((folder / name for name in RUN_CHECKPOINTS if is_checkpoint(folder / name)), None)
+    """The checkpoint a folder stands for: a run's best/ (else final/), or itself."""
+    run = next((folder / name for name in RUN_CHECKPOINTS if is_checkpoint(folder / name)), None)
+    return run or (folder if is_checkpoint(folder) else None)
 
 
 def expand_reference(reference: str) -> list[tuple[str | None, Path]]:

@@ -1,0 +1,188 @@
+"""`softprompt serve` under bad requests, overload, hot loading, disconnects and an API key: a real uvicorn server on
+127.0.0.1 with tiny models; every loop bounded in count and time; the test stops the server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from conftest import REPO
+from serving_helpers import free_port, slow_decoding
+from test_serve import _server
+
+from softprompt_cli.serving.engine import Limits
+
+
+@pytest.fixture(scope="module")
+def lm_server(lm_checkpoints):
+    with _server([f"{name}={path}" for name, path in lm_checkpoints.items()],
+                 limits=Limits(max_batch_size=4, max_queue=3), max_tokens_limit=60, max_input_tokens=40) as server:
+        yield server
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b'{"model": "pt", "prompt": "x"', 400, "not valid JSON"),
+    ("/v1/completions", b'[1, 2]', 400, "invalid request"),
+    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "pt, prefix, ptuning"),
+    ("/v1/completions", {"model": "pt", "prompt": "x", "max_tokens": 1000}, 400, "--max-tokens-limit"),
+    ("/v1/completions", {"model": "pt", "prompt": "word " * 100}, 400, "--max-input-tokens"),
+    ("/v1/completions", {"model": "pt", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "pt", "prompt": "x", "n": 2}, 400, "n:"),
+    ("/v1/completions", {"model": "pt", "prompt": "x", "logit_bias": {}}, 400, "logit_bias: not a field"),
+    ("/v1/completions", {"model": "pt", "prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ("/v1/completions", {"model": "pt", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
+    ("/v1/completions", {"model": "pt", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": "pt", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "pt", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ("/v1/classify", {"model": "pt", "input": [["a", "b"]]}, 400, "reads a text per input"),
+    ("/v1/classify", {"model": "pt", "input": []}, 400, "input"),
+    ("/v1/classify", {"model": "pt", "input": [""]}, 400, "input[0]"),
+    ("/v1/nothing", {}, 404, "no endpoint"),
+    ("/admin/load", {"path": "x"}, 403, "--admin-root"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,message", BAD_REQUESTS)
+def test_bad_requests_get_a_4xx_that_says_why(lm_server, path, body, status, message):
+    with lm_server.client() as client:
+        if isinstance(body, bytes):
+            answer = client.post(path, content=body, headers={"Content-Type": "application/json"})
+        else:
+            answer = client.post(path, json=body)
+        assert answer.status_code == status, answer.text
+        assert message in answer.json()["error"]["message"]
+        assert client.get("/health").json()["status"] == "ok"  # the server lives on
+
+
+def test_a_full_queue_answers_503_with_retry_after(lm_server, monkeypatch):
+    slow_decoding(monkeypatch, 0.01)
+    body = {"model": "pt", "prompt": "what a", "max_tokens": 30, "temperature": 0}
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=lm_server.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(24)))
+
+    answers = asyncio.run(flood())
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) == {200, 503}, statuses
+    assert 4 <= statuses.count(200) < 24
+    refused = next(a for a in answers if a.status_code == 503)
+    assert refused.headers["Retry-After"] == "1" and "busy" in refused.json()["error"]["message"]
+    texts = {a.json()["choices"][0]["text"] for a in answers if a.status_code == 200}
+    assert len(texts) == 1  # every admitted copy got the same answer
+    with lm_server.client() as client:
+        metrics = client.get("/metrics").text
+    assert 'softprompt_requests_total{endpoint="/v1/completions",status="503"}' in metrics
+    assert "softprompt_batch_size_bucket" in metrics and "softprompt_queue_depth" in metrics
+
+
+def test_a_client_that_disconnects_stops_its_generation(lm_server, monkeypatch):
+    steps = slow_decoding(monkeypatch, 0.01)
+    body = {"model": "prefix", "prompt": "what a", "max_tokens": 60, "temperature": 0, "stream": True,
+            "stop": "never-appears"}
+    with lm_server.client() as client, client.stream("POST", "/v1/completions", json=body) as stream:
+        assert next(stream.iter_lines()).startswith("data: ")
+    deadline = time.monotonic() + 10
+    with lm_server.client() as client:
+        while client.get("/health").json()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/health").json()["running"] == 0
+    assert len(steps) < 50  # it stopped well before its 60 tokens
+
+
+def test_api_key_is_required_on_every_endpoint(lm_checkpoints):
+    with _server([f"pt={lm_checkpoints['pt']}"], api_key="s3cret") as server:
+        with httpx.Client(base_url=server.url, timeout=30) as anonymous:
+            for method, path in [("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"),
+                                 ("POST", "/v1/completions"), ("POST", "/v1/classify"), ("POST", "/admin/load")]:
+                answer = anonymous.request(method, path, json={})
+                assert answer.status_code == 401, path
+                assert answer.headers["WWW-Authenticate"] == "Bearer"
+            wrong = anonymous.get("/v1/models", headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+        with server.client() as client:
+            assert client.get("/v1/models").status_code == 200
+
+
+def test_hot_load_and_unload_while_serving(lm_checkpoints, tmp_path, monkeypatch):
+    root = tmp_path / "prompts"
+    shutil.copytree(lm_checkpoints["prefix"], root / "later")
+    (tmp_path / "outside").mkdir()
+
+    with _server([f"pt={lm_checkpoints['pt']}"], admin_root=root) as server, server.client() as client:
+        alone = client.post("/v1/completions", json={"model": "pt", "prompt": "what a", "max_tokens": 20,
+                                                     "temperature": 0, "stop": "never-appears"}).json()
+        slow_decoding(monkeypatch, 0.02)
+
+        async def load_and_unload_during_a_generation():
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+                running = asyncio.create_task(http.post("/v1/completions", json={
+                    "model": "pt", "prompt": "what a", "max_tokens": 20, "temperature": 0, "stop": "never-appears"}))
+                await asyncio.sleep(0.1)
+                loaded = await http.post("/admin/load", json={"path": "later", "name": "new"})
+                used = await http.post("/v1/completions", json={"model": "new", "prompt": "x", "max_tokens": 2})
+                unloaded = await http.post("/admin/unload", json={"name": "pt"})
+                return loaded, used, unloaded, await running
+
+        loaded, used, unloaded, finished = asyncio.run(load_and_unload_during_a_generation())
+        assert loaded.status_code == 200 and loaded.json() == {"loaded": ["new"]}, loaded.text
+        assert used.status_code == 200, used.text
+        assert unloaded.status_code == 200
+        assert finished.status_code == 200  # the request in flight on the unloaded prompt still completes
+        assert finished.json()["choices"][0]["text"] == alone["choices"][0]["text"]
+        assert client.post("/v1/completions", json={"model": "pt", "prompt": "x"}).status_code == 404
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]][1:] == ["new"]
+        for path in ["../outside", str(tmp_path / "outside"), "later/../../outside"]:
+            refused = client.post("/admin/load", json={"path": path})
+            assert refused.status_code == 403 and "outside the admin root" in refused.text, path
+        again = client.post("/admin/load", json={"path": "later", "name": "new"})
+        assert again.status_code == 409
+        (root / "empty").mkdir()
+        assert client.post("/admin/load", json={"path": "empty"}).status_code == 400
+        assert client.post("/admin/unload", json={"name": "pt"}).status_code == 404
+
+
+def test_serve_from_the_command_line(lm_checkpoints, tmp_path):
+    """The CLI starts a real server process on a free port; the test stops it."""
+    folder = tmp_path / "prompts"
+    for name in ("pt", "prefix"):
+        shutil.copytree(lm_checkpoints[name].parent, folder / name)  # run folders: best/ or final/ inside
+    port = free_port()
+    env = {**os.environ, "SOFTPROMPT_API_KEY": "k"}
+    process = subprocess.Popen([sys.executable, "-m", "softprompt_cli", "serve", str(folder), "--port", str(port)],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, answer = time.monotonic() + 120, None
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer k"},
+                          timeout=10) as client:
+            while time.monotonic() < deadline and process.poll() is None:
+                try:
+                    answer = client.get("/v1/models")
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            assert answer is not None and answer.status_code == 200, process.poll()
+            assert [m["id"] for m in answer.json()["data"]][1:] == ["prefix", "pt"]
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert "serving 2 soft prompt(s)" in output
+
+
+def test_serve_refuses_bad_checkpoints_before_listening(lm_checkpoints, classifiers, tmp_path, run_cli):
+    code, _, err = run_cli("serve", str(tmp_path / "missing"))
+    assert code == 2 and "is not a folder" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli("serve", str(tmp_path / "empty"))
+    assert code == 2 and "holds no checkpoint" in err
+    code, _, err = run_cli("serve", str(lm_checkpoints["pt"]), str(classifiers["mrpc_pt"]))
+    assert code == 2 and "mix causal_lm and sequence_classification" in err
+    code, _, err = run_cli("serve", str(lm_checkpoints["pt"]), "--admin-root", str(tmp_path / "nope"),
+                           "--port", str(free_port()))
+    assert code == 2 and "--admin-root" in err
