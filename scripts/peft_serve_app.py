@@ -72,7 +72,30 @@ def load(args):
         if labels_file.is_file():
             label_names[name] = json.loads(labels_file.read_text())
     model.eval()
+    if causal_lm and not args.no_cache_fix:
+        name_cache_past_key_values(model)
     return model, tokenizer, causal_lm, label_names
+
+
+def name_cache_past_key_values(model) -> None:
+    """Make PeftModel.generate work with prompt tuning on transformers 5: transformers' prepare_inputs_for_generation
+    now hands the KV cache on as `cache`, while PEFT (0.21.2 and earlier) looks for `past_key_values` to tell the
+    first step from the next ones. Without this, PEFT sees no cache at every step and inserts the virtual tokens
+    again before each new token, so everything after the first generated token is wrong. transformers (< 5.40)
+    still accepts `past_key_values`."""
+    import inspect
+
+    original = model.base_model_prepare_inputs_for_generation
+    if "cache" not in inspect.signature(original).parameters:
+        return
+
+    def prepare(*args, **kwargs):
+        inputs = original(*args, **kwargs)
+        if "cache" in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    model.base_model_prepare_inputs_for_generation = prepare
 
 
 def make_app(model, tokenizer, causal_lm: bool, label_names: dict[str, list[str]]) -> FastAPI:
@@ -148,6 +171,9 @@ def main() -> None:
     parser.add_argument("--gguf-file", help="a GGUF file in that folder (dequantized to float32)")
     parser.add_argument("--adapter", action="append", required=True, help="NAME=DIR of a PEFT adapter folder")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--no-cache-fix", action="store_true",
+                        help="run PEFT's generate as it is (on transformers 5 its answers go wrong after the first "
+                        "token; see name_cache_past_key_values)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:

@@ -28,7 +28,7 @@ def lm_server(lm_checkpoints):
 
 BAD_REQUESTS = [
     ("/v1/completions", b'{"model": "pt", "prompt": "x"', 400, "not valid JSON"),
-    ("/v1/completions", b'[1, 2]', 400, "invalid request"),
+    ("/v1/completions", b'[1, 2]', 400, "must be a JSON object"),
     ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "pt, prefix, ptuning"),
     ("/v1/completions", {"model": "pt", "prompt": "x", "max_tokens": 1000}, 400, "--max-tokens-limit"),
     ("/v1/completions", {"model": "pt", "prompt": "word " * 100}, 400, "--max-input-tokens"),
@@ -58,6 +58,15 @@ def test_bad_requests_get_a_4xx_that_says_why(lm_server, path, body, status, mes
         assert answer.status_code == status, answer.text
         assert message in answer.json()["error"]["message"]
         assert client.get("/health").json()["status"] == "ok"  # the server lives on
+
+
+def test_bodies_are_bounded_before_they_are_read(lm_server):
+    with lm_server.client() as client:
+        big = client.post("/v1/completions", content=b"x" * (5 * 1024 * 1024),
+                          headers={"Content-Type": "application/json"})
+        assert big.status_code == 413
+        chunked = client.post("/v1/completions", content=iter([b'{"model": "pt", ', b'"prompt": "x"}']))
+        assert chunked.status_code == 411 and "Content-Length" in chunked.json()["error"]["message"]
 
 
 def test_a_full_queue_answers_503_with_retry_after(lm_server, monkeypatch):
@@ -183,6 +192,12 @@ def test_serve_refuses_bad_checkpoints_before_listening(lm_checkpoints, classifi
     assert code == 2 and "holds no checkpoint" in err
     code, _, err = run_cli("serve", str(lm_checkpoints["pt"]), str(classifiers["mrpc_pt"]))
     assert code == 2 and "mix causal_lm and sequence_classification" in err
+    remote = tmp_path / "remote"
+    shutil.copytree(lm_checkpoints["pt"], remote)
+    recipe = (remote / "recipe.yaml").read_text()
+    (remote / "recipe.yaml").write_text(recipe.replace("trust_remote_code: false", "trust_remote_code: true"))
+    code, _, err = run_cli("serve", str(remote))
+    assert code == 2 and "never runs a model's own code" in err
     code, _, err = run_cli("serve", str(lm_checkpoints["pt"]), "--admin-root", str(tmp_path / "nope"),
                            "--port", str(free_port()))
     assert code == 2 and "--admin-root" in err

@@ -109,14 +109,17 @@ async def _guard(request: Request, call_next):
     server: Server = request.app.state.server
     start = time.monotonic()
     key = server.settings.api_key
-    length = request.headers.get("content-length", "0")
+    # A body without Content-Length (chunked) could not be bounded before it is read: refused (411).
+    length = request.headers.get("content-length", "0" if request.method in ("GET", "HEAD") else "")
     if key and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {key}"):
         response = _error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
                           "key the server was started with (--api-key or SOFTPROMPT_API_KEY).",
                           headers={"WWW-Authenticate": "Bearer"}, kind="authentication_error")
-    elif not length.isdigit() or int(length) > server.settings.max_body_bytes:
-        response = _error(413, f"the request body is over {server.settings.max_body_bytes} bytes (or its "
-                          "Content-Length is not a number). Send fewer or shorter inputs per request.")
+    elif not length.isdigit():
+        response = _error(411, "send the request body with a Content-Length header (not chunked).")
+    elif int(length) > server.settings.max_body_bytes:
+        response = _error(413, f"the request body is over {server.settings.max_body_bytes} bytes. Send fewer or "
+                          "shorter inputs per request.")
     else:
         response = await call_next(request)
     route = request.scope.get("route")
@@ -139,6 +142,8 @@ async def _invalid_request(request: Request, error: RequestValidationError) -> J
         where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
         if problem.get("type") == "json_invalid":
             problems.append(f"the body is not valid JSON ({problem.get('ctx', {}).get('error', 'parse error')})")
+        elif not where and problem.get("type") in ("model_attributes_type", "dict_type"):
+            problems.append("the body must be a JSON object (send it with 'Content-Type: application/json')")
         elif problem.get("type") == "extra_forbidden":
             problems.append(f"{where}: not a field this server knows (remove it)")
         else:

@@ -56,10 +56,20 @@ def expand_reference(reference: str) -> list[tuple[str | None, Path]]:
     return [(f"{name}/{child}" if name else child, path) for child, path in found]
 
 
+def read_servable(folder: Path, model_path: str | None) -> Trained:
+    """A checkpoint read for serving: never one whose model runs code from its folder (a server's loads are
+    driven by requests, so remote code stays off whatever the recipe said)."""
+    trained = read_trained(folder, model_path)
+    if trained.recipe.model.trust_remote_code:
+        raise UserError(f"checkpoint {str(folder)!r} needs model.trust_remote_code, and serve never runs a "
+                        "model's own code. Use predict for it, or a model transformers supports natively.")
+    return trained
+
+
 class Registry:
     def __init__(self, references: list[str], model_path: str | None = None):
         named = [pair for reference in references for pair in expand_reference(reference)]
-        read = [(name, folder, read_trained(folder, model_path)) for name, folder in named]
+        read = [(name, folder, read_servable(folder, model_path)) for name, folder in named]
         refuse_mixed([trained for _, _, trained in read], "serve")
         self.model_path = model_path
         self.base, self.tokenizer = load_shared_base([trained for _, _, trained in read])
@@ -105,7 +115,7 @@ class Registry:
             raise UserError(f"{str(folder)!r} is not a checkpoint folder (no {RECIPE_FILE} or PEFT "
                             "adapter_config.json in it or in its best/ or final/).")
         return self._attach(name or (folder.name if checkpoint != folder else None), checkpoint,
-                            read_trained(checkpoint, self.model_path))
+                            read_servable(checkpoint, self.model_path))
 
     def unload(self, name: str) -> None:
         with self._lock:
