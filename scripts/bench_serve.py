@@ -106,32 +106,13 @@ def prepared(work: Path, model: BenchModel) -> bool:
 def write_adapter(out: Path, recipe, soft_model, labels: list[str]) -> None:
     """A PEFT adapter of a soft-prompt model with the package's own conversion (`write_peft_adapter` refuses models
     loaded from GGUF, which PEFT cannot load by name; here PEFT gets the dequantized model itself)."""
-    from safetensors.torch import save_file
 
-    from softprompt_cli.artifacts.checkpoint import atomic_folder
-    from softprompt_cli.artifacts.peft import (
-        ADAPTER_CONFIG,
-        ADAPTER_WEIGHTS,
-        LABELS_FILE,
-        _adapter_config,
-        _prompt_tensors,
-        write_peft_adapter,
-    )
-    from softprompt_cli.model.loading import Geometry
-    from softprompt_cli.model.soft_prompt import split_trained
+    from softprompt_cli.artifacts.peft import write_adapter_files, write_peft_adapter
 
     if recipe.model.gguf_file is None:
         write_peft_adapter(out, out.name, recipe, soft_model, labels)
         return
-    _, head = split_trained(soft_model.trainable_state())
-    tensors = {**_prompt_tensors(recipe, soft_model),
-               **{f"base_model.{k.removeprefix('base.')}": t for k, t in head.items()}}
-    config = _adapter_config(recipe, Geometry.of(soft_model.base.config))
-    with atomic_folder(out) as staging:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, staging / ADAPTER_WEIGHTS,
-                  metadata={"format": "pt"})
-        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (staging / LABELS_FILE).write_text(json.dumps(labels) + "\n")
+    write_adapter_files(out, recipe, soft_model, labels)  # export refuses GGUF; PEFT here runs on the same weights
 
 
 def prepare(work: Path, model: BenchModel) -> None:

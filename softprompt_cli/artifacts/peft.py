@@ -114,6 +114,14 @@ def write_peft_adapter(out: Path, name: str, recipe: Recipe, model: SoftPromptMo
     """Write a trained model as a PEFT adapter folder (`labels`: its label names, or each task's of a multi-task
     model); return what to tell the user where PEFT will refuse to apply it to this base model (else None)."""
     _refuse_inexpressible(name, recipe, model)
+    config = write_adapter_files(out, recipe, model, labels)
+    return peft_refusal_note(model.base, config["peft_type"], config["task_type"])
+
+
+def write_adapter_files(out: Path, recipe: Recipe, model: SoftPromptModel,
+                        labels: list[str] | dict[str, list[str]]) -> dict:
+    """The adapter folder itself, without `write_peft_adapter`'s refusals (for a caller that applies it to the
+    very base model in memory, e.g. a GGUF model's dequantized weights in a benchmark); returns its config."""
     _, head = split_trained(model.trainable_state())
     tensors = {**_prompt_tensors(recipe, model),
                **{f"base_model.{k.removeprefix('base.')}": t for k, t in head.items()}}
@@ -126,7 +134,7 @@ def write_peft_adapter(out: Path, name: str, recipe: Recipe, model: SoftPromptMo
             (staging / TASKS_FILE).write_text(json.dumps(labels, indent=2) + "\n")
         else:
             (staging / LABELS_FILE).write_text(json.dumps(labels) + "\n")
-    return peft_refusal_note(model.base, config["peft_type"], config["task_type"])
+    return config
 
 
 REEXPORT = ("Export it again (softprompt export CHECKPOINT OUT --format peft) or save it again with PEFT's "
