@@ -190,14 +190,16 @@ def _submit(server: Server, work) -> None:
                        kind="overloaded_error") from None
 
 
-async def _wait(request: Request, awaitable: asyncio.Future | asyncio.Task, on_gone) -> object:
-    """The result of `awaitable`, watching the client: gone, `on_gone()` is called and ClientGone raised."""
+async def _wait(request: Request, awaitable: asyncio.Future, work: Classification | Completion) -> object:
+    """The result of `awaitable`, watching the client: gone, `work` is cancelled (the engine drops it) and
+    ClientGone raised."""
     while True:
         done, _ = await asyncio.wait({awaitable}, timeout=DISCONNECT_POLL_S)
         if done:
             return awaitable.result()
         if await request.is_disconnected():
-            on_gone()
+            work.cancelled = True
+            awaitable.cancel()
             raise ClientGone()
 
 
@@ -245,11 +247,7 @@ async def classify(request: Request, body: schemas.ClassifyRequest) -> dict:
     items = [_classify_item(server, task, text, index) for index, text in enumerate(body.input)]
     work = Classification(asyncio.get_running_loop(), items=items, future=asyncio.get_running_loop().create_future())
     _submit(server, work)
-
-    def gone() -> None:
-        work.cancelled = True
-
-    results = await _wait(request, work.future, gone)
+    results = await _wait(request, work.future, work)
     data = [{"index": i, **label_record(task.label_names, p)} for i, p in enumerate(results)]
     return {"object": "list", "model": body.model, "data": data}
 
@@ -317,10 +315,7 @@ def _completion(request: Request, server: Server, body, input_ids: list[int], ma
 
 
 async def _next_event(request: Request, work: Completion) -> tuple:
-    def gone() -> None:
-        work.cancelled = True
-
-    return await _wait(request, asyncio.ensure_future(work.events.get()), gone)
+    return await _wait(request, asyncio.ensure_future(work.events.get()), work)
 
 
 async def _answer(request: Request, server: Server, work: Completion, chat: bool) -> dict:
