@@ -45,7 +45,7 @@ def greedy_without_cache(model, ids: list[int], steps: int, eos: int) -> list[in
     for _ in range(steps):
         row = torch.tensor([ids])
         with torch.no_grad():
-            last = model.encode(row, torch.ones_like(row), None, model.prompt()).states[:, -1]
+            last = model.encode(row, torch.ones_like(row), None, model.prompt_for(None, 1)).states[:, -1]
             token = int(model.lm_head(last).argmax(-1))
         new.append(token)
         ids.append(token)
@@ -83,7 +83,7 @@ def test_training_step_reaches_the_prompt_only_through_target_tokens(tiny_models
     model.eval()
     with torch.no_grad():
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)["loss"]
-        states = model.encode(input_ids, attention_mask, None, model.prompt()).states[:, -width:]
+        states = model.encode(input_ids, attention_mask, None, model.prompt_for(None, 1)).states[:, -width:]
         log_probs = model.lm_head(states).log_softmax(-1)
         expected = -torch.stack([log_probs[b, t - 1, labels[b, t]] for b in range(2) for t in range(width)
                                  if labels[b, t] != -100]).mean()
@@ -145,7 +145,7 @@ def test_label_word_scores_are_the_words_log_likelihood(tiny_models, method):
         for label, word in enumerate(model.label_word_ids):
             full = torch.tensor([ids + word])
             with torch.no_grad():
-                states = model.encode(full, torch.ones_like(full), None, model.prompt()).states[0, -len(word) - 1:-1]
+                states = model.encode(full, torch.ones_like(full), None, model.prompt_for(None, 1)).states[0, -len(word) - 1:-1]
                 expected = model.lm_head(states).log_softmax(-1)[torch.arange(len(word)), word].sum()
             torch.testing.assert_close(scores[row, label], expected, rtol=1e-4, atol=1e-4)
 
@@ -159,7 +159,7 @@ def test_single_token_label_words_score_in_one_pass(tiny_models):
     for row, text in enumerate(texts):
         ids = torch.tensor([tokenizer(text)["input_ids"]])
         with torch.no_grad():
-            last = model.encode(ids, torch.ones_like(ids), None, model.prompt()).states[0, -1]
+            last = model.encode(ids, torch.ones_like(ids), None, model.prompt_for(None, 1)).states[0, -1]
             expected = model.lm_head(last).log_softmax(-1)[[w[0] for w in model.label_word_ids]]
         torch.testing.assert_close(scores[row], expected, rtol=1e-4, atol=1e-4)
 

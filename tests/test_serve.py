@@ -73,8 +73,7 @@ def test_rows_joining_a_running_batch_decode_as_they_would_alone(tiny_models, de
     model, tokenizer = build_model(recipe, ["negative", "positive"])
     model.eval()
     with torch.no_grad():
-        prompt = model.prompt()
-        prompt = prompt if kind == "prefix" else prompt[None]
+        prompt = model.prompt_for(None, 1)
     texts = ["the movie was", "a dull , plodding mess of a", "one"]
 
     def alone(text: str, steps: int) -> list[int]:

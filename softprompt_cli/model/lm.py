@@ -50,6 +50,8 @@ def label_word_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         [len(w) for w in words], device=input_ids.device)[:, None]).long().repeat(batch, 1)
     if prompt is not None and model.kind == "input" and prompt.dim() == 3:  # one prompt per row: per copy too
         prompt = prompt.repeat_interleave(count, 0)
+    elif prompt is not None and model.kind == "prefix" and prompt.shape[2] > 1:
+        prompt = prompt.repeat_interleave(count, 2)
     ids = torch.cat([input_ids.repeat_interleave(count, 0), word_ids], 1)
     mask = torch.cat([attention_mask.repeat_interleave(count, 0), word_mask], 1)
     states = model.encode(ids, mask, None, prompt).states[:, -width - 1:-1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,10 @@ class Encoded:
 def _insert(values: torch.Tensor, middle: torch.Tensor, at: int) -> torch.Tensor:
     """`middle` inserted into every row of `values` at position `at`."""
     return torch.cat([values[:, :at], middle, values[:, at:]], dim=1)
+
+
+def _takes_token_types(base: nn.Module) -> bool:
+    return "token_type_ids" in inspect.signature(base.base_model.forward).parameters
 
 
 def _no_checkpoint_reader(*args) -> Any:
@@ -139,10 +144,14 @@ class SoftPromptModel(nn.Module):
             )
         self.base = base
         self.pooling = pooling
-        self.kind = method.kind
         self.per_task_prompt = method.per_task
         self.num_virtual_tokens = method.num_virtual_tokens
         self.is_decoder = is_decoder(base)
+        self.virtual_tokens_as_prefix = self._virtual_tokens_once(method, max_length, tokenizer)
+        """Decoders: virtual tokens run through the model once per prompt, and reach every row as keys and
+        values (see `virtual_token_prefix`)."""
+        self.kind = "prefix" if self.virtual_tokens_as_prefix else method.kind
+        """How `encode` takes the prompt: input embeddings (`input`) or every layer's keys and values (`prefix`)."""
         self.cache_argument = cache_argument(base)
         self.causal_lm = task_type == "causal_lm"
         self.multitask = isinstance(num_labels, dict)
@@ -162,6 +171,19 @@ class SoftPromptModel(nn.Module):
     def label_word_ids(self) -> list[list[int]] | None:
         """The first (a single-task model's only) task's label words."""
         return self.task_label_words[self.task_names[0]]
+
+    def _virtual_tokens_once(self, method: MethodOptions, max_length: int, tokenizer) -> bool:
+        """Whether the virtual tokens can be computed once for all rows: in a decoder, tokens placed first never
+        see what follows them, so their keys and values are the same in every row. Not under a sliding window
+        the input could outgrow: there the rows' last tokens would stop seeing the prompt, and a prefix never
+        leaves the window. Nor where the rows' token type ids reach the virtual tokens too (GPT-2 given a
+        tokenizer that makes them adds their embeddings to every position)."""
+        if not self.is_decoder or method.kind != "input":
+            return False
+        if "token_type_ids" in tokenizer.model_input_names and _takes_token_types(self.base):
+            return False
+        window = getattr(self.base.config.get_text_config(), "sliding_window", None)
+        return not window or method.num_virtual_tokens + max_length <= window
 
     def _insert_position(self, tokenizer, prompt_position: str) -> int:
         """Virtual tokens go after a leading [CLS]/<s> in encoders, so that the model's own head still reads
@@ -221,18 +243,39 @@ class SoftPromptModel(nn.Module):
         """The prompt of every row: one shared prompt, or (per-task methods) each row's task's prompt [rows, ...].
         `task_ids` of pairs encoded apart (pair_mean: 2B sequences) cover both halves; None: task 0."""
         if not self.per_task_prompt:
-            return self.prompt()
+            return self._as_encoded(self.prompt())
         if task_ids is None:
             task_ids = torch.zeros(rows, dtype=torch.long, device=self.base.device)
         elif len(task_ids) * 2 == rows:
             task_ids = torch.cat([task_ids, task_ids])
+        if self.virtual_tokens_as_prefix:  # each task's prompt through the model once, not once per row
+            tasks, row_task = task_ids.unique(return_inverse=True)
+            return self.virtual_token_prefix(self.prompt(tasks))[:, :, row_task]
         return self.prompt(task_ids)
 
+    @torch.no_grad()
     def task_prompt(self, task: str) -> torch.Tensor:
-        """One task's prompt in its inference form (shared by all rows of that task)."""
+        """One task's prompt in its inference form (shared by all rows of that task), as `encode` takes it."""
         if not self.per_task_prompt:
-            return self.prompt()
-        return self.prompt(torch.tensor([self.task_index(task)], device=self.base.device))[0]
+            return self._as_encoded(self.prompt())
+        return self._as_encoded(self.prompt(torch.tensor([self.task_index(task)], device=self.base.device))[0])
+
+    def _as_encoded(self, prompt: torch.Tensor) -> torch.Tensor:
+        return self.virtual_token_prefix(prompt) if self.virtual_tokens_as_prefix else prompt
+
+    def virtual_token_prefix(self, virtual: torch.Tensor) -> torch.Tensor:
+        """The keys and values that virtual tokens ([n, hidden], or [prompts, n, hidden]) placed first leave in
+        every layer of a decoder: [layers, 2, prompts, kv_heads, n, head_dim]. Given as a prefix, they give every
+        row the logits and gradients of the virtual tokens in its input, for one pass over n positions instead of
+        one per row."""
+        tokens = virtual if virtual.dim() == 3 else virtual[None]
+        count, n = tokens.shape[:2]
+        dtype = self.base.get_input_embeddings().weight.dtype
+        positions = torch.arange(n, device=tokens.device).expand(count, -1)
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.base.base_model(inputs_embeds=tokens.to(dtype), attention_mask=positions.new_ones(count, n),
+                             position_ids=positions, use_cache=False, softprompt_capture=captured)
+        return torch.stack([torch.stack(captured[layer]) for layer in sorted(captured)])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
