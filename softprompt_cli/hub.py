@@ -107,3 +107,21 @@ def check_model_available(reference: str, revision: str | None = None, gguf_file
 
     if not isinstance(try_to_load_from_cache(location, gguf_file or "config.json", revision=revision), str):
         raise offline_model_error(reference)
+
+
+def gguf_file_path(reference: str, revision: str | None, gguf_file: str) -> Path:
+    """Where a model's GGUF file is on this machine: in its folder or packaged copy, or in the Hugging Face cache
+    (downloaded there first when the Hub is reachable)."""
+    location, local = resolve_model_reference(reference, revision, gguf_file)
+    if local:
+        return Path(location) / gguf_file
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    online = hub_reachable()
+    try:
+        return Path(hf_hub_download(location, gguf_file, revision=revision, local_files_only=not online))
+    except (OSError, EntryNotFoundError) as err:
+        if not online:
+            raise offline_model_error(reference) from None
+        raise UserError(f"could not download GGUF file {gguf_file!r} of {reference!r}: {err}") from None

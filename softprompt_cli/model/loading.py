@@ -10,18 +10,24 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
+from softprompt_cli import gguf_cache
 from softprompt_cli.errors import UserError
-from softprompt_cli.hub import hub_reachable, offline_model_error, resolve_model_reference
-from softprompt_cli.model import attention
+from softprompt_cli.gguf_cache import GgufSource
+from softprompt_cli.hub import gguf_file_path, hub_reachable, offline_model_error, resolve_model_reference
+from softprompt_cli.model import attention, dequantized
 from softprompt_cli.model.first_token import enable_first_token_only
 
 HEAD_MODULE_NAMES = ("pre_classifier", "classifier", "score")
@@ -31,6 +37,14 @@ _VOLATILE_CONFIG_KEYS = {
     "transformers_version", "pad_token_id", "use_cache", "finetuning_task", "output_attentions",
     "output_hidden_states", "return_dict",
 }
+_CUSTOM_CODE_REFUSAL = (
+    "model {reference!r} needs its own Python code to load ({why}). softprompt runs a model's code only when the "
+    "recipe allows it: set model.trust_remote_code: true only if you trust that code (read the model's .py files "
+    "first); otherwise use a model that transformers supports.")
+GGUF_READ_ERRORS = (ValueError, KeyError, IndexError, struct.error)
+"""What reading a GGUF file that is cut short or damaged raises (transformers' reader, the gguf package's)."""
+WRITE_ERRORS = (OSError, SafetensorError)
+"""What writing a cache entry can raise: safetensors reports its own I/O errors (disk full included) so."""
 
 
 @dataclass(frozen=True)
@@ -54,28 +68,25 @@ class Geometry:
                    max_positions=getattr(text, "max_position_embeddings", None))
 
 
-def _load(loader, reference: str, revision: str | None, gguf_file: str | None = None, **kwargs):
-    from pathlib import Path
-
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    location, local = resolve_model_reference(reference, revision, gguf_file)
-    refusal = (f"model {reference!r} needs its own Python code to load ({{}}). softprompt runs a model's code only "
-               "when the recipe allows it: set model.trust_remote_code: true only if you trust that code (read the "
-               "model's .py files first); otherwise use a model that transformers supports.")
+def _refuse_custom_code(reference: str, location: str, local: bool, trust_remote_code: bool) -> None:
+    """Refuse a local model whose config maps its classes to code in its folder, before transformers looks at the
+    folder: nothing of it may run unless the recipe allows it."""
     config_file = Path(location) / "config.json"
-    if local and not kwargs.get("trust_remote_code") and config_file.is_file():
-        try:  # refuse before transformers looks at the folder: nothing of it may run
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            config = {}  # transformers reports a damaged config.json itself
-        if isinstance(config, dict) and config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING_NAMES:
-            raise UserError(refusal.format(f"config.json maps {', '.join(config['auto_map'])} to code in the model "
-                                           f"folder, and model_type {config.get('model_type')!r} is not one "
-                                           "transformers knows"))
+    if not local or trust_remote_code or not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers reports a damaged config.json itself
+    if isinstance(config, dict) and config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise UserError(_CUSTOM_CODE_REFUSAL.format(
+            reference=reference, why=f"config.json maps {', '.join(config['auto_map'])} to code in the model folder, "
+                                     f"and model_type {config.get('model_type')!r} is not one transformers knows"))
+
+
+def _from_pretrained(loader, reference: str, location: str, local: bool, revision: str | None, **kwargs):
+    """`loader.from_pretrained(location)`, with its errors as UserErrors that name `reference`."""
     online = not local and hub_reachable()
-    if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
     try:
         return loader.from_pretrained(location, revision=None if local else revision,
                                       local_files_only=not online, **kwargs)
@@ -86,7 +97,78 @@ def _load(loader, reference: str, revision: str | None, gguf_file: str | None = 
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise
-        raise UserError(refusal.format("transformers: it contains custom code")) from None
+        raise UserError(_CUSTOM_CODE_REFUSAL.format(
+            reference=reference, why="transformers: it contains custom code")) from None
+
+
+def _from_gguf(loader, reference: str, location: str, local: bool, revision: str | None, gguf_file: str, **kwargs):
+    """`_from_pretrained` of a GGUF file, dequantizing under our progress bar; a file that does not parse (cut
+    short, damaged) is a UserError."""
+    try:
+        with dequantized.dequantizing_progress(gguf_file):
+            return _from_pretrained(loader, reference, location, local, revision, gguf_file=gguf_file, **kwargs)
+    except GGUF_READ_ERRORS as err:
+        raise UserError(f"could not read GGUF file {gguf_file!r} of {reference!r} ({type(err).__name__}: {err}). "
+                        "The file may be incomplete or damaged: download it again, or check model.gguf_file.") from None
+
+
+def _usable_entry(source: GgufSource, repair: bool) -> Path | None:
+    """The cache entry of `source` if it is whole; `repair` (with the writing lock held): remove a damaged one."""
+    if not source.entry.is_dir():
+        return None
+    problem = gguf_cache.entry_problem(source.entry)
+    if problem is None:
+        return source.entry
+    if repair:
+        dequantized.note(f"the cached float32 copy of {source.path.name} in {str(source.entry)!r} is damaged "
+                         f"({problem}): writing it again.")
+        gguf_cache.remove(source.entry)
+    return None
+
+
+def _write_gguf_entry(reference: str, source: GgufSource) -> Path:
+    """Dequantize the GGUF file (as transformers loads it) and keep the result as its cache entry."""
+    folder, name = str(source.path.parent), source.path.name
+    hf_logging.set_verbosity_error()  # as load_base_model: the tokenizer is loaded first, and writes the entry
+    hf_logging.disable_progress_bar()
+    dequantized.note(f"dequantizing {name} to float32, once: later runs load it from "
+                     f"{str(gguf_cache.cache_dir())!r} (softprompt cache list, softprompt cache clear).")
+    tokenizer = _from_gguf(AutoTokenizer, reference, folder, True, None, name)
+    config = _from_gguf(AutoConfig, reference, folder, True, None, name)
+    # The most complete model class: a causal LM keeps its LM head (untied in some models), which AutoModel drops.
+    loader = AutoModelForCausalLM if _is_decoder_config(config) else AutoModel
+    model = _from_gguf(loader, reference, folder, True, None, name, dtype=torch.float32)
+    with gguf_cache.draft(source) as draft:
+        extra = dequantized.save_dequantized(model, tokenizer, draft)
+        return gguf_cache.publish(source, draft, extra)
+
+
+def dequantized_gguf(reference: str, revision: str | None, gguf_file: str) -> Path | None:
+    """The cache entry of the model's GGUF file, written first if it is missing or damaged; None where the cache
+    cannot be written (the caller then loads the GGUF file itself)."""
+    source = GgufSource.of(gguf_file_path(reference, revision, gguf_file))
+    entry = _usable_entry(source, repair=False)
+    if entry is not None:
+        return entry
+    try:
+        with gguf_cache.writing_lock(source):  # a second process waits here, then finds the entry written
+            return _usable_entry(source, repair=True) or _write_gguf_entry(reference, source)
+    except WRITE_ERRORS as err:
+        dequantized.note(f"could not keep the dequantized copy of {gguf_file} in {str(gguf_cache.cache_dir())!r} "
+                         f"({err}); loading the GGUF file itself, which dequantizes it again on every run. Set "
+                         "HF_HOME to a writable folder with room for it to keep it.")
+        return None
+
+
+def _load(loader, reference: str, revision: str | None, gguf_file: str | None = None, **kwargs):
+    if gguf_file is not None and (entry := dequantized_gguf(reference, revision, gguf_file)) is not None:
+        loaded = _from_pretrained(loader, reference, str(entry), True, None, **kwargs)
+        return dequantized.as_loaded_from_gguf(loaded, entry)
+    location, local = resolve_model_reference(reference, revision, gguf_file)
+    _refuse_custom_code(reference, location, local, kwargs.get("trust_remote_code", False))
+    if gguf_file is None:
+        return _from_pretrained(loader, reference, location, local, revision, **kwargs)
+    return _from_gguf(loader, reference, location, local, revision, gguf_file, **kwargs)
 
 
 def load_tokenizer(reference: str, revision: str | None = None, trust_remote_code: bool = False,
