@@ -26,6 +26,9 @@ OverridesArg = Annotated[
     Optional[list[str]],
     typer.Argument(help="dotted overrides, e.g. training.lr=3e-3 method.num_virtual_tokens=10", show_default=False),
 ]
+PrecisionOption = Annotated[str, typer.Option(
+    help="checkpoint: each checkpoint in the precision it trained in (its training.mixed_precision, bf16 autocast "
+         "included); fp32 or bf16: every checkpoint in that one")]
 
 
 def _echo_error(message: str, label: str = "error") -> None:
@@ -87,24 +90,28 @@ def evaluate(
         show_default=False)] = None,
     task: Annotated[Optional[str], typer.Option(
         help="a multi-task checkpoint: evaluate this task only (default: every task, and their mean)")] = None,
+    precision: PrecisionOption = "checkpoint",
 ) -> None:
     """Evaluate a checkpoint (or a PEFT prompt-learning adapter) on its recipe's eval split, another split, another
     recipe's data (--recipe), a labelled file (--data), or with data.KEY=VALUE overrides. A multi-task checkpoint
     reports every task's metrics and their mean."""
-    from softprompt_cli.commands.arguments import check_checkpoint_folder, check_eval_options
+    from softprompt_cli.commands.arguments import check_checkpoint_folder, check_eval_options, check_precision_option
     from softprompt_cli.config.load import load_recipe
 
     check_checkpoint_folder(checkpoint)  # cheap checks first: torch takes seconds to import
+    check_precision_option(precision)
     data_recipe = load_recipe(recipe) if recipe else None
     check_eval_options(checkpoint, split, data_recipe, data, list(overrides or []))
     from softprompt_cli.commands.evaluate import evaluate_checkpoint
 
-    report = evaluate_checkpoint(checkpoint, split, model, output, data_recipe, data, list(overrides or []), task)
+    report = evaluate_checkpoint(checkpoint, split, model, output, data_recipe, data, list(overrides or []), task,
+                                 precision)
     from accelerate import PartialState
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{checkpoint} on {report['split']} ({report['examples']} examples)", title_justify="left")
+    table = Table(title=f"{checkpoint} on {report['split']} ({report['examples']} examples, {report['precision']})",
+                  title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in report["metrics"].items():
@@ -141,12 +148,14 @@ def predict(
     top_k: Annotated[int, typer.Option(min=0, help="with --do-sample: keep the k likeliest tokens (0: all)")] = 0,
     top_p: Annotated[float, typer.Option(min=1e-4, max=1.0, help="with --do-sample: nucleus sampling")] = 1.0,
     seed: Annotated[int, typer.Option(help="with --do-sample: the random seed")] = 0,
+    precision: PrecisionOption = "checkpoint",
 ) -> None:
     """Predict labels with one or several checkpoints; rows of different tasks share forward batches.
     causal_lm checkpoints rank their label words, or generate text (free-form targets)."""
-    from softprompt_cli.commands.arguments import check_predict_input
+    from softprompt_cli.commands.arguments import check_precision_option, check_predict_input
 
     check_predict_input(input_file, text or [], text_pair or [])  # cheap checks first: torch takes seconds to import
+    check_precision_option(precision)
     from softprompt_cli.commands.predict import Generation, run_predict
 
     sampling = None
@@ -157,7 +166,7 @@ def predict(
 
         sampling = Sampling(temperature, top_k, top_p, torch.Generator().manual_seed(seed))
     run_predict(checkpoints, input_file, text or [], text_pair or [], output, task_column, text_field, batch_size,
-                model, Generation(max_new_tokens, sampling), task)
+                model, Generation(max_new_tokens, sampling), task, precision)
 
 
 @app.command()
@@ -268,6 +277,29 @@ def methods() -> None:
     from softprompt_cli.commands.methods import print_methods
 
     print_methods()
+
+
+cache_app = typer.Typer(
+    no_args_is_help=True,
+    help="The dequantized GGUF models (model.gguf_file) kept under $HF_HOME/softprompt/gguf, which later runs load "
+         "in seconds instead of dequantizing the file again.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+def cache_list() -> None:
+    """Show the cache folder and each dequantized GGUF model in it."""
+    from softprompt_cli.commands.cache import describe_cache
+
+    typer.echo(describe_cache())
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Remove every dequantized GGUF model (the next run of each dequantizes its file again)."""
+    from softprompt_cli.commands.cache import clear_cache
+
+    typer.echo(clear_cache())
 
 
 def main() -> None:

@@ -25,6 +25,17 @@ def check_predict_input(input_file: Path | None, texts: list[str], text_pairs: l
         raise UserError("give one --text-pair per --text.")
 
 
+PRECISION_OPTIONS = ("checkpoint", "fp32", "bf16")
+"""eval's and predict's --precision: as the checkpoint trained (its training.mixed_precision), or one for all."""
+
+
+def check_precision_option(option: str) -> None:
+    if option not in PRECISION_OPTIONS:
+        raise UserError(f"--precision {option!r} is not one of {', '.join(PRECISION_OPTIONS)}: checkpoint runs each "
+                        "checkpoint in the precision it trained in (training.mixed_precision), fp32 and bf16 run "
+                        "every checkpoint in that one.")
+
+
 def check_checkpoint_folder(checkpoint: Path) -> None:
     """A checkpoint (or PEFT adapter) is a folder; a missing one is refused before loading anything."""
     if not checkpoint.is_dir():

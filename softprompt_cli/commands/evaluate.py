@@ -8,13 +8,13 @@ checkpoint does not know, is refused. Options that conflict are refused too, nev
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from accelerate import Accelerator
-
+from softprompt_cli import precision
 from softprompt_cli.assemble import Trained, model_from_trained, read_trained
-from softprompt_cli.commands.arguments import FILE_KEYS, SOURCE_KEYS, check_eval_options
+from softprompt_cli.commands.arguments import FILE_KEYS, SOURCE_KEYS, check_eval_options, check_precision_option
 from softprompt_cli.config.load import apply_overrides, parse_recipe, resolve_paths
 from softprompt_cli.config.schema import Recipe, TaskEntry
 from softprompt_cli.data.batching import evaluation_loader
@@ -33,7 +33,7 @@ from softprompt_cli.data.sources import (
 from softprompt_cli.data.tasks import TaskData, all_targets
 from softprompt_cli.errors import UserError
 from softprompt_cli.model.loading import Geometry
-from softprompt_cli.training.control import finish
+from softprompt_cli.training.control import finish, fresh_accelerator
 from softprompt_cli.training.evaluate import evaluate
 
 
@@ -189,26 +189,34 @@ def evaluated_recipe(trained: Trained, tasks: list[TaskData]) -> Recipe:
 def evaluate_checkpoint(directory: Path, split: str | None = None, model_path: str | None = None,
                         output: Path | None = None, data_recipe: Recipe | None = None,
                         data_file: Path | None = None, overrides: list[str] | None = None,
-                        task: str | None = None) -> dict[str, Any]:
+                        task: str | None = None, precision_option: str = "checkpoint") -> dict[str, Any]:
+    """Evaluate as the options say (`precision_option`: checkpoint, fp32 or bf16); the report of `softprompt eval`."""
     overrides = list(overrides or [])
     keys = check_eval_options(directory, split, data_recipe, data_file, overrides)
+    check_precision_option(precision_option)
     trained = read_trained(directory, model_path, data_recipe)
     other_data = (data_recipe is not None and not trained.from_peft) or data_file is not None or bool(overrides)
     tasks = [task_examples(*task_view(trained, name, data_recipe), data_file, overrides, split, keys)
              for name in chosen_tasks(trained, task, other_data)]
     recipe = evaluated_recipe(trained, tasks)
-    accelerator = Accelerator()
+    accelerator = fresh_accelerator()
     model, tokenizer = model_from_trained(trained)
     for one in tasks:
         _check_length(model, one.recipe)
     loader = evaluation_loader(recipe, tasks, tokenizer, model.task_names)
     model, eval_loader = accelerator.prepare(model, loader)
     labels = {one.name: one.label_names for one in tasks} if recipe.is_multitask else tasks[0].label_names
-    results = evaluate(model, eval_loader, accelerator, recipe, labels, tokenizer, all_targets(tasks),
-                       model_tasks=accelerator.unwrap_model(model).task_names)
+    ran = precision.for_inference(precision_option, trained.recipe.training.mixed_precision, accelerator.device)
+    note = precision.emulation_note(precision_option, ran, accelerator.device)
+    if note and accelerator.is_main_process:
+        print(f"note: {note}", file=sys.stderr)
+    with precision.autocast(ran, accelerator.device.type):
+        results = evaluate(model, eval_loader, accelerator, recipe, labels, tokenizer, all_targets(tasks),
+                           model_tasks=accelerator.unwrap_model(model).task_names)
     splits = sorted({split or one.recipe.data.eval_split for one in tasks})
     report = {"checkpoint": str(directory), "split": str(data_file) if data_file is not None else ", ".join(splits),
-              "examples": sum(len(one.eval) for one in tasks), "metrics": results}
+              "examples": sum(len(one.eval) for one in tasks), "precision": precision.display_name(ran),
+              "metrics": results}
     if output is not None and accelerator.is_main_process:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2) + "\n")

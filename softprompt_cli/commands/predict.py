@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from softprompt_cli.commands.arguments import check_predict_input
+from softprompt_cli import precision
+from softprompt_cli.commands.arguments import check_precision_option, check_predict_input
 from softprompt_cli.data.sources import read_table
 from softprompt_cli.errors import UserError
 from softprompt_cli.inference.batches import Generation, Item, label_record, make_items, predict
@@ -68,8 +69,10 @@ def write_records(results: list[dict], output: Path | None) -> None:
 
 def run_predict(references: list[str], input_file: Path | None, texts: list[str], text_pairs: list[str],
                 output: Path | None, task_column: str, fields_override: list[str] | None, batch_size: int,
-                model_path: str | None, generation: Generation | None = None, task: str | None = None) -> list[dict]:
+                model_path: str | None, generation: Generation | None = None, task: str | None = None,
+                precision_option: str = "checkpoint") -> list[dict]:
     check_predict_input(input_file, texts, text_pairs)
+    check_precision_option(precision_option)
     if input_file is not None:
         rows = read_table(input_file, recipe=False)
     else:
@@ -79,7 +82,11 @@ def run_predict(references: list[str], input_file: Path | None, texts: list[str]
     if not rows:  # before loading any model
         raise UserError("the input has no rows. Give at least one text.")
     check_input_columns(rows)
-    tasks, tokenizer = load_tasks(references, model_path)
+    tasks, tokenizer = load_tasks(references, model_path, precision_option)
+    notes = {precision.emulation_note(precision_option, task.precision, next(task.model.parameters()).device)
+             for task in tasks.values()}
+    for note in sorted(notes - {None}):
+        print(f"note: {note}", file=sys.stderr)
     items = make_items(rows, tasks, tokenizer, task_column, fields_override,
                        repr(str(input_file)) if input_file is not None else "the --text arguments", task)
     outputs = predict(items, tokenizer, batch_size, progress=len(items) > 1000 and output is not None,

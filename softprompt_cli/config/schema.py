@@ -9,7 +9,7 @@ import functools
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from softprompt_cli.data.glue import GLUE_TASKS
 from softprompt_cli.data.templates import template_fields
@@ -199,7 +199,10 @@ class TrainingSection(Section):
     warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio")
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = Field(
+        "no", description="autocast of training (and of the checkpoints' evaluation and predictions): no (float32), "
+        "fp16, bf16, or auto: bf16 where the hardware computes it natively (a GPU from Ampere on, a CPU with "
+        "AVX512-BF16 or AMX), else no; the checkpoints' recipe.yaml records what ran")
     gradient_checkpointing: bool = Field(
         False, description="recompute the frozen model's activations in the backward pass: less memory, more time")
     seed: int = 42
@@ -212,6 +215,12 @@ class TrainingSection(Section):
         None, ge=1, description="also save the resumable state every N steps (it is saved every epoch and on Ctrl-C)")
     group_by_length: bool = Field(True, description="batches of similar length (shuffled buckets): less padding")
     tensorboard: bool = False
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _bare_no(cls, value: Any) -> Any:
+        """YAML reads a bare `no` (mixed_precision: no, or training.mixed_precision=no) as false."""
+        return "no" if value is False else value
 
 
 class OutputSection(Section):

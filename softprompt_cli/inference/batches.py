@@ -15,6 +15,7 @@ import torch
 from rich.progress import Progress
 from transformers import DataCollatorWithPadding
 
+from softprompt_cli import precision
 from softprompt_cli.data.sources import input_fields, row_texts
 from softprompt_cli.data.templates import render
 from softprompt_cli.errors import UserError
@@ -164,10 +165,12 @@ def predict(items: list[Item], tokenizer, batch_size: int, progress: bool = Fals
         job = bar.add_task("predict", total=len(items))
         for indices in batches:
             members = [items[i] for i in indices]
-            if members[0].task.generates:
-                outputs = generate_batch(members, collate, tokenizer, generation)
-            else:
-                outputs = predict_batch(members, collate)
+            task = members[0].task  # a batch's tasks share a precision: it is part of their batch_key
+            with precision.autocast(task.precision, next(task.model.parameters()).device.type):
+                if task.generates:
+                    outputs = generate_batch(members, collate, tokenizer, generation)
+                else:
+                    outputs = predict_batch(members, collate)
             for i, output in zip(indices, outputs):
                 results[i] = output
             bar.advance(job, len(indices))

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from softprompt_cli import precision
 from softprompt_cli.assemble import Trained, attach_trained, load_frozen, read_trained
 from softprompt_cli.config.schema import SINGLE_TASK, Recipe
 from softprompt_cli.errors import UserError
@@ -32,15 +33,18 @@ class Task:
     """The task's name in its model (a multi-task checkpoint's task, whose head and prompt it picks)."""
     checkpoint: int = 0
     """Which loaded checkpoint it comes from: the tasks of one causal_lm model can share its forward passes."""
+    precision: str = "no"
+    """The autocast `predict` runs its batches under (no, bf16, fp16; see softprompt_cli.precision); serve's engine
+    runs float32 whatever it says."""
     prompt: torch.Tensor = field(init=False)
     """The prompt's inference form, computed once (P-tuning's encoder output, projected prefixes)."""
 
     @property
     def batch_key(self) -> tuple:
         if self.model.causal_lm:  # generation lengths are per task; label words are routed by task id
-            return ("causal_lm", self.checkpoint, self.name if self.generates else "")
+            return ("causal_lm", self.checkpoint, self.name if self.generates else "", self.precision)
         return (self.model.kind, self.model.num_virtual_tokens, self.model.insert_at,
-                self.model.head_reads_model_pooler)
+                self.model.head_reads_model_pooler, self.precision)
 
     @property
     def task_id(self) -> int:
@@ -109,27 +113,32 @@ def load_shared_base(loaded: list[Trained]) -> tuple[torch.nn.Module, Any]:
 
 
 def attach_tasks(trained: Trained, names: dict[str, str], number: int, base: torch.nn.Module,
-                 tokenizer: Any) -> dict[str, Task]:
+                 tokenizer: Any, precision_option: str = "checkpoint") -> dict[str, Task]:
     """A checkpoint's tasks (`names`: served name -> its name in the model) on the shared base model; `number`
-    tells checkpoints apart (the tasks of one causal_lm checkpoint share forward passes)."""
+    tells checkpoints apart (the tasks of one causal_lm checkpoint share forward passes); `precision_option`:
+    checkpoint (the precision it trained in), fp32 or bf16."""
     model, head_state = attach_trained(trained, base, tokenizer)
+    runs_in = precision.for_inference(precision_option, trained.recipe.training.mixed_precision,
+                                      next(base.parameters()).device)
     recipes = dict(trained.recipe.task_recipes())
     tasks = {}
     for name, model_task in names.items():
         task = Task(name, recipes[model_task], trained.task_labels[model_task], model, head_state,
-                    not trained.from_peft, model_task, number)
+                    not trained.from_peft, model_task, number, runs_in)
         with torch.no_grad():
             task.prompt = model.task_prompt(model_task)
         tasks[name] = task
     return tasks
 
 
-def load_tasks(references: list[str], model_path: str | None = None) -> tuple[dict[str, Task], Any]:
+def load_tasks(references: list[str], model_path: str | None = None,
+               precision_option: str = "checkpoint") -> tuple[dict[str, Task], Any]:
     """Load checkpoints (`DIR` or `NAME=DIR`) onto one shared frozen base model: one Task per task they serve
-    (a multi-task checkpoint: one per task of it, all on its one model)."""
+    (a multi-task checkpoint: one per task of it, all on its one model), each predicting in the precision
+    `precision_option` gives it (checkpoint: the one it trained in)."""
     loaded = _read_named(references, model_path)
     base, tokenizer = load_shared_base([trained for trained, _ in loaded])
     tasks = {}
     for number, (trained, names) in enumerate(loaded):
-        tasks.update(attach_tasks(trained, names, number, base, tokenizer))
+        tasks.update(attach_tasks(trained, names, number, base, tokenizer, precision_option))
     return tasks, tokenizer

@@ -7,6 +7,7 @@ import threading
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 
 class StopRequest:
@@ -34,6 +35,14 @@ class StopRequest:
 
 class TrainingStopped(Exception):
     """Raised after a requested stop, once the state is saved; the CLI exits with 130."""
+
+
+def fresh_accelerator(**settings) -> Accelerator:
+    """An Accelerator with `settings`, whatever an earlier one in this process had. Accelerate keeps one state per
+    process and refuses another mixed precision (a bf16 run, then an evaluation or a run in float32: tests,
+    scripts); the reset is transformers' own (TrainingArguments), and keeps the process group."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(**settings)
 
 
 def all_processes_agree(accelerator: Accelerator, ok: bool) -> bool:

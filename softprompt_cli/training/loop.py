@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as ProgressBar
 
-from softprompt_cli import memory
+from softprompt_cli import memory, precision
 from softprompt_cli.artifacts.checkpoint import (
     RECIPE_FILE,
     output_lock,
@@ -44,6 +44,7 @@ from softprompt_cli.training.control import (
     TrainingStopped,
     all_processes_agree,
     finish,
+    fresh_accelerator,
     stop_everywhere,
 )
 from softprompt_cli.training.distill import Teacher, load_teachers, teacher_outputs
@@ -128,14 +129,31 @@ class Run:
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
+    """The run's Accelerator, in the recipe's mixed precision; `auto`: bf16 where its device computes bf16
+    natively, else no (`accelerator.mixed_precision` says which). Accelerate picks the device as it starts, so
+    auto starts a float32 one first and replaces it where bf16 pays."""
+    setting = recipe.training.mixed_precision
+    if setting != "auto":
+        return _accelerator(recipe, setting)
+    float32 = _accelerator(recipe, "no")
+    chosen = precision.resolve(setting, float32.device)
+    return float32 if chosen == "no" else _accelerator(recipe, chosen)
+
+
+def _accelerator(recipe: Recipe, mixed_precision: str) -> Accelerator:
     cfg = recipe.training
-    return Accelerator(
+    return fresh_accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         log_with="tensorboard" if cfg.tensorboard else None,
         project_dir=recipe.output.dir,
     )
+
+
+def with_precision(recipe: Recipe, mixed_precision: str) -> Recipe:
+    return recipe.model_copy(update={"training": recipe.training.model_copy(
+        update={"mixed_precision": mixed_precision})})
 
 
 def claim_output(recipe: Recipe, accelerator: Accelerator, resume: Path | None) -> dict | None:
@@ -246,8 +264,9 @@ def validate(run: Run, progress: Progress, counters: Counters, log: MetricsLog) 
     """Evaluate, log, and keep best/ when the main metric improved."""
     started = time.perf_counter()
     memory.release_free_memory()  # evaluation's larger batches would otherwise grow the heap further
-    results = evaluate(run.model, run.eval_loader, run.accelerator, run.recipe, run.labels, run.tokenizer,
-                       run.eval_targets)
+    with run.accelerator.autocast():  # the precision the run trains in, as eval and predict will run it
+        results = evaluate(run.model, run.eval_loader, run.accelerator, run.recipe, run.labels, run.tokenizer,
+                           run.eval_targets)
     memory.release_free_memory()
     counters.eval_seconds += time.perf_counter() - started
     counters.evaluations += 1
@@ -404,7 +423,8 @@ def summarize(run: Run, progress: Progress, results: dict, counters: Counters) -
             "minutes": round(minutes, 2), "output_dir": str(run.out), "train_seconds": round(train_seconds, 2),
             "train_examples_per_s": round(counters.train_examples / train_seconds, 2),
             "eval_examples_per_s": round(eval_rows / max(counters.eval_seconds, 1e-9), 2),
-            "real_tokens": counters.real_tokens, "padded_tokens": counters.padded_tokens, "steps": progress.step}
+            "real_tokens": counters.real_tokens, "padded_tokens": counters.padded_tokens, "steps": progress.step,
+            "mixed_precision": run.recipe.training.mixed_precision}
 
 
 def announce(run: Run, progress: Progress, resumed: bool) -> None:
@@ -412,7 +432,8 @@ def announce(run: Run, progress: Progress, resumed: bool) -> None:
     console.print(
         f"[bold]{recipe.method.name}[/] on {recipe.model.name_or_path}: {run.trainable:,} trainable parameters "
         f"({len(run.train_loader.dataset):,} train / {len(run.eval_loader.dataset):,} eval examples, "
-        f"{run.total_steps} steps, {run.accelerator.num_processes} process(es))"
+        f"{run.total_steps} steps, {run.accelerator.num_processes} process(es), "
+        f"precision {precision.display_name(recipe.training.mixed_precision)})"
         + (f", resumed at step {progress.step}" if resumed else "")
     )
 
@@ -432,6 +453,8 @@ def report(run: Run, progress: Progress, summary: dict) -> None:
 def train(recipe: Recipe, resume: Path | None = None) -> dict[str, Any]:
     """Train as the recipe says (continuing the state saved in `resume`); return the run's summary."""
     accelerator = make_accelerator(recipe)
+    # What runs (auto resolved) is what the run's recipe.yaml and checkpoints record, and eval and predict follow.
+    recipe = with_precision(recipe, accelerator.mixed_precision)
     with claimed_output(recipe, accelerator):
         return train_claimed(recipe, accelerator, resume)
 

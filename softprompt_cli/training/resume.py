@@ -24,9 +24,12 @@ from softprompt_cli.artifacts.checkpoint import atomic_folder, recover_folder, r
 from softprompt_cli.config.schema import Recipe
 from softprompt_cli.errors import UserError
 
-# Settings that may change when a run is resumed; anything else must match the interrupted run.
+# Settings that may change when a run is resumed; anything else must match the interrupted run. Autocast changes
+# no saved tensor (parameters and AdamW moments stay float32), so mixed_precision may change: `auto` resolves to
+# what the machine that resumes computes natively.
 RESUMABLE_CHANGES = {("training", "epochs"), ("training", "max_steps"), ("training", "save_state_steps"),
-                     ("training", "log_steps"), ("training", "eval_steps"), ("output", "overwrite")}
+                     ("training", "log_steps"), ("training", "eval_steps"), ("training", "mixed_precision"),
+                     ("output", "overwrite")}
 
 STATE_FILE = "state.json"
 

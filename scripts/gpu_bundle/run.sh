@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# float32 vs bf16 autocast on the GPU machine (no internet, no /work/shared): the three MRPC recipes on MiniLM
+# (float16 copy in .gpu/minilm: both precisions load these same weights, upcast to float32) and MRPC in .gpu/glue.
+# Run from the repository root:
+#   bash .gpu/run.sh seed42   6 runs: 3 recipes x {fp32, bf16}, seed 42, all at once
+#   bash .gpu/run.sh seeds3   18 runs: seeds 42 43 44, 9 at once
+#   bash .gpu/run.sh speed    step times, fp32 vs bf16 on the same batches (scripts/bench_precision.py)
+#   bash .gpu/run.sh all      seeds3, then speed
+#   bash .gpu/run.sh dry      a few steps of each (to check paths and overrides; PYTHON=... SKIP_WHEELS=1 on CPU)
+# Writes $OUT/precision.txt (rewritten after every finished run), $OUT/speed.txt, $OUT/env.txt and the runs'
+# summaries and logs.
+set -u
+MODE=${1:-seed42}
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-/tmp/precision-out}
+RUNS=${RUNS:-/tmp/precision-runs}
+mkdir -p "$OUT" "$RUNS"
+export HF_HOME=/tmp/hf HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+if [ "${SKIP_WHEELS:-0}" != 1 ]; then
+  # A wheel is a zip of what its install puts in site-packages: unpacking it is the fallback where pip is missing.
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu/whl/*.whl || for w in .gpu/whl/*.whl; do "$PYTHON" -m zipfile -e "$w" /tmp/site || exit 3; done
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+fi
+
+{ date; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; nproc
+  "$PYTHON" -c "import torch, transformers, accelerate, pydantic, sys
+from softprompt_cli import precision
+device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+print(sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__,
+      'accelerate', accelerate.__version__, 'pydantic', pydantic.__version__)
+print(device, 'bf16 natively:', precision.computes_bf16_natively(device), 'auto ->', precision.resolve('auto', device))"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+DATA=(--set "model.name_or_path=$PWD/.gpu/minilm" --set "data.dir=$PWD/.gpu/glue")
+
+accuracy() {  # $1: seeds, $2: runs at once, $3: seconds allowed, rest: extra --set overrides
+  local seeds=$1 jobs=$2 limit=$3; shift 3
+  # shellcheck disable=SC2086
+  timeout "$limit" "$PYTHON" scripts/precision_accuracy.py --seeds $seeds --jobs "$jobs" "${DATA[@]}" "$@" \
+    --out "$RUNS" --table "$OUT/precision.txt" > "$OUT/accuracy.log" 2>&1
+  echo "accuracy exit $?" >> "$OUT/accuracy.log"
+  tail -n 40 "$OUT/accuracy.log"
+  for f in "$RUNS"/*/summary.json; do [ -f "$f" ] && tr -d '\n' < "$f" && echo; done > "$OUT/summaries.jsonl"
+  mkdir -p "$OUT/logs" && cp "$RUNS"/*.log "$OUT/logs/" 2>/dev/null
+}
+
+speed() {  # $1: timed steps, $2: seconds allowed, rest: more arguments of bench_precision.py
+  local steps=$1 limit=$2; shift 2
+  timeout "$limit" "$PYTHON" scripts/bench_precision.py --steps "$steps" "${DATA[@]}" --json "$OUT/speed.json" "$@" \
+    > "$OUT/speed.txt" 2>&1
+  echo "speed exit $?" >> "$OUT/speed.txt"
+  tail -n 8 "$OUT/speed.txt"
+}
+
+case "$MODE" in
+  seed42) accuracy "42" 6 480 ;;
+  seeds3) accuracy "42 43 44" 9 480 ;;
+  speed) speed 30 240 ;;
+  all) accuracy "42 43 44" 9 420; speed 30 120 ;;
+  dry) accuracy "42" 2 900 --set training.max_steps=1 --set data.max_eval_samples=16 --set training.eval_batch_size=8
+       speed 1 900 --warmup 0 --eval-batches 1 recipes/mrpc_prompt_tuning.yaml ;;
+  *) echo "unknown mode $MODE"; exit 2 ;;
+esac
