@@ -145,7 +145,8 @@ def test_label_word_scores_are_the_words_log_likelihood(tiny_models, method):
         for label, word in enumerate(model.label_word_ids):
             full = torch.tensor([ids + word])
             with torch.no_grad():
-                states = model.encode(full, torch.ones_like(full), None, model.prompt_for(None, 1)).states[0, -len(word) - 1:-1]
+                encoded = model.encode(full, torch.ones_like(full), None, model.prompt_for(None, 1))
+                states = encoded.states[0, -len(word) - 1:-1]
                 expected = model.lm_head(states).log_softmax(-1)[torch.arange(len(word)), word].sum()
             torch.testing.assert_close(scores[row, label], expected, rtol=1e-4, atol=1e-4)
 

@@ -92,7 +92,8 @@ def test_exported_causal_lm_checkpoint_gives_the_same_next_token_logits_in_peft(
     _, ours, _, _ = load_trained(tmp_path / "run" / "final")
     with torch.no_grad():
         expected = model(**row).logits[:, -1]  # PEFT's prompt-tuning logits also cover the virtual tokens
-        actual = ours.lm_head(ours.encode(row["input_ids"], row["attention_mask"], None, ours.prompt_for(None, 1)).states[:, -1])
+        encoded = ours.encode(row["input_ids"], row["attention_mask"], None, ours.prompt_for(None, 1))
+        actual = ours.lm_head(encoded.states[:, -1])
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
