@@ -136,6 +136,11 @@ def test_several_tasks_prompts_in_one_batch(tiny_models):
             parameter.add_(torch.randn_like(parameter) * 0.1)
     batch = {**_batch(tokenizer, causal_lm=True), "task_ids": torch.tensor([1, 0, 1])}
     _assert_same(model, batch)
+    scores = []  # each row's own task's label words, the tasks' rows scored apart
+    for as_prefix in (True, False):
+        model.virtual_tokens_as_prefix, model.kind = as_prefix, "prefix" if as_prefix else "input"
+        scores.append(model.scores(batch["input_ids"], batch["attention_mask"], task_ids=batch["task_ids"]))
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

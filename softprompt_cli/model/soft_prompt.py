@@ -325,11 +325,20 @@ class SoftPromptModel(nn.Module):
         scores = input_ids.new_full((len(input_ids), self.logit_width), NOT_A_LABEL, dtype=torch.float)
         for index in task_ids.unique().tolist():
             rows = task_ids == index
-            rows_prompt = prompt[rows] if prompt is not None and prompt.dim() == 3 else prompt
+            rows_prompt = self._prompt_of_rows(prompt, rows)
             words = self.task_label_words[self.task_names[index]]
             scores[rows, :len(words)] = lm.label_word_scores(self, input_ids[rows], attention_mask[rows],
                                                              rows_prompt, words)
         return scores
+
+    def _prompt_of_rows(self, prompt: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+        """Some rows' part of a batch's prompts (one per row: [B, n, d] or [layers, 2, B, ...]); a prompt shared
+        by every row stays as it is."""
+        if prompt is not None and self.kind == "prefix" and prompt.shape[2] > 1:
+            return prompt[:, :, rows]
+        if prompt is not None and self.kind == "input" and prompt.dim() == 3:
+            return prompt[rows]
+        return prompt
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
