@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from softprompt_cli.model import attention
 from softprompt_cli.model.attention import DropoutAttention, dropout_attention
 
 
@@ -78,3 +79,72 @@ def test_dropout_attention_keeps_less_than_sdpa_for_the_backward_pass():
     scores = 4 * 6 * 64 * 64
     assert ours <= 5 * scores + 3 * query.nbytes + mask.nbytes
     assert ours < 0.6 * sdpa
+
+
+def run_keeping_mask(query, key, value, mask, scale, dropout, grad):
+    """DropoutAttention's output, the gradients of (query, key, value) for `grad`, and the keep-mask it drew
+    (read from what it saved for the backward pass: the one boolean tensor)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        output = DropoutAttention.apply(query, key, value, mask, scale, dropout)
+    keep = next(t for t in saved if t.dtype == torch.bool and t.dim() == 4 and t.shape[1] == query.shape[1])
+    return output, torch.autograd.grad(output, (query, key, value), grad), keep
+
+
+@pytest.mark.parametrize("chunk_bytes", [8 * 5 * 7, 3 * 8 * 5 * 7, 2**20])  # one head, 3 heads of a row, all
+@pytest.mark.parametrize("mask_kind", ["padding", "per_head", "causal", "additive"])
+def test_chunked_dropout_attention_gives_the_reference_output_and_gradients(monkeypatch, chunk_bytes, mask_kind):
+    """Chunks of one head, of some heads of a row and of whole rows, each mask broadcast its own way."""
+    monkeypatch.setattr(attention, "SCORE_CHUNK_BYTES", chunk_bytes)
+    query, key, value = inputs(batch=3, heads=4, queries=5, keys=7)
+    real = torch.rand(3, 4, 5, 7, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask = {"padding": real[:, :1], "per_head": real, "causal": torch.ones(5, 7, dtype=torch.bool).tril(2)[None, None],
+            "additive": torch.zeros(3, 1, 5, 7, dtype=torch.float64).masked_fill(~real[:, :1], -1e9)}[mask_kind]
+    grad = torch.randn(3, 4, 5, 4, dtype=torch.float64)
+    ours, ours_grads, keep = run_keeping_mask(query, key, value, mask, 0.7, 0.3, grad)
+    assert 0 < keep.sum() < keep.numel()
+    expected = reference(query, key, value, mask, 0.7, keep, 0.3)
+    torch.testing.assert_close(ours, expected)
+    for got, want in zip(ours_grads, torch.autograd.grad(expected, (query, key, value), grad)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunks_compute_what_one_chunk_computes(monkeypatch, dtype):
+    """The same keep-mask given the same draws, and the same output and gradients as the whole tensor at once."""
+    query, key, value = (t.detach().to(dtype).requires_grad_() for t in inputs(batch=3, heads=4, queries=6, keys=9))
+    mask = torch.ones(3, 1, 6, 9, dtype=torch.bool)
+    mask[1, ..., -4:] = False
+    grad = torch.randn(3, 4, 6, 4).to(dtype)
+    results = []
+    for chunk_bytes in (2**20, 2 * 6 * 9 * query.element_size()):
+        monkeypatch.setattr(attention, "SCORE_CHUNK_BYTES", chunk_bytes)
+        torch.manual_seed(5)
+        results.append(run_keeping_mask(query, key, value, mask, 0.5, 0.1, grad))
+    (whole, whole_grads, whole_keep), (chunked, chunked_grads, chunked_keep) = results
+    if torch.equal(whole_keep, chunked_keep):  # where PyTorch draws serially (its own generator, not MKL's)
+        torch.testing.assert_close(chunked, whole)
+        for got, want in zip(chunked_grads, whole_grads):
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(("shape", "chunk_bytes", "expected_chunks"), [
+    ((16, 12, 77, 77), 8 * 2**20, 1),           # 10 virtual tokens on MRPC: one chunk, as before chunking
+    ((16, 12, 267, 267), 8 * 2**20, 8),         # 200 virtual tokens: two batch rows (6.8 MB) at a time
+    ((2, 12, 1024, 1024), 8 * 2**20, 2 * 6),    # long rows: 2 heads (8 MB) at a time
+    ((2, 3, 4, 4), 1, 2 * 3),                   # below one head: one head at a time
+])
+def test_score_chunks_cover_every_row_and_head_once_in_memory_order(shape, chunk_bytes, expected_chunks, monkeypatch):
+    monkeypatch.setattr(attention, "SCORE_CHUNK_BYTES", chunk_bytes)
+    chunks = attention.score_chunks(shape, 4)
+    covered = torch.zeros(shape[:2], dtype=torch.long)
+    flat_order = torch.arange(shape[0] * shape[1]).view(shape[:2])
+    starts = []
+    for rows, heads in chunks:
+        covered[rows, heads] += 1
+        starts.append(int(flat_order[rows, heads].min()))
+        one_head = covered[rows, heads].numel() == 1
+        assert one_head or covered[rows, heads].numel() * shape[2] * shape[3] * 4 <= chunk_bytes
+    assert len(chunks) == expected_chunks
+    assert bool((covered == 1).all())
+    assert starts == sorted(starts)

@@ -28,36 +28,97 @@ from transformers.masking_utils import sdpa_mask
 ATTENTION_NAME = "softprompt"
 
 
+SCORE_CHUNK_BYTES = 8 * 2**20
+"""The most bytes of attention scores `DropoutAttention` computes at once. Whole [batch, heads, queries, keys]
+temporaries grow with the square of the length: past glibc's 32 MB mmap threshold (about 190 keys at batch 16,
+12 heads) each one is a fresh mmap whose every page faults in on first touch, and streams through memory rather
+than cache. Chunks of this size stay on the heap, and the fewer chunks, the fewer calls into the thread pool."""
+
+
+def _even_bounds(total: int, most_per_part: int) -> list[slice]:
+    """0..total cut into the fewest parts of at most `most_per_part` (at least 1), as even as they come."""
+    parts = -(-total // max(1, most_per_part))
+    bounds = [total * i // parts for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def score_chunks(shape: tuple[int, int, int, int], element_size: int) -> list[tuple[slice, slice]]:
+    """(batch rows, heads) slices of a [batch, heads, queries, keys] score tensor, each of at most
+    SCORE_CHUNK_BYTES (or one head of one row, if that is more), in memory order: whole batch rows while a
+    row fits, else heads of one row. Scores that fit are one chunk, computed as before chunking existed."""
+    batch, heads, queries, keys = shape
+    heads_per_chunk = SCORE_CHUNK_BYTES // (queries * keys * element_size)
+    if heads_per_chunk < heads:
+        return [(slice(row, row + 1), part) for row in range(batch) for part in _even_bounds(heads, heads_per_chunk)]
+    return [(rows, slice(None)) for rows in _even_bounds(batch, heads_per_chunk // heads)]
+
+
+def _part(tensor: torch.Tensor | None, rows: slice, heads: slice) -> torch.Tensor | None:
+    """The chunk's rows and heads of a tensor that may broadcast over either (a [1 or batch, 1 or heads, ...] mask)."""
+    if tensor is None:
+        return None
+    return tensor[rows if tensor.shape[0] > 1 else slice(None), heads if tensor.shape[1] > 1 else slice(None)]
+
+
+def _attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                     out: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask), written into `out`."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)
+    if mask is not None and mask.dtype == torch.bool:
+        # the lowest finite value, not -inf: a row with nothing to attend to stays finite, as in SDPA
+        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores.add_(mask)
+    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
+    if softmax_dtype == scores.dtype:
+        return torch.softmax(scores, -1, out=out)
+    # in half precision the softmax runs in float32, as transformers' eager attention does
+    return out.copy_(torch.softmax(scores, -1, dtype=softmax_dtype))
+
+
+def draw_keep(keep: torch.Tensor, keep_probability: float) -> torch.Tensor:
+    return keep.bernoulli_(keep_probability)
+
+
 class DropoutAttention(torch.autograd.Function):
-    """softmax(q kᵀ · scale + mask) with dropout, times v; saves q, k, v, the probabilities and the keep-mask."""
+    """softmax(q kᵀ · scale + mask) with dropout, times v; saves q, k, v, the probabilities and the keep-mask.
+
+    Computed in chunks of batch rows and heads (`score_chunks`). The keep-mask is drawn chunk after chunk in
+    memory order: where PyTorch draws serially (CPUs without MKL's generator), the same draws as one
+    `bernoulli_` over the whole mask. Dropped scores are selected out (`where`), not multiplied by zero: the
+    same values, in one pass instead of a float copy of the mask and a product."""
 
     @staticmethod
     def forward(ctx, query, key, value, mask, scale: float, dropout: float):
-        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)
-        if mask is not None and mask.dtype == torch.bool:
-            # the lowest finite value, not -inf: a row with nothing to attend to stays finite, as in SDPA
-            scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
-        elif mask is not None:
-            scores.add_(mask)
-        # in half precision the softmax runs in float32, as transformers' eager attention does
-        probs = torch.softmax(scores, -1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
-        del scores
-        keep = torch.empty(probs.shape, dtype=torch.bool, device=probs.device).bernoulli_(1 - dropout)
-        output = torch.matmul(probs * keep, value).div_(1 - dropout)
+        shape = (*query.shape[:3], key.shape[2])
+        probs = query.new_empty(shape)
+        keep = torch.empty(shape, dtype=torch.bool, device=query.device)
+        output = query.new_empty(*shape[:3], value.shape[-1])
+        for rows, heads in score_chunks(shape, query.element_size()):
+            chunk_keep = draw_keep(keep[rows, heads], 1 - dropout)
+            chunk_probs = _attention_probs(query[rows, heads], key[rows, heads], _part(mask, rows, heads), scale,
+                                           probs[rows, heads])
+            torch.matmul(torch.where(chunk_keep, chunk_probs, 0), value[rows, heads], out=output[rows, heads])
         ctx.save_for_backward(query, key, value, probs, keep)
         ctx.scale, ctx.dropout = scale, dropout
-        return output
+        return output.div_(1 - dropout)
 
     @staticmethod
     def backward(ctx, grad_output):
         query, key, value, probs, keep = ctx.saved_tensors
         rescale = 1 / (1 - ctx.dropout)
-        grad_value = torch.matmul((probs * keep).transpose(-1, -2), grad_output).mul_(rescale)
-        grad_probs = torch.matmul(grad_output, value.transpose(-1, -2)).mul_(keep).mul_(rescale)
-        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).mul_(ctx.scale)
-        grad_query = torch.matmul(grad_scores, key)
-        grad_key = torch.matmul(grad_scores.transpose(-1, -2), query)
-        return grad_query, grad_key, grad_value, None, None, None
+        grad_query, grad_key, grad_value = (torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                                            for t in (query, key, value))
+        for rows, heads in score_chunks(probs.shape, probs.element_size()):
+            chunk_probs, chunk_keep, chunk_grad = probs[rows, heads], keep[rows, heads], grad_output[rows, heads]
+            dropped = torch.where(chunk_keep, chunk_probs, 0)
+            torch.matmul(dropped.transpose(-1, -2), chunk_grad, out=grad_value[rows, heads])
+            grad_dropped = torch.matmul(chunk_grad, value[rows, heads].transpose(-1, -2))
+            grad_probs = torch.where(chunk_keep, grad_dropped, 0).mul_(rescale)
+            grad_scores = torch._softmax_backward_data(grad_probs, chunk_probs, -1, probs.dtype).mul_(ctx.scale)
+            torch.matmul(grad_scores, key[rows, heads], out=grad_query[rows, heads])
+            torch.matmul(grad_scores.transpose(-1, -2), query[rows, heads], out=grad_key[rows, heads])
+        return grad_query, grad_key, grad_value.mul_(rescale), None, None, None
 
 
 def _causal_mask(query_length: int, key_length: int, device) -> torch.Tensor:
