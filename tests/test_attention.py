@@ -129,13 +129,17 @@ def test_chunks_compute_what_one_chunk_computes(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize(("shape", "chunk_bytes", "expected_chunks"), [
-    ((16, 12, 77, 77), 8 * 2**20, 1),           # 10 virtual tokens on MRPC: one chunk, as before chunking
-    ((16, 12, 267, 267), 8 * 2**20, 8),         # 200 virtual tokens: two batch rows (6.8 MB) at a time
+    ((16, 12, 77, 77), None, 1),                # 10 virtual tokens on an MRPC batch: one chunk, as before chunking
+    ((16, 12, 138, 138), None, 1),              # 10 virtual tokens and 128 real ones: one chunk
+    ((16, 12, 267, 267), None, 4),              # 200 virtual tokens: 4 batch rows (13.7 MB) at a time
+    ((16, 12, 267, 267), 2 * 2**20, 16 * 2),    # 2 MB: 6 heads of one row at a time
     ((2, 12, 1024, 1024), 8 * 2**20, 2 * 6),    # long rows: 2 heads (8 MB) at a time
     ((2, 3, 4, 4), 1, 2 * 3),                   # below one head: one head at a time
 ])
 def test_score_chunks_cover_every_row_and_head_once_in_memory_order(shape, chunk_bytes, expected_chunks, monkeypatch):
-    monkeypatch.setattr(attention, "SCORE_CHUNK_BYTES", chunk_bytes)
+    if chunk_bytes is not None:
+        monkeypatch.setattr(attention, "SCORE_CHUNK_BYTES", chunk_bytes)
+    chunk_bytes = attention.SCORE_CHUNK_BYTES
     chunks = attention.score_chunks(shape, 4)
     covered = torch.zeros(shape[:2], dtype=torch.long)
     flat_order = torch.arange(shape[0] * shape[1]).view(shape[:2])

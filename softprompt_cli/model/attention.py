@@ -11,8 +11,8 @@ It adds two things to transformers' SDPA path:
 - Attention dropout with less memory. The frozen model keeps its attention dropout while training (as
   PEFT does), but PyTorch's CPU SDPA cannot fuse dropout, so it falls back to a path that keeps three
   float [batch, heads, length, length] tensors per layer for the backward pass. `DropoutAttention`
-  keeps the probabilities and a boolean keep-mask (5 bytes per score instead of 12), and computes the
-  same function and gradients.
+  keeps the probabilities and a boolean keep-mask (5 bytes per score instead of 12), computes the
+  same function and gradients, and works through long sequences in chunks (`SCORE_CHUNK_BYTES`).
 
 The mask function must be registered under the same name too: transformers builds no attention
 mask at all for attention implementations it does not know (padding would be silently ignored).
@@ -28,11 +28,13 @@ from transformers.masking_utils import sdpa_mask
 ATTENTION_NAME = "softprompt"
 
 
-SCORE_CHUNK_BYTES = 8 * 2**20
-"""The most bytes of attention scores `DropoutAttention` computes at once. Whole [batch, heads, queries, keys]
-temporaries grow with the square of the length: past glibc's 32 MB mmap threshold (about 190 keys at batch 16,
-12 heads) each one is a fresh mmap whose every page faults in on first touch, and streams through memory rather
-than cache. Chunks of this size stay on the heap, and the fewer chunks, the fewer calls into the thread pool."""
+SCORE_CHUNK_BYTES = 16 * 2**20
+"""The most bytes of attention scores `DropoutAttention` computes at once. Its [batch, heads, queries, keys]
+temporaries grow with the square of the length, and past glibc's 32 MB mmap threshold (about 190 keys at batch
+16 and 12 heads) each one is a fresh mmap whose every page faults in on first touch; unchunked, a layer made 9
+of them per training step. Chunks of 16 MB stay on the heap. Smaller ones were no faster on 2 cores (4 MB: the
+same step time) and slower where another process holds a core: every chunk calls the thread pool several
+times, and each call waits for both threads."""
 
 
 def _even_bounds(total: int, most_per_part: int) -> list[slice]:
@@ -76,10 +78,6 @@ def _attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor 
     return out.copy_(torch.softmax(scores, -1, dtype=softmax_dtype))
 
 
-def draw_keep(keep: torch.Tensor, keep_probability: float) -> torch.Tensor:
-    return keep.bernoulli_(keep_probability)
-
-
 class DropoutAttention(torch.autograd.Function):
     """softmax(q kᵀ · scale + mask) with dropout, times v; saves q, k, v, the probabilities and the keep-mask.
 
@@ -95,7 +93,7 @@ class DropoutAttention(torch.autograd.Function):
         keep = torch.empty(shape, dtype=torch.bool, device=query.device)
         output = query.new_empty(*shape[:3], value.shape[-1])
         for rows, heads in score_chunks(shape, query.element_size()):
-            chunk_keep = draw_keep(keep[rows, heads], 1 - dropout)
+            chunk_keep = keep[rows, heads].bernoulli_(1 - dropout)
             chunk_probs = _attention_probs(query[rows, heads], key[rows, heads], _part(mask, rows, heads), scale,
                                            probs[rows, heads])
             torch.matmul(torch.where(chunk_keep, chunk_probs, 0), value[rows, heads], out=output[rows, heads])
