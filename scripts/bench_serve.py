@@ -64,6 +64,25 @@ MODELS = {
 }
 
 
+DEV_DATA = {"completions": "SST-2/dev.tsv", "classify": "MRPC/dev.tsv"}
+"""The inputs of each model's requests, under --glue-dir."""
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_name(option: str) -> str:
+    """The device the servers run on, in words (a GPU by its name)."""
+    import torch
+
+    if option == "cpu" or not torch.cuda.is_available():
+        return "CPU"
+    return torch.cuda.get_device_name(torch.device("cuda" if option == "auto" else option))
+
+
 def say(text: str = "") -> None:
     print(text, flush=True)
 
@@ -115,7 +134,7 @@ def write_adapter(out: Path, recipe, soft_model, labels: list[str]) -> None:
     write_adapter_files(out, recipe, soft_model, labels)  # export refuses GGUF; PEFT here runs on the same weights
 
 
-def prepare(work: Path, model: BenchModel) -> None:
+def prepare(work: Path, model: BenchModel, model_path: str | None) -> None:
     """8 untrained soft prompts (seeds 0-7) on one loaded base model, as checkpoints and as PEFT adapters."""
     if prepared(work, model):
         say(f"[{model.key}] reusing the soft prompts in {work / model.key}")
@@ -129,7 +148,8 @@ def prepare(work: Path, model: BenchModel) -> None:
     from softprompt_cli.model.loading import config_fingerprint, model_head
 
     started = time.perf_counter()
-    recipe = load_recipe(REPO / model.recipe, [*model.overrides, f"output.dir={work / model.key}"])
+    location = [f"model.name_or_path={model_path}"] if model_path else []
+    recipe = load_recipe(REPO / model.recipe, [*model.overrides, *location, f"output.dir={work / model.key}"])
     labels = list(GLUE_TASKS[recipe.data.glue_task].label_names)
     base, tokenizer = load_frozen(recipe, labels)
     base.eval()
@@ -169,9 +189,9 @@ def inputs_for(model: BenchModel, glue_dir: Path, count: int) -> list:
 
     if model.endpoint == "completions":
         template = load_recipe(REPO / model.recipe).task.template
-        rows = read_table(glue_dir / "SST-2" / "dev.tsv", "tsv")[:count]
+        rows = read_table(glue_dir / DEV_DATA[model.endpoint], "tsv")[:count]
         return [template.format(sentence=row["sentence"]) for row in rows]
-    rows = read_table(glue_dir / "MRPC" / "dev.tsv", "tsv")[:count]
+    rows = read_table(glue_dir / DEV_DATA[model.endpoint], "tsv")[:count]
     return [[row["#1 String"], row["#2 String"]] for row in rows]
 
 
@@ -301,14 +321,17 @@ def server_command(setup: str, model: BenchModel, work: Path, port: int, args) -
     if setup in ("a", "b"):
         command = [sys.executable, "-m", "softprompt_cli", "serve",
                    *(f"{n}={checkpoint_dir(work, model, n)}" for n in names),
-                   "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", str(args.max_batch_size)]
+                   "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", str(args.max_batch_size),
+                   "--device", args.device]
+        command += ["--model", args.model_path] if args.model_path else []
         return command + (["--one-prompt-per-batch"] if setup == "b" else [])
     from softprompt_cli.config.load import load_recipe
     from softprompt_cli.hub import resolve_model_reference
 
     spec = load_recipe(REPO / model.recipe).model
-    location, _ = resolve_model_reference(spec.name_or_path, spec.revision, spec.gguf_file)
-    command = [sys.executable, str(REPO / "scripts" / "peft_serve_app.py"), "--base", location, "--port", str(port)]
+    location = args.model_path or resolve_model_reference(spec.name_or_path, spec.revision, spec.gguf_file)[0]
+    command = [sys.executable, str(REPO / "scripts" / "peft_serve_app.py"), "--base", location, "--port", str(port),
+               "--device", "cuda" if args.device == "auto" and cuda_available() else args.device]
     if spec.gguf_file:
         command += ["--gguf-file", spec.gguf_file]
     return command + [arg for n in names for arg in ("--adapter", f"{n}={adapter_dir(work, model, n)}")]
@@ -469,7 +492,8 @@ def summary(all_cells: list[Cell], args) -> str:
                       "generated text exactly)"]
     requests = args.requests or "max(2 x clients, 32)"
     lines += ["", f"{requests} requests per cell after a warm-up of {NUM_PROMPTS}; p99 of so few requests is about "
-                  f"their slowest; {os.cpu_count()} CPUs, torch threads: {args.threads or 'default'}."]
+                  f"their slowest; {os.cpu_count()} CPUs, torch threads: {args.threads or 'default'}; device: "
+                  f"{device_name(args.device)}."]
     return "\n".join(lines)
 
 
@@ -490,6 +514,10 @@ def parse_args(argv=None):
                         help="torch threads of every server (OMP_NUM_THREADS; default: torch's own choice)")
     parser.add_argument("--atol", type=float, default=1e-4, help="tolerance on classification probabilities")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 and 4 clients, 16 requests per cell")
+    parser.add_argument("--device", default="auto", help="where every server runs its model: auto (a GPU when "
+                        "torch sees one), cpu, cuda or cuda:N")
+    parser.add_argument("--model-path", help="the base model's folder for every setup (a local copy of the "
+                        "recipe's model; the soft prompts in --work-dir are written for it if missing)")
     args = parser.parse_args(argv)
     args.clients = [int(n) for n in (args.clients or ("1,4" if args.quick else "1,4,16,64")).split(",")]
     if args.quick and args.requests is None:
@@ -508,8 +536,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not (args.glue_dir / "SST-2" / "dev.tsv").is_file() or not (args.glue_dir / "MRPC" / "dev.tsv").is_file():
-        say(f"no GLUE data in {args.glue_dir} (SST-2/dev.tsv, MRPC/dev.tsv); give --glue-dir")
+    needed = [args.glue_dir / DEV_DATA[MODELS[key].endpoint] for key in args.models]
+    if not all(path.is_file() for path in needed):
+        say(f"no GLUE data in {args.glue_dir} ({', '.join(str(p.relative_to(args.glue_dir)) for p in needed)}); "
+            "give --glue-dir")
         return 2
     say(f"bench_serve: models {', '.join(args.models)}; setups {', '.join(SETUPS[s] for s in args.setups)}; "
         f"clients {', '.join(map(str, args.clients))}; {os.cpu_count()} CPUs; work dir {args.work_dir}")
@@ -517,7 +547,7 @@ def main(argv=None) -> int:
     for key in args.models:
         model = MODELS[key]
         try:
-            prepare(args.work_dir, model)
+            prepare(args.work_dir, model, args.model_path)
         except Exception as err:  # noqa: BLE001
             say(f"[{key}] could not write the soft prompts: {type(err).__name__}: {err}")
             for setup in args.setups:

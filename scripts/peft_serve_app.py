@@ -6,7 +6,8 @@ alone. It answers the request formats of `softprompt serve`:
     POST /v1/classify    {"model": NAME, "input": ["text", ["text", "pair"], ...]}             (SEQ_CLS adapters)
     GET  /health, GET /v1/models
 
-    python scripts/peft_serve_app.py --base MODEL_DIR [--gguf-file FILE] --adapter NAME=DIR ... --port 8001
+    python scripts/peft_serve_app.py --base MODEL_DIR [--gguf-file FILE] --adapter NAME=DIR ... --port 8001 \
+        [--device cuda]
 
 The base model is loaded with transformers' from_pretrained (a GGUF file is dequantized to float32, as softprompt
 does), the adapters with PeftModel.from_pretrained / load_adapter. Greedy generation only (temperature 0).
@@ -71,7 +72,7 @@ def load(args):
         labels_file = Path(directory) / "label_names.json"
         if labels_file.is_file():
             label_names[name] = json.loads(labels_file.read_text())
-    model.eval()
+    model.to(args.device).eval()
     if causal_lm and not args.no_cache_fix:
         name_cache_past_key_values(model)
     return model, tokenizer, causal_lm, label_names
@@ -125,7 +126,7 @@ def make_app(model, tokenizer, causal_lm: bool, label_names: dict[str, list[str]
             raise HTTPException(400, "these adapters classify: use /v1/classify")
         if request.temperature != 0 or request.stream:
             raise HTTPException(400, "this baseline generates greedily (temperature 0) without streaming")
-        encoded = tokenizer(request.prompt, return_tensors="pt")
+        encoded = tokenizer(request.prompt, return_tensors="pt").to(model.device)
         with lock, torch.inference_mode():
             model.set_adapter(name)
             output = model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
@@ -152,7 +153,7 @@ def make_app(model, tokenizer, causal_lm: bool, label_names: dict[str, list[str]
         data = []
         for index, item in enumerate(inputs):  # one row at a time: no padding, as a plain app would
             texts = [item] if isinstance(item, str) else list(item)
-            encoded = tokenizer(*texts, return_tensors="pt", truncation=True, max_length=512)
+            encoded = tokenizer(*texts, return_tensors="pt", truncation=True, max_length=512).to(model.device)
             with lock, torch.inference_mode():
                 model.set_adapter(name)
                 probabilities = model(**encoded).logits.float().softmax(-1)[0].tolist()
@@ -175,6 +176,7 @@ def main() -> None:
                         help="run PEFT's generate as it is (on transformers 5 its answers go wrong after the first "
                         "token; see name_cache_past_key_values)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

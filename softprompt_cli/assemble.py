@@ -206,9 +206,13 @@ def attach_trained(trained: Trained, base: torch.nn.Module, tokenizer: Any
     check_base_model(trained, base)
     model, _ = build_model(trained.recipe, trained.labels, base, tokenizer, trained=True)
     _refuse_misfit(trained, model)
+    device = next(base.parameters()).device
+    for child in model.children():
+        if child is not base:  # moving the shared base would touch what other soft prompts are running on
+            child.to(device)
     if model.multitask:  # its heads are its own modules, not the shared base model's
         model.load_trainable_state(trained.tensors)
         return model.eval(), {}
     prompt_state, _ = split_trained(trained.tensors)
     model.prompt.load_state_dict(prompt_state)
-    return model.eval(), model.head_state(trained.tensors)
+    return model.eval(), {k: v.to(device) for k, v in model.head_state(trained.tensors).items()}

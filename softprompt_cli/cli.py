@@ -26,6 +26,9 @@ OverridesArg = Annotated[
     Optional[list[str]],
     typer.Argument(help="dotted overrides, e.g. training.lr=3e-3 method.num_virtual_tokens=10", show_default=False),
 ]
+DeviceOption = Annotated[str, typer.Option(
+    help="where the frozen model runs: auto (the first GPU when torch sees one, else the CPU), cpu, cuda or "
+         "cuda:N")]
 PrecisionOption = Annotated[str, typer.Option(
     help="checkpoint: each checkpoint in the precision it trained in (its training.mixed_precision, bf16 autocast "
          "included); fp32 or bf16: every checkpoint in that one")]
@@ -149,13 +152,15 @@ def predict(
     top_p: Annotated[float, typer.Option(min=1e-4, max=1.0, help="with --do-sample: nucleus sampling")] = 1.0,
     seed: Annotated[int, typer.Option(help="with --do-sample: the random seed")] = 0,
     precision: PrecisionOption = "checkpoint",
+    device: DeviceOption = "auto",
 ) -> None:
     """Predict labels with one or several checkpoints; rows of different tasks share forward batches.
     causal_lm checkpoints rank their label words, or generate text (free-form targets)."""
-    from softprompt_cli.commands.arguments import check_precision_option, check_predict_input
+    from softprompt_cli.commands.arguments import check_device_option, check_precision_option, check_predict_input
 
     check_predict_input(input_file, text or [], text_pair or [])  # cheap checks first: torch takes seconds to import
     check_precision_option(precision)
+    check_device_option(device)
     from softprompt_cli.commands.predict import Generation, run_predict
 
     sampling = None
@@ -166,7 +171,7 @@ def predict(
 
         sampling = Sampling(temperature, top_k, top_p, torch.Generator().manual_seed(seed))
     run_predict(checkpoints, input_file, text or [], text_pair or [], output, task_column, text_field, batch_size,
-                model, Generation(max_new_tokens, sampling), task, precision)
+                model, Generation(max_new_tokens, sampling), task, precision, device)
 
 
 @app.command()
@@ -258,9 +263,13 @@ def serve(
     one_prompt_per_batch: Annotated[bool, typer.Option(
         help="batch only requests of the same soft prompt together (to measure what cross-prompt batching "
              "gives)")] = False,
+    device: DeviceOption = "auto",
 ) -> None:
     """Serve soft prompts over HTTP (OpenAI-compatible completions, /v1/classify) from one frozen base model;
     requests for different soft prompts share forward passes."""
+    from softprompt_cli.commands.arguments import check_device_option
+
+    check_device_option(device)
     from softprompt_cli.commands.serve import read_chat_template, run_serve
     from softprompt_cli.serving.app import Settings
     from softprompt_cli.serving.engine import Limits
@@ -268,7 +277,7 @@ def serve(
     limits = Limits(max_batch_size, max_queue, one_prompt_per_batch)
     settings = Settings(api_key or None, admin_root, limits, max_input_tokens, max_tokens_limit, max_inputs,
                         read_chat_template(chat_template))
-    run_serve(checkpoints, host, port, model, settings)
+    run_serve(checkpoints, host, port, model, settings, device)
 
 
 @app.command()

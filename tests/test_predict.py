@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import GLUE_DIR, cli_exit_code, write_recipe
 
 
@@ -93,6 +94,21 @@ def test_predict_mrpc_dev_file_writes_one_row_per_input(tmp_path, checkpoints, r
     assert all(",equivalent," in line or ",not_equivalent," in line for line in lines[1:])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU that torch can use")
+def test_predict_on_a_gpu_equals_the_cpu(checkpoints, run_cli):
+    pairs = [arg for row in ROWS if "text_pair" in row
+             for arg in ("--text", row["text"], "--text-pair", row["text_pair"])]
+    refs = [f"{name}={checkpoints[name]}" for name in ("mrpc", "prefix")]
+    answers = {}
+    for device in ("cpu", "cuda"):
+        code, out, err = run_cli("predict", *refs, *pairs, "--device", device)
+        assert code == 0, out + err
+        answers[device] = [json.loads(line) for line in out.splitlines()]
+    assert [r["pred_label"] for r in answers["cpu"]] == [r["pred_label"] for r in answers["cuda"]]
+    for a, b in zip(answers["cpu"], answers["cuda"]):
+        assert all(abs(a["pred_probabilities"][k] - b["pred_probabilities"][k]) < 1e-4 for k in a["pred_probabilities"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--text", "a"], "does not exist"),  # checkpoint folder missing (replaced below)
     (["--input", "missing.jsonl"], "does not exist"),
@@ -100,6 +116,8 @@ def test_predict_mrpc_dev_file_writes_one_row_per_input(tmp_path, checkpoints, r
     (["--input", "unknown_task.jsonl"], "not one of the loaded checkpoints"),
     (["--input", "no_column.jsonl"], "has no"),
     (["--text", "only one text for a pair task"], "reads 2 text(s)"),
+    (["--text", "a", "--device", "gpu"], "--device 'gpu' is not auto, cpu, cuda or cuda:N"),
+    (["--text", "a", "--device", "cuda:7"], "torch cannot use that GPU"),  # no machine here has 8 GPUs
 ])
 def test_predict_bad_input(tmp_path, checkpoints, run_cli, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

@@ -201,3 +201,7 @@ def test_serve_refuses_bad_checkpoints_before_listening(lm_checkpoints, classifi
     code, _, err = run_cli("serve", str(lm_checkpoints["pt"]), "--admin-root", str(tmp_path / "nope"),
                            "--port", str(free_port()))
     assert code == 2 and "--admin-root" in err
+    code, _, err = run_cli("serve", str(lm_checkpoints["pt"]), "--device", "gpu")
+    assert code == 2 and "--device 'gpu' is not auto, cpu, cuda or cuda:N" in err
+    code, _, err = run_cli("serve", str(lm_checkpoints["pt"]), "--device", "cuda:7", "--port", str(free_port()))
+    assert code == 2 and "--device cuda:7: torch cannot use that GPU" in err

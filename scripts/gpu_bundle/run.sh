@@ -7,6 +7,8 @@
 #   bash .gpu/run.sh speed    step times, fp32 vs bf16 on the same batches (scripts/bench_precision.py)
 #   bash .gpu/run.sh all      seeds3, then speed
 #   bash .gpu/run.sh dry      a few steps of each (to check paths and overrides; PYTHON=... SKIP_WHEELS=1 on CPU)
+#   bash .gpu/run.sh serve    softprompt serve vs the PEFT app, MiniLM classification (needs .gpu/bench_serve: the 8
+#                             soft prompts, written by scripts/bench_serve.py --model-path .gpu/minilm on the CPU)
 # Writes $OUT/precision.txt (rewritten after every finished run), $OUT/speed.txt, $OUT/env.txt and the runs'
 # summaries and logs.
 set -u
@@ -57,6 +59,26 @@ speed() {  # $1: timed steps, $2: seconds allowed, rest: more arguments of bench
   tail -n 8 "$OUT/speed.txt"
 }
 
+serve() {  # $1: client counts, $2: seconds allowed. MiniLM classification, 8 soft prompts: softprompt serve against
+  # the PEFT app (scripts/bench_serve.py), on $DEVICE; then one checkpoint's predictions on the CPU and on $DEVICE.
+  local clients=$1 limit=$2 device=${DEVICE:-cuda} prompts=.gpu/bench_serve/minilm/checkpoints
+  timeout "$limit" "$PYTHON" scripts/bench_serve.py --models minilm --clients "$clients" --device "$device" \
+    --model-path "$PWD/.gpu/minilm" --work-dir "$PWD/.gpu/bench_serve" --glue-dir "$PWD/.gpu/glue" \
+    > "$OUT/bench_serve.txt" 2>&1
+  echo "bench_serve exit $?" >> "$OUT/bench_serve.txt"
+  tail -n 32 "$OUT/bench_serve.txt"
+  mkdir -p "$OUT/serve-logs" && cp .gpu/bench_serve/logs/*.log "$OUT/serve-logs/" 2>/dev/null
+  for d in cpu "$device"; do
+    "$PYTHON" -m softprompt_cli predict "$prompts/minilm-0" "$prompts/minilm-1" --model "$PWD/.gpu/minilm" \
+      --input .gpu/glue/MRPC/dev.tsv --device "$d" --output "$OUT/predict-$d.jsonl" 2> "$OUT/predict-$d.log"
+  done
+  "$PYTHON" -c "import json, sys
+rows = [[json.loads(line) for line in open(f'$OUT/predict-{d}.jsonl')] for d in ('cpu', '$device')]
+diff = max(abs(a['pred_probabilities'][k] - b['pred_probabilities'][k]) for a, b in zip(*rows) for k in a['pred_probabilities'])
+same = sum(a['pred_label'] == b['pred_label'] for a, b in zip(*rows))
+print(f'predict on cpu vs $device: {len(rows[0])} and {len(rows[1])} rows, same label {same}, largest probability difference {diff:.2e}')"
+}
+
 case "$MODE" in
   seed42) accuracy "42" 6 480 ;;
   seeds3) accuracy "42 43 44" 9 480 ;;
@@ -64,5 +86,6 @@ case "$MODE" in
   all) accuracy "42 43 44" 9 420; speed 30 120 ;;
   dry) accuracy "42" 2 900 --set training.max_steps=1 --set data.max_eval_samples=16 --set training.eval_batch_size=8
        speed 1 900 --warmup 0 --eval-batches 1 recipes/mrpc_prompt_tuning.yaml ;;
+  serve) serve "${CLIENTS:-1,4,16,64}" 480 ;;
   *) echo "unknown mode $MODE"; exit 2 ;;
 esac

@@ -3,6 +3,7 @@ imported: a missing --input file or checkpoint folder is refused at once, not af
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from softprompt_cli.config.schema import Recipe
@@ -34,6 +35,16 @@ def check_precision_option(option: str) -> None:
         raise UserError(f"--precision {option!r} is not one of {', '.join(PRECISION_OPTIONS)}: checkpoint runs each "
                         "checkpoint in the precision it trained in (training.mixed_precision), fp32 and bf16 run "
                         "every checkpoint in that one.")
+
+
+DEVICE_FORM = re.compile(r"auto|cpu|cuda(:\d+)?")
+"""predict's and serve's --device (softprompt_cli.devices resolves it once torch is imported)."""
+
+
+def check_device_option(option: str) -> None:
+    if not DEVICE_FORM.fullmatch(option):
+        raise UserError(f"--device {option!r} is not auto, cpu, cuda or cuda:N (e.g. cuda:1). auto runs on the first "
+                        "GPU when torch sees one, else on the CPU.")
 
 
 def check_checkpoint_folder(checkpoint: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 from softprompt_cli import precision
 from softprompt_cli.commands.arguments import check_precision_option, check_predict_input
 from softprompt_cli.data.sources import read_table
+from softprompt_cli.devices import inference_device
 from softprompt_cli.errors import UserError
 from softprompt_cli.inference.batches import Generation, Item, label_record, make_items, predict
 from softprompt_cli.inference.tasks import load_tasks
@@ -70,7 +71,7 @@ def write_records(results: list[dict], output: Path | None) -> None:
 def run_predict(references: list[str], input_file: Path | None, texts: list[str], text_pairs: list[str],
                 output: Path | None, task_column: str, fields_override: list[str] | None, batch_size: int,
                 model_path: str | None, generation: Generation | None = None, task: str | None = None,
-                precision_option: str = "checkpoint") -> list[dict]:
+                precision_option: str = "checkpoint", device_option: str = "auto") -> list[dict]:
     check_predict_input(input_file, texts, text_pairs)
     check_precision_option(precision_option)
     if input_file is not None:
@@ -82,8 +83,8 @@ def run_predict(references: list[str], input_file: Path | None, texts: list[str]
     if not rows:  # before loading any model
         raise UserError("the input has no rows. Give at least one text.")
     check_input_columns(rows)
-    tasks, tokenizer = load_tasks(references, model_path, precision_option)
-    notes = {precision.emulation_note(precision_option, task.precision, next(task.model.parameters()).device)
+    tasks, tokenizer = load_tasks(references, model_path, precision_option, inference_device(device_option))
+    notes = {precision.emulation_note(precision_option, task.precision, task.device)
              for task in tasks.values()}
     for note in sorted(notes - {None}):
         print(f"note: {note}", file=sys.stderr)

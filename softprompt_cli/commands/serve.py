@@ -10,6 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
+from softprompt_cli.devices import inference_device
 from softprompt_cli.errors import UserError
 from softprompt_cli.serving.app import Settings, create_app
 from softprompt_cli.serving.registry import Registry
@@ -44,7 +45,8 @@ def read_chat_template(path: Path | None) -> str | None:
                         "template file.") from None
 
 
-def run_serve(references: list[str], host: str, port: int, model_path: str | None, settings: Settings) -> None:
+def run_serve(references: list[str], host: str, port: int, model_path: str | None, settings: Settings,
+              device_option: str = "auto") -> None:
     check_address(host, port)
     if settings.admin_root is not None and not settings.admin_root.is_dir():
         raise UserError(f"--admin-root {str(settings.admin_root)!r} is not a folder. Give the folder that hot-loaded "
@@ -52,8 +54,8 @@ def run_serve(references: list[str], host: str, port: int, model_path: str | Non
     log = logging.getLogger("softprompt.serve")
     if not _is_loopback(host) and not settings.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the server.", host)
-    registry = Registry(references, model_path)
+    registry = Registry(references, model_path, inference_device(device_option))
     app = create_app(registry, settings)
-    print(f"serving {len(registry.names())} soft prompt(s) on {registry.base_name}: "
+    print(f"serving {len(registry.names())} soft prompt(s) on {registry.base_name} ({registry.device}): "
           f"{', '.join(registry.names())}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)

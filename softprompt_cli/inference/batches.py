@@ -24,6 +24,17 @@ from softprompt_cli.model.lm import Sampling
 from softprompt_cli.model.soft_prompt import Encoded
 
 
+class Collator:
+    """Pads tokenized rows into a batch, on the device the model runs on."""
+
+    def __init__(self, tokenizer, device: torch.device):
+        self.pad = DataCollatorWithPadding(tokenizer)
+        self.device = device
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        return {name: tensor.to(self.device) for name, tensor in self.pad(features).items()}
+
+
 @dataclass
 class Item:
     """One prediction to make: an input row for one task."""
@@ -93,7 +104,7 @@ def predict_batch(items: list[Item], collate) -> list[torch.Tensor]:
     if task.model.causal_lm:  # one model per batch: the probabilities of each row's task's label words
         batch = collate([item.sequences[0] for item in items])
         task_ids = _task_ids(items, batch["input_ids"].device)
-        scores = task.model.scores(batch["input_ids"], batch["attention_mask"], task_ids=task_ids)
+        scores = task.model.scores(batch["input_ids"], batch["attention_mask"], task_ids=task_ids).cpu()
         return [row[:len(item.task.label_names)].softmax(-1) for row, item in zip(scores, items)]
     order = sorted(range(len(items)), key=lambda i: items[i].task.name)  # each task's rows contiguous
     blocks, sequences, prompts = [], [], []
@@ -114,7 +125,7 @@ def predict_batch(items: list[Item], collate) -> list[torch.Tensor]:
     for task, members, rows in blocks:
         part = Encoded(encoded.states[rows], encoded.real_tokens[rows], encoded.attention_mask[rows])
         logits = task.model.classify(part, task.head_state or None, task=task.model_task)
-        for i, p in zip(members, logits.float().softmax(-1)):
+        for i, p in zip(members, logits.float().softmax(-1).cpu()):
             probabilities[i] = p
     return probabilities
 
@@ -141,14 +152,16 @@ def generate_batch(items: list[Item], collate, tokenizer, generation: Generation
                                  generation.max_new_tokens or task.recipe.task.max_new_tokens,
                                  tokenizer.eos_token_id, generation.sampling,
                                  task_ids=_task_ids(items, batch["input_ids"].device))
-    return tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)
 
 
 def predict(items: list[Item], tokenizer, batch_size: int, progress: bool = False,
             generation: Generation | None = None) -> list[torch.Tensor | str]:
     """Label probabilities for each item, or its generated text (causal_lm tasks with free-form targets)."""
     generation = generation or Generation()
-    collate = DataCollatorWithPadding(tokenizer)
+    if not items:
+        return []
+    collate = Collator(tokenizer, items[0].task.device)
     # Group compatible tasks, then similar lengths, so that batches share a forward pass and pad little.
     order = sorted(range(len(items)), key=lambda i: (items[i].task.batch_key,
                                                      -max(len(s["input_ids"]) for s in items[i].sequences)))
@@ -166,7 +179,7 @@ def predict(items: list[Item], tokenizer, batch_size: int, progress: bool = Fals
         for indices in batches:
             members = [items[i] for i in indices]
             task = members[0].task  # a batch's tasks share a precision: it is part of their batch_key
-            with precision.autocast(task.precision, next(task.model.parameters()).device.type):
+            with precision.autocast(task.precision, task.device.type):
                 if task.generates:
                     outputs = generate_batch(members, collate, tokenizer, generation)
                 else:

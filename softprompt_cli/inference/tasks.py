@@ -47,6 +47,11 @@ class Task:
                 self.model.head_reads_model_pooler, self.precision)
 
     @property
+    def device(self) -> torch.device:
+        """Where its (shared) base model runs."""
+        return next(self.model.base.parameters()).device
+
+    @property
     def task_id(self) -> int:
         return self.model.task_index(self.model_task)
 
@@ -102,14 +107,15 @@ def _read_named(references: list[str], model_path: str | None) -> list[tuple[Tra
     return loaded
 
 
-def load_shared_base(loaded: list[Trained]) -> tuple[torch.nn.Module, Any]:
-    """The frozen base model and tokenizer that checkpoints of one base model share, in eval mode."""
+def load_shared_base(loaded: list[Trained], device: torch.device | None = None) -> tuple[torch.nn.Module, Any]:
+    """The frozen base model and tokenizer that checkpoints of one base model share, in eval mode, on `device`
+    (None: the CPU)."""
     first = loaded[0]
     own_head = [t for t in loaded if t.recipe.model_task.pooling == "model"]
     # A multi-task checkpoint has no label_names of its own: its first task's labels size the base model's head.
     base, tokenizer = load_frozen(first.recipe, next(iter((own_head or [first])[0].task_labels.values())),
                                   pooling="model" if own_head else "mean")
-    return base.eval(), tokenizer
+    return base.eval().to(device or torch.device("cpu")), tokenizer
 
 
 def attach_tasks(trained: Trained, names: dict[str, str], number: int, base: torch.nn.Module,
@@ -131,13 +137,13 @@ def attach_tasks(trained: Trained, names: dict[str, str], number: int, base: tor
     return tasks
 
 
-def load_tasks(references: list[str], model_path: str | None = None,
-               precision_option: str = "checkpoint") -> tuple[dict[str, Task], Any]:
-    """Load checkpoints (`DIR` or `NAME=DIR`) onto one shared frozen base model: one Task per task they serve
-    (a multi-task checkpoint: one per task of it, all on its one model), each predicting in the precision
-    `precision_option` gives it (checkpoint: the one it trained in)."""
+def load_tasks(references: list[str], model_path: str | None = None, precision_option: str = "checkpoint",
+               device: torch.device | None = None) -> tuple[dict[str, Task], Any]:
+    """Load checkpoints (`DIR` or `NAME=DIR`) onto one shared frozen base model on `device` (None: the CPU): one
+    Task per task they serve (a multi-task checkpoint: one per task of it, all on its one model), each predicting
+    in the precision `precision_option` gives it (checkpoint: the one it trained in)."""
     loaded = _read_named(references, model_path)
-    base, tokenizer = load_shared_base([trained for trained, _ in loaded])
+    base, tokenizer = load_shared_base([trained for trained, _ in loaded], device)
     tasks = {}
     for number, (trained, names) in enumerate(loaded):
         tasks.update(attach_tasks(trained, names, number, base, tokenizer, precision_option))

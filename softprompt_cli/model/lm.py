@@ -31,7 +31,10 @@ class Sampling:
             # Drop a token once the tokens ranked above it already hold top_p of the probability.
             above = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
             logits = logits.scatter(-1, order, ordered.masked_fill(above >= self.top_p, -torch.inf))
-        return torch.multinomial(logits.softmax(-1), 1, generator=self.generator).squeeze(-1)
+        # Draw where the generator lives (a seeded CPU one draws the same tokens whatever runs the model).
+        device = self.generator.device if self.generator is not None else logits.device
+        chosen = torch.multinomial(logits.softmax(-1).to(device), 1, generator=self.generator).squeeze(-1)
+        return chosen.to(logits.device)
 
 
 @torch.no_grad()

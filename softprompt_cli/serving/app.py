@@ -75,7 +75,7 @@ class Server:
 def create_app(registry: Registry, settings: Settings) -> FastAPI:
     metrics = Metrics()
     engine = Engine(lambda completion: completion.task.model if completion.task else registry.runner,
-                    registry.tokenizer, settings.limits, metrics)
+                    registry.tokenizer, settings.limits, metrics, registry.device)
     server = Server(registry, engine, metrics, settings)
 
     async def lifespan(app: FastAPI):

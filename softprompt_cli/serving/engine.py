@@ -16,9 +16,8 @@ import threading
 from dataclasses import dataclass
 
 import torch
-from transformers import DataCollatorWithPadding
 
-from softprompt_cli.inference.batches import predict_batch
+from softprompt_cli.inference.batches import Collator, predict_batch
 from softprompt_cli.model import lm
 from softprompt_cli.serving.requests import Classification, Completion, Request
 
@@ -51,13 +50,13 @@ class RunningBatch:
 
 
 class Engine:
-    def __init__(self, model_of, tokenizer, limits: Limits, metrics):
+    def __init__(self, model_of, tokenizer, limits: Limits, metrics, device: torch.device):
         """`model_of(completion)`: the SoftPromptModel that runs a completion (the base model's for task None)."""
         self.model_of = model_of
         self.tokenizer = tokenizer
         self.limits = limits
         self.metrics = metrics
-        self.collate = DataCollatorWithPadding(tokenizer)
+        self.collate = Collator(tokenizer, device)
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._waiting = 0
         self._count_lock = threading.Lock()

@@ -8,6 +8,8 @@ import itertools
 import threading
 from pathlib import Path
 
+import torch
+
 from softprompt_cli.artifacts.checkpoint import INFO_FILE, RECIPE_FILE
 from softprompt_cli.artifacts.peft import is_peft_adapter
 from softprompt_cli.assemble import Trained, read_trained
@@ -67,12 +69,12 @@ def read_servable(folder: Path, model_path: str | None) -> Trained:
 
 
 class Registry:
-    def __init__(self, references: list[str], model_path: str | None = None):
+    def __init__(self, references: list[str], model_path: str | None = None, device: torch.device | None = None):
         named = [pair for reference in references for pair in expand_reference(reference)]
         read = [(name, folder, read_servable(folder, model_path)) for name, folder in named]
         refuse_mixed([trained for _, _, trained in read], "serve")
         self.model_path = model_path
-        self.base, self.tokenizer = load_shared_base([trained for _, _, trained in read])
+        self.base, self.tokenizer = load_shared_base([trained for _, _, trained in read], device)
         first = read[0][2]
         self.base_model = dict(first.base_model)
         self.causal_lm = first.recipe.model_task.type == "causal_lm"
@@ -87,6 +89,10 @@ class Registry:
     @property
     def max_positions(self) -> int | None:
         return Geometry.of(self.base.config).max_positions
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
 
     @property
     def base_name(self) -> str:
