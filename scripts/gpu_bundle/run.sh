@@ -7,6 +7,8 @@
 #   bash .gpu/run.sh speed    step times, fp32 vs bf16 on the same batches (scripts/bench_precision.py)
 #   bash .gpu/run.sh all      seeds3, then speed
 #   bash .gpu/run.sh dry      a few steps of each (to check paths and overrides; PYTHON=... SKIP_WHEELS=1 on CPU)
+#   bash .gpu/run.sh smollm2  the SmolLM2 SST-2 recipe, fp32 vs bf16, 3 seeds (SMOL_DIR: the GGUF's folder, SMOL_GLUE:
+#                             a folder with SST-2/; WHEELS: where the wheels are, if not .gpu/whl)
 #   bash .gpu/run.sh serve    softprompt serve vs the PEFT app, MiniLM classification (needs .gpu/bench_serve: the 8
 #                             soft prompts, written by scripts/bench_serve.py --model-path .gpu/minilm on the CPU)
 # Writes $OUT/precision.txt (rewritten after every finished run), $OUT/speed.txt, $OUT/env.txt and the runs'
@@ -22,7 +24,7 @@ export HF_HOME=/tmp/hf HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALL
 if [ "${SKIP_WHEELS:-0}" != 1 ]; then
   # A wheel is a zip of what its install puts in site-packages: unpacking it is the fallback where pip is missing.
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .gpu/whl/*.whl || for w in .gpu/whl/*.whl; do "$PYTHON" -m zipfile -e "$w" /tmp/site || exit 3; done
+    "${WHEELS:-.gpu/whl}"/*.whl || for w in "${WHEELS:-.gpu/whl}"/*.whl; do "$PYTHON" -m zipfile -e "$w" /tmp/site || exit 3; done
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
@@ -63,6 +65,7 @@ serve() {  # $1: client counts, $2: seconds allowed. MiniLM classification, 8 so
   # the PEFT app (scripts/bench_serve.py), on $DEVICE; then one checkpoint's predictions on the CPU and on $DEVICE.
   local clients=$1 limit=$2 device=${DEVICE:-cuda} prompts=.gpu/bench_serve/minilm/checkpoints
   timeout "$limit" "$PYTHON" scripts/bench_serve.py --models minilm --clients "$clients" --device "$device" \
+    ${REQUESTS:+--requests "$REQUESTS"} ${SETUPS:+--setups "$SETUPS"} \
     --model-path "$PWD/.gpu/minilm" --work-dir "$PWD/.gpu/bench_serve" --glue-dir "$PWD/.gpu/glue" \
     > "$OUT/bench_serve.txt" 2>&1
   echo "bench_serve exit $?" >> "$OUT/bench_serve.txt"
@@ -87,5 +90,8 @@ case "$MODE" in
   dry) accuracy "42" 2 900 --set training.max_steps=1 --set data.max_eval_samples=16 --set training.eval_batch_size=8
        speed 1 900 --warmup 0 --eval-batches 1 recipes/mrpc_prompt_tuning.yaml ;;
   serve) serve "${CLIENTS:-1,4,16,64}" 480 ;;
+  smollm2)  # the SmolLM2 SST-2 recipe, 3 seeds: its GGUF folder in $SMOL_DIR, SST-2 under $SMOL_GLUE
+    DATA=(--set "model.name_or_path=$SMOL_DIR" --set "data.dir=$SMOL_GLUE")
+    accuracy "42 43 44" 6 "${LIMIT:-360}" recipes/sst2_smollm2_prompt_tuning.yaml --metrics accuracy ;;
   *) echo "unknown mode $MODE"; exit 2 ;;
 esac
