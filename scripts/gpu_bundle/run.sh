@@ -9,8 +9,8 @@
 #   bash .gpu/run.sh dry      a few steps of each (to check paths and overrides; PYTHON=... SKIP_WHEELS=1 on CPU)
 #   bash .gpu/run.sh smollm2  the SmolLM2 SST-2 recipe, fp32 vs bf16, 3 seeds (SMOL_DIR: the GGUF's folder, SMOL_GLUE:
 #                             a folder with SST-2/; WHEELS: where the wheels are, if not .gpu/whl)
-#   bash .gpu/run.sh serve    softprompt serve vs the PEFT app, MiniLM classification (needs .gpu/bench_serve: the 8
-#                             soft prompts, written by scripts/bench_serve.py --model-path .gpu/minilm on the CPU)
+#   bash .gpu/run.sh serve    softprompt serve vs the PEFT app, MiniLM classification (CLIENTS, REQUESTS, SETUPS:
+#                             bench_serve's; its 8 soft prompts go to .gpu/bench_serve, written there if missing)
 # Writes $OUT/precision.txt (rewritten after every finished run), $OUT/speed.txt, $OUT/env.txt and the runs'
 # summaries and logs.
 set -u
