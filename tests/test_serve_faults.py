@@ -43,6 +43,7 @@ BAD_REQUESTS = [
     ("/v1/classify", {"model": "pt", "input": [["a", "b"]]}, 400, "reads a text per input"),
     ("/v1/classify", {"model": "pt", "input": []}, 400, "input"),
     ("/v1/classify", {"model": "pt", "input": [""]}, 400, "input[0]"),
+    ("/v1/classify", {"model": "pt", "input": ["x", "word " * 41]}, 400, "input[1] has 41 tokens"),
     ("/v1/nothing", {}, 404, "no endpoint"),
     ("/admin/load", {"path": "x"}, 403, "--admin-root"),
 ]
