@@ -68,19 +68,18 @@ DEV_DATA = {"completions": "SST-2/dev.tsv", "classify": "MRPC/dev.tsv"}
 """The inputs of each model's requests, under --glue-dir."""
 
 
-def cuda_available() -> bool:
+def resolved_device(option: str) -> str:
+    """--device as every server gets it: auto becomes cuda or cpu here, once (the PEFT app takes no auto)."""
     import torch
 
-    return torch.cuda.is_available()
+    return ("cuda" if torch.cuda.is_available() else "cpu") if option == "auto" else option
 
 
-def device_name(option: str) -> str:
+def device_name(device: str) -> str:
     """The device the servers run on, in words (a GPU by its name)."""
     import torch
 
-    if option == "cpu" or not torch.cuda.is_available():
-        return "CPU"
-    return torch.cuda.get_device_name(torch.device("cuda" if option == "auto" else option))
+    return "CPU" if device == "cpu" else torch.cuda.get_device_name(torch.device(device))
 
 
 def say(text: str = "") -> None:
@@ -331,7 +330,7 @@ def server_command(setup: str, model: BenchModel, work: Path, port: int, args) -
     spec = load_recipe(REPO / model.recipe).model
     location = args.model_path or resolve_model_reference(spec.name_or_path, spec.revision, spec.gguf_file)[0]
     command = [sys.executable, str(REPO / "scripts" / "peft_serve_app.py"), "--base", location, "--port", str(port),
-               "--device", "cuda" if args.device == "auto" and cuda_available() else args.device]
+               "--device", args.device]
     if spec.gguf_file:
         command += ["--gguf-file", spec.gguf_file]
     return command + [arg for n in names for arg in ("--adapter", f"{n}={adapter_dir(work, model, n)}")]
@@ -531,6 +530,7 @@ def parse_args(argv=None):
         parser.error("--clients, --requests and --inputs must be positive")
     args.inputs += 1 - args.inputs % 2  # odd: coprime with the 8 soft prompts
     args.work_dir = args.work_dir.resolve()
+    args.device = resolved_device(args.device)
     return args
 
 

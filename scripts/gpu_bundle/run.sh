@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# float32 vs bf16 autocast on the GPU machine (no internet, no /work/shared): the three MRPC recipes on MiniLM
+# float32 vs bf16 autocast on the GPU machine (no internet, no ../shared): the three MRPC recipes on MiniLM
 # (float16 copy in .gpu/minilm: both precisions load these same weights, upcast to float32) and MRPC in .gpu/glue.
 # Run from the repository root:
 #   bash .gpu/run.sh seed42   6 runs: 3 recipes x {fp32, bf16}, seed 42, all at once
@@ -16,16 +16,17 @@
 set -u
 MODE=${1:-seed42}
 PYTHON=${PYTHON:-python3}
-OUT=${OUT:-/tmp/precision-out}
-RUNS=${RUNS:-/tmp/precision-runs}
+OUT=${OUT:-.gpu/out}
+RUNS=${RUNS:-.gpu/runs}
+SITE=$PWD/.gpu/site  # the carried wheels, unpacked
 mkdir -p "$OUT" "$RUNS"
-export HF_HOME=/tmp/hf HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HOME=$PWD/.gpu/hf HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 if [ "${SKIP_WHEELS:-0}" != 1 ]; then
   # A wheel is a zip of what its install puts in site-packages: unpacking it is the fallback where pip is missing.
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "${WHEELS:-.gpu/whl}"/*.whl || for w in "${WHEELS:-.gpu/whl}"/*.whl; do "$PYTHON" -m zipfile -e "$w" /tmp/site || exit 3; done
-  export PYTHONPATH=/tmp/site:$PWD
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "${WHEELS:-.gpu/whl}"/*.whl || for w in "${WHEELS:-.gpu/whl}"/*.whl; do "$PYTHON" -m zipfile -e "$w" "$SITE" || exit 3; done
+  export PYTHONPATH=$SITE:$PWD
 else
   export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 fi
