@@ -264,6 +264,8 @@ def serve(
         help="batch only requests of the same soft prompt together (to measure what cross-prompt batching "
              "gives)")] = False,
     device: DeviceOption = "auto",
+    access_log: Annotated[bool, typer.Option(
+        help="log every request on stdout (uvicorn's access log); --no-access-log saves its cost under load")] = True,
 ) -> None:
     """Serve soft prompts over HTTP (OpenAI-compatible completions, /v1/classify) from one frozen base model;
     requests for different soft prompts share forward passes."""
@@ -277,7 +279,7 @@ def serve(
     limits = Limits(max_batch_size, max_queue, one_prompt_per_batch)
     settings = Settings(api_key or None, admin_root, limits, max_input_tokens, max_tokens_limit, max_inputs,
                         read_chat_template(chat_template))
-    run_serve(checkpoints, host, port, model, settings, device)
+    run_serve(checkpoints, host, port, model, settings, device, access_log)
 
 
 @app.command()

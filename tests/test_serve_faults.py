@@ -183,6 +183,25 @@ def test_serve_from_the_command_line(lm_checkpoints, tmp_path):
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert "serving 2 soft prompt(s)" in output
+    assert '"GET /v1/models HTTP/1.1" 200' in output  # the access log is on unless --no-access-log
+
+
+def test_serving_starts_with_the_loaded_objects_frozen_and_options_passed(lm_checkpoints, run_cli, monkeypatch):
+    """What was loaded is out of the garbage collector's reach before the first request (a full collection over it
+    paused the server for ~0.4 s), and --no-access-log reaches uvicorn."""
+    import gc
+
+    import uvicorn
+
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.update(options, frozen=gc.get_freeze_count()))
+    try:
+        code, _, err = run_cli("serve", str(lm_checkpoints["pt"]), "--port", str(free_port()), "--no-access-log")
+    finally:
+        gc.unfreeze()
+    assert code == 0, err
+    assert started["access_log"] is False and started["host"] == "127.0.0.1"
+    assert started["frozen"] > 10_000
 
 
 def test_serve_refuses_bad_checkpoints_before_listening(lm_checkpoints, classifiers, tmp_path, run_cli):

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import socket
-import sys
 from pathlib import Path
 
 import uvicorn
@@ -15,14 +15,6 @@ from softprompt_cli.devices import inference_device
 from softprompt_cli.errors import UserError
 from softprompt_cli.serving.app import Settings, create_app
 from softprompt_cli.serving.registry import Registry
-
-GPU_SWITCH_INTERVAL_S = 0.0002
-"""Python's thread switch interval in a server on a GPU (Python's default: 5 ms). PyTorch releases the GIL around
-every operator and the engine thread must take it back from the event loop after each one; a busy loop holds it
-for up to the switch interval, and a GPU forward pass is hundreds of operators of microseconds each. With another
-thread always busy, a one-row MiniLM forward pass took 64x longer with the default, 3x with 0.2 ms (scripts/
-bench_gil_handoff.py). On the CPU, where each operator computes for milliseconds, bench_serve showed no
-difference, so the default stays there."""
 
 
 def _is_loopback(host: str) -> bool:
@@ -55,7 +47,7 @@ def read_chat_template(path: Path | None) -> str | None:
 
 
 def run_serve(references: list[str], host: str, port: int, model_path: str | None, settings: Settings,
-              device_option: str = "auto") -> None:
+              device_option: str = "auto", access_log: bool = True) -> None:
     check_address(host, port)
     if settings.admin_root is not None and not settings.admin_root.is_dir():
         raise UserError(f"--admin-root {str(settings.admin_root)!r} is not a folder. Give the folder that hot-loaded "
@@ -67,6 +59,8 @@ def run_serve(references: list[str], host: str, port: int, model_path: str | Non
     app = create_app(registry, settings)
     print(f"serving {len(registry.names())} soft prompt(s) on {registry.base_name} ({registry.device}): "
           f"{', '.join(registry.names())}", flush=True)
-    if registry.device.type == "cuda":
-        sys.setswitchinterval(GPU_SWITCH_INTERVAL_S)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    # Loading leaves millions of long-lived objects (modules, tensors, tokenizer); a full collection then walks
+    # all of them and stopped the server for ~0.4 s. Frozen, they are never scanned again.
+    gc.collect()
+    gc.freeze()
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, timeout_graceful_shutdown=10)
