@@ -4,6 +4,7 @@ against what PEFT users serve today; loopback only, every run bounded.
     python scripts/bench_serve.py                        # 1/4/16/64 clients, both models (~12 min on 2 cores)
     python scripts/bench_serve.py --quick                # smoke run: 1 and 4 clients, few requests
     python scripts/bench_serve.py --models minilm --clients 16 --requests 64
+    python scripts/bench_serve.py --models minilm --compute-free --requests 512   # the servers' own overhead
 
 Soft prompts: 8 prompt-tuning checkpoints on SmolLM2-135M-Instruct (causal_lm, from recipes/
 sst2_smollm2_prompt_tuning.yaml with init: sample_vocab) and 8 on all-MiniLM-L6-v2 (classification, from
@@ -17,7 +18,7 @@ Setups, each a server started on 127.0.0.1 on a free port and stopped by this sc
   (c) peft         scripts/peft_serve_app.py: FastAPI + uvicorn around a PeftModel with the 8 adapters; each
                    request takes a lock, calls set_adapter(name) and runs alone (PeftModel.generate, with a
                    fix without which PEFT 0.21.2 generates wrong text on transformers 5: see that script)
-Load: N concurrent clients (asyncio + httpx), requests spread round-robin over the 8 soft prompts and a fixed list of
+Load: N concurrent clients (asyncio + aiohttp), requests spread round-robin over the 8 soft prompts and a fixed list of
 inputs: SST-2 dev sentences in the recipe's template ("Review: ...\\nSentiment:", max_tokens 8, temperature 0) to
 /v1/completions for SmolLM2, MRPC dev pairs (one per request) to /v1/classify for MiniLM. Every (setup, clients)
 cell sends the same requests (--requests, default max(2 * clients, 32)), after a warm-up of one request per soft
@@ -179,6 +180,35 @@ def prepare(work: Path, model: BenchModel, model_path: str | None) -> None:
         f"({time.perf_counter() - started:.0f} s)")
 
 
+COMPUTE_FREE_WIDTH = {"hidden_size": 48, "intermediate_size": 96}
+
+
+def compute_free_base(work: Path) -> str:
+    """A random-weight model with MiniLM's architecture, tokenizer, layers and heads, but 48-wide layers: its forward
+    pass costs next to nothing, so the servers are measured by their own overhead, as on a fast GPU. Written once
+    under `work`."""
+    folder = work / "compute-free-base"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, BertModel
+
+    from softprompt_cli.config.load import load_recipe
+    from softprompt_cli.hub import resolve_model_reference
+
+    spec = load_recipe(REPO / MODELS["minilm"].recipe).model
+    source = resolve_model_reference(spec.name_or_path, spec.revision, spec.gguf_file)[0]
+    config = AutoConfig.from_pretrained(source)
+    for name, value in COMPUTE_FREE_WIDTH.items():
+        setattr(config, name, value)
+    torch.manual_seed(0)
+    partial = folder.with_name(folder.name + ".partial")
+    BertModel(config).save_pretrained(partial)
+    AutoTokenizer.from_pretrained(source).save_pretrained(partial)
+    partial.rename(folder)  # config.json appears only with the whole folder
+    return str(folder)
+
+
 # ---------------------------------------------------------------------------------------------------- requests
 
 def inputs_for(model: BenchModel, glue_dir: Path, count: int) -> list:
@@ -218,19 +248,36 @@ def same_answer(model: BenchModel, a, b, atol: float) -> bool:
     return a[0] == b[0] and a[1].keys() == b[1].keys() and all(abs(a[1][k] - b[1][k]) <= atol for k in a[1])
 
 
-async def send(client, path: str, body: dict, deadline: float) -> tuple[float, dict, int]:
+class Refused(Exception):
+    """The server answered a status other than 200 (503s are retried first)."""
+
+
+async def send(session, path: str, body: dict, deadline: float) -> tuple[float, dict, int]:
     """(latency, JSON answer, 503 retries) of one request; a 503 (queue full) is retried after Retry-After, its wait
     counted in the latency."""
     started = time.perf_counter()
     retries = 0
     while True:
-        response = await client.post(path, json=body)
-        if response.status_code == 503 and time.perf_counter() < deadline:
+        async with session.post(path, json=body) as response:
+            status, retry_after, text = response.status, response.headers.get("retry-after", "1"), await response.text()
+        if status == 503 and time.perf_counter() < deadline:
             retries += 1
-            await asyncio.sleep(min(float(response.headers.get("retry-after", "1") or 1), 5.0))
+            await asyncio.sleep(min(float(retry_after or 1), 5.0))
             continue
-        response.raise_for_status()
-        return time.perf_counter() - started, response.json(), retries
+        if status != 200:
+            raise Refused(f"HTTP {status}: {text[:120]}")
+        return time.perf_counter() - started, json.loads(text), retries
+
+
+def client_session(base_url: str, connections: int):
+    """The load generator's HTTP client: aiohttp. httpx's async client was the bottleneck here: on the 2-core CPU it
+    answered ~430 requests/s at 16 connections and ~160 at 64 against a FastAPI app that returns a constant, where
+    aiohttp reached ~3,300 and ~3,000, so every fast server looked slow, and slower with more clients."""
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S, connect=10.0)
+    return aiohttp.ClientSession(base_url=base_url, timeout=timeout,
+                                 connector=aiohttp.TCPConnector(limit=connections), trust_env=False)
 
 
 @dataclass
@@ -262,15 +309,13 @@ class Cell:
 
 async def run_cell(base_url: str, model: BenchModel, names: list[str], inputs: list, cell: Cell,
                    cell_timeout: float) -> None:
-    import httpx
+    import aiohttp
 
-    limits = httpx.Limits(max_connections=cell.clients + 4, max_keepalive_connections=cell.clients + 4)
-    timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0)
     counter = iter(range(cell.requests))
     started = time.perf_counter()
     deadline = started + cell_timeout
 
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits, trust_env=False) as client:
+    async with client_session(base_url, cell.clients + 4) as client:
         async def worker() -> None:
             for index in counter:
                 if time.perf_counter() > deadline:
@@ -279,7 +324,8 @@ async def run_cell(base_url: str, model: BenchModel, names: list[str], inputs: l
                 try:
                     latency, payload, retries = await send(client, path, body, deadline)
                     answer = answer_of(model, payload)
-                except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as err:
+                except (aiohttp.ClientError, asyncio.TimeoutError, Refused, ValueError, KeyError, IndexError,
+                        TypeError) as err:
                     cell.failures += 1
                     cell.first_failure = cell.first_failure or f"{type(err).__name__}: {err}"[:200]
                     continue
@@ -299,9 +345,7 @@ async def run_cell(base_url: str, model: BenchModel, names: list[str], inputs: l
 
 
 async def warm_up(base_url: str, model: BenchModel, names: list[str], inputs: list) -> None:
-    import httpx
-
-    async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, trust_env=False) as client:
+    async with client_session(base_url, 1) as client:
         for index in range(len(names)):
             _, path, body = request_for(model, names, inputs, index)
             await send(client, path, body, time.perf_counter() + REQUEST_TIMEOUT_S)
@@ -321,7 +365,7 @@ def server_command(setup: str, model: BenchModel, work: Path, port: int, args) -
         command = [sys.executable, "-m", "softprompt_cli", "serve",
                    *(f"{n}={checkpoint_dir(work, model, n)}" for n in names),
                    "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", str(args.max_batch_size),
-                   "--device", args.device]
+                   "--device", args.device, "--no-access-log"]  # (c) logs no requests either
         command += ["--model", args.model_path] if args.model_path else []
         return command + (["--one-prompt-per-batch"] if setup == "b" else [])
     from softprompt_cli.config.load import load_recipe
@@ -492,7 +536,8 @@ def summary(all_cells: list[Cell], args) -> str:
     requests = args.requests or "max(2 x clients, 32)"
     lines += ["", f"{requests} requests per cell after a warm-up of {NUM_PROMPTS}; p99 of so few requests is about "
                   f"their slowest; {os.cpu_count()} CPUs, torch threads: {args.threads or 'default'}; device: "
-                  f"{device_name(args.device)}."]
+                  f"{device_name(args.device)}"
+                  f"{'; compute-free base (--compute-free)' if args.compute_free else ''}."]
     return "\n".join(lines)
 
 
@@ -517,6 +562,9 @@ def parse_args(argv=None):
                         "torch sees one), cpu, cuda or cuda:N")
     parser.add_argument("--model-path", help="the base model's folder for every setup (a local copy of the "
                         "recipe's model; the soft prompts in --work-dir are written for it if missing)")
+    parser.add_argument("--compute-free", action="store_true", help="MiniLM only: every setup serves a random model of "
+                        "its architecture with 48-wide layers (under --work-dir), so that the servers' own overhead "
+                        "is measured, as on a fast GPU")
     args = parser.parse_args(argv)
     args.clients = [int(n) for n in (args.clients or ("1,4" if args.quick else "1,4,16,64")).split(",")]
     if args.quick and args.requests is None:
@@ -528,8 +576,11 @@ def parse_args(argv=None):
         parser.error(f"--models takes {', '.join(MODELS)}; --setups takes {', '.join(SETUPS)}")
     if min(args.clients) < 1 or (args.requests is not None and args.requests < 1) or args.inputs < 1:
         parser.error("--clients, --requests and --inputs must be positive")
+    if args.compute_free and (args.models != ["minilm"] or args.model_path):
+        parser.error("--compute-free measures the classification servers: give it with --models minilm and no "
+                     "--model-path")
     args.inputs += 1 - args.inputs % 2  # odd: coprime with the 8 soft prompts
-    args.work_dir = args.work_dir.resolve()
+    args.work_dir = args.work_dir.resolve() / ("compute-free" if args.compute_free else "")
     args.device = resolved_device(args.device)
     return args
 
@@ -543,6 +594,8 @@ def main(argv=None) -> int:
         return 2
     say(f"bench_serve: models {', '.join(args.models)}; setups {', '.join(SETUPS[s] for s in args.setups)}; "
         f"clients {', '.join(map(str, args.clients))}; {os.cpu_count()} CPUs; work dir {args.work_dir}")
+    if args.compute_free:
+        args.model_path = compute_free_base(args.work_dir)
     all_cells: list[Cell] = []
     for key in args.models:
         model = MODELS[key]
