@@ -1,7 +1,8 @@
 """Build .gpu/ in the repository root, to carry to a GPU machine (add `/.gpu/` to .git/info/exclude): MiniLM in
 float16 safetensors (the float32 file is 90 MB, over the carry limit; every run there, float32 and bf16 alike,
 loads these same weights and upcasts them), its tokenizer, the MRPC files, and run.sh. Wheels the GPU machine
-lacks (pydantic and its dependencies) go in .gpu/whl:
+lacks (pydantic, fastapi, uvicorn, httptools and their dependencies; aiohttp, aiohappyeyeballs, aiosignal, attrs,
+frozenlist, multidict, propcache and yarl for bench_serve's load generator) go in .gpu/whl:
 `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .gpu/whl ...`
 
     python scripts/gpu_bundle/make_bundle.py
