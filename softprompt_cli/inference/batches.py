@@ -192,6 +192,7 @@ def predict(items: list[Item], tokenizer, batch_size: int, progress: bool = Fals
 
 def label_record(label_names: list[str], probabilities: torch.Tensor) -> dict:
     """A prediction as predict and serve give it: the likeliest label, its probability and every label's."""
-    best = int(probabilities.argmax())
-    return {"label": label_names[best], "score": round(float(probabilities[best]), 6),
-            "probabilities": {n: round(float(v), 6) for n, v in zip(label_names, probabilities)}}
+    values = probabilities.tolist()  # one conversion: indexing a tensor per label costs more than the rest
+    best = max(range(len(values)), key=values.__getitem__)  # the first of equal maxima, as argmax
+    return {"label": label_names[best], "score": round(values[best], 6),
+            "probabilities": {n: round(v, 6) for n, v in zip(label_names, values)}}
