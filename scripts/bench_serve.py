@@ -180,6 +180,15 @@ def prepare(work: Path, model: BenchModel, model_path: str | None) -> None:
         f"({time.perf_counter() - started:.0f} s)")
 
 
+def recipe_model(model: BenchModel) -> tuple[str, str | None]:
+    """Where the recipe's base model is on this machine (a hub id resolved offline), and its GGUF file if any."""
+    from softprompt_cli.config.load import load_recipe
+    from softprompt_cli.hub import resolve_model_reference
+
+    spec = load_recipe(REPO / model.recipe).model
+    return resolve_model_reference(spec.name_or_path, spec.revision, spec.gguf_file)[0], spec.gguf_file
+
+
 COMPUTE_FREE_WIDTH = {"hidden_size": 48, "intermediate_size": 96}
 
 
@@ -193,11 +202,7 @@ def compute_free_base(work: Path) -> str:
     import torch
     from transformers import AutoConfig, AutoTokenizer, BertModel
 
-    from softprompt_cli.config.load import load_recipe
-    from softprompt_cli.hub import resolve_model_reference
-
-    spec = load_recipe(REPO / MODELS["minilm"].recipe).model
-    source = resolve_model_reference(spec.name_or_path, spec.revision, spec.gguf_file)[0]
+    source = recipe_model(MODELS["minilm"])[0]
     config = AutoConfig.from_pretrained(source)
     for name, value in COMPUTE_FREE_WIDTH.items():
         setattr(config, name, value)
@@ -368,15 +373,11 @@ def server_command(setup: str, model: BenchModel, work: Path, port: int, args) -
                    "--device", args.device, "--no-access-log"]  # (c) logs no requests either
         command += ["--model", args.model_path] if args.model_path else []
         return command + (["--one-prompt-per-batch"] if setup == "b" else [])
-    from softprompt_cli.config.load import load_recipe
-    from softprompt_cli.hub import resolve_model_reference
-
-    spec = load_recipe(REPO / model.recipe).model
-    location = args.model_path or resolve_model_reference(spec.name_or_path, spec.revision, spec.gguf_file)[0]
-    command = [sys.executable, str(REPO / "scripts" / "peft_serve_app.py"), "--base", location, "--port", str(port),
-               "--device", args.device]
-    if spec.gguf_file:
-        command += ["--gguf-file", spec.gguf_file]
+    location, gguf_file = recipe_model(model)
+    command = [sys.executable, str(REPO / "scripts" / "peft_serve_app.py"), "--base", args.model_path or location,
+               "--port", str(port), "--device", args.device]
+    if gguf_file:
+        command += ["--gguf-file", gguf_file]
     return command + [arg for n in names for arg in ("--adapter", f"{n}={adapter_dir(work, model, n)}")]
 
 

@@ -59,8 +59,8 @@ def run_serve(references: list[str], host: str, port: int, model_path: str | Non
     app = create_app(registry, settings)
     print(f"serving {len(registry.names())} soft prompt(s) on {registry.base_name} ({registry.device}): "
           f"{', '.join(registry.names())}", flush=True)
-    # Loading leaves millions of long-lived objects (modules, tensors, tokenizer); a full collection then walks
-    # all of them and stopped the server for ~0.4 s. Frozen, they are never scanned again.
+    # Loading leaves ~400k long-lived objects (modules, tensors, tokenizer); a full collection then walked all of
+    # them and stopped the server for ~0.4 s. Frozen, they are never scanned again.
     gc.collect()
     gc.freeze()
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, timeout_graceful_shutdown=10)
