@@ -213,3 +213,16 @@ def test_a_peft_adapter_is_served_unchanged(classifiers, tmp_path, run_cli):
     for a, b in zip(ours.json()["data"], peft.json()["data"]):
         assert a["label"] == b["label"]
         assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
+
+
+def test_classify_counts_every_token_of_a_long_input(classifiers):
+    """--max-input-tokens counts a classifier's input before the recipe's truncation (max_length 128 here), whatever
+    truncation earlier requests left set on the shared tokenizer; inputs under it are answered as before."""
+    long_pair = ["word " * 200, "word " * 200]
+    with _server([f"pt={classifiers['mrpc_pt']}"], max_input_tokens=300) as server, server.client() as client:
+        short = client.post("/v1/classify", json={"model": "pt", "input": [["The cat sat.", "A cat sat."]]})
+        refused = client.post("/v1/classify", json={"model": "pt", "input": [long_pair]})
+        kept = client.post("/v1/classify", json={"model": "pt", "input": [["word " * 140, "word " * 140]]})
+    assert short.status_code == 200, short.text
+    assert refused.status_code == 400 and "input[0] has 400 tokens" in refused.json()["error"]["message"]
+    assert kept.status_code == 200, kept.text  # 280 tokens: truncated to max_length, as predict does

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from softprompt_cli.data.sources import input_fields
 from softprompt_cli.errors import UserError
-from softprompt_cli.inference.batches import label_record, make_items
+from softprompt_cli.inference.batches import Item, label_record, make_items
 from softprompt_cli.inference.tasks import Task
 from softprompt_cli.model.lm import Sampling
 from softprompt_cli.serving import schemas
@@ -287,26 +287,29 @@ def _classify_item(server: Server, task: Task, given: str | list[str], index: in
         shape = "a text" if expected == 1 else "a pair [text, text_pair]"
         raise ApiError(400, f"input[{index}] has {len(texts)} texts; model {task.name!r} reads {shape} per input.",
                        "input")
-    tokens = _token_count(server.registry.tokenizer, texts)
-    if tokens > server.settings.max_input_tokens:
-        raise ApiError(400, f"input[{index}] has {tokens} tokens; this server takes at most "
-                       f"{server.settings.max_input_tokens} per input (--max-input-tokens).", "input")
     fields = ["text", "text_pair"][:len(texts)]
     try:
         [item] = make_items([dict(zip(fields, texts))], {task.name: task}, server.registry.tokenizer, None, fields,
                             origin=f"input[{index}]", only_task=task.name)
     except UserError as error:
         raise ApiError(400, str(error), "input") from None
+    tokens = _input_tokens(server.registry.tokenizer, item, texts)
+    if tokens > server.settings.max_input_tokens:
+        raise ApiError(400, f"input[{index}] has {tokens} tokens; this server takes at most "
+                       f"{server.settings.max_input_tokens} per input (--max-input-tokens).", "input")
     return item
 
 
-def _token_count(tokenizer, texts: list[str]) -> int:
-    """The texts' tokens without special tokens (what --max-input-tokens counts), through the fast tokenizer's own
-    backend where there is one: transformers' wrapper around it costs more than the tokenizing."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-    return sum(len(encoding.ids) for encoding in backend.encode_batch(texts, add_special_tokens=False))
+def _input_tokens(tokenizer, item: Item, texts: list[str]) -> int:
+    """The texts' tokens without special tokens, before truncation (what --max-input-tokens counts). A classifier's
+    encoding shorter than max_length was not truncated, so it is counted as it is, less its special tokens; others
+    (and causal_lm inputs, inside their template) are tokenized again without truncation. Not through the fast
+    tokenizer's backend: it keeps whatever truncation the last call (or tokenizer.json) set."""
+    sequences = [sequence["input_ids"] for sequence in item.sequences]
+    if not item.task.model.causal_lm and all(len(ids) < item.task.recipe.data.max_length for ids in sequences):
+        specials = tokenizer.num_special_tokens_to_add(pair=len(texts) > len(sequences))
+        return sum(len(ids) for ids in sequences) - specials * len(sequences)
+    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"])
 
 
 def _sampling(body: schemas.CompletionRequest | schemas.ChatRequest) -> Sampling | None:
