@@ -189,13 +189,17 @@ def recipe_model(model: BenchModel) -> tuple[str, str | None]:
     return resolve_model_reference(spec.name_or_path, spec.revision, spec.gguf_file)[0], spec.gguf_file
 
 
-COMPUTE_FREE_WIDTH = {"hidden_size": 48, "intermediate_size": 96}
+COMPUTE_FREE_SHAPE = {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 2}
+"""48-wide layers, and 2 heads of 24: with MiniLM's 12 heads of 4, the attention's softmax over 12 score matrices
+per layer was half of a batch's time on the CPU, so the "compute-free" model was not."""
+COMPUTE_FREE_DIR = "compute-free-h48-i96-a2"
+"""Named after the shape, so that soft prompts written for another shape are never reused."""
 
 
 def compute_free_base(work: Path) -> str:
-    """A random-weight model with MiniLM's architecture, tokenizer, layers and heads, but 48-wide layers: its forward
-    pass costs next to nothing, so the servers are measured by their own overhead, as on a fast GPU. Written once
-    under `work`."""
+    """A random-weight model with MiniLM's architecture, tokenizer and layers, but 48-wide layers with 2 heads: its
+    forward pass costs next to nothing, so the servers are measured by their own overhead, as on a fast GPU. Written
+    once under `work`."""
     folder = work / "compute-free-base"
     if (folder / "config.json").is_file():
         return str(folder)
@@ -204,7 +208,7 @@ def compute_free_base(work: Path) -> str:
 
     source = recipe_model(MODELS["minilm"])[0]
     config = AutoConfig.from_pretrained(source)
-    for name, value in COMPUTE_FREE_WIDTH.items():
+    for name, value in COMPUTE_FREE_SHAPE.items():
         setattr(config, name, value)
     torch.manual_seed(0)
     partial = folder.with_name(folder.name + ".partial")
@@ -581,7 +585,7 @@ def parse_args(argv=None):
         parser.error("--compute-free measures the classification servers: give it with --models minilm and no "
                      "--model-path")
     args.inputs += 1 - args.inputs % 2  # odd: coprime with the 8 soft prompts
-    args.work_dir = args.work_dir.resolve() / ("compute-free" if args.compute_free else "")
+    args.work_dir = args.work_dir.resolve() / (COMPUTE_FREE_DIR if args.compute_free else "")
     args.device = resolved_device(args.device)
     return args
 
