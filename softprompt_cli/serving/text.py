@@ -21,12 +21,12 @@ class TextStream:
     finish_reason: str | None = None
 
     def _held_back(self, text: str) -> int:
-        """Characters at the end of `text` that may still change: half a character, or the start of a stop
-        string."""
-        if text.endswith(INCOMPLETE_CHARACTER):
-            return 1
-        return max((size for stop in self.stop for size in range(min(len(stop) - 1, len(text)), 0, -1)
-                    if text.endswith(stop[:size])), default=0)
+        """Characters at the end of `text` that may still change: half a character, and the start of a stop
+        string before it (the half character may complete the stop string)."""
+        incomplete = len(text) - len(text.rstrip(INCOMPLETE_CHARACTER))
+        whole = text[:len(text) - incomplete]
+        return incomplete + max((size for stop in self.stop for size in range(min(len(stop) - 1, len(whole)), 0, -1)
+                                 if whole.endswith(stop[:size])), default=0)
 
     def accept(self, token: int) -> str:
         """Take one generated token: the text it adds (possibly empty); `finish_reason` is set once the row is
