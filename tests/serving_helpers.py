@@ -35,7 +35,7 @@ class RunningServer:
             time.sleep(0.05)
 
     def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers=self.headers, timeout=60, **kwargs)
+        return httpx.Client(base_url=self.url, headers=self.headers, **{"timeout": 60, **kwargs})
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -92,12 +92,18 @@ def test_a_full_queue_answers_503_with_retry_after(lm_server, monkeypatch):
     assert "softprompt_batch_size_bucket" in metrics and "softprompt_queue_depth" in metrics
 
 
-def test_a_client_that_disconnects_stops_its_generation(lm_server, monkeypatch):
-    steps = slow_decoding(monkeypatch, 0.01)
-    body = {"model": "prefix", "prompt": "what a", "max_tokens": 60, "temperature": 0, "stream": True,
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_stops_its_generation(lm_server, monkeypatch, stream):
+    """Streamed or not: a non-streamed request's tokens keep arriving, and its client is still watched."""
+    steps = slow_decoding(monkeypatch, 0.01 if stream else 0.05)
+    body = {"model": "prefix", "prompt": "what a", "max_tokens": 60, "temperature": 0, "stream": stream,
             "stop": "never-appears"}
-    with lm_server.client() as client, client.stream("POST", "/v1/completions", json=body) as stream:
-        assert next(stream.iter_lines()).startswith("data: ")
+    if stream:
+        with lm_server.client() as client, client.stream("POST", "/v1/completions", json=body) as answer:
+            assert next(answer.iter_lines()).startswith("data: ")
+    else:
+        with lm_server.client(timeout=0.6) as client, pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/completions", json=body)
     deadline = time.monotonic() + 10
     with lm_server.client() as client:
         while client.get("/health").json()["running"] and time.monotonic() < deadline:
@@ -225,3 +231,41 @@ def test_serve_refuses_bad_checkpoints_before_listening(lm_checkpoints, classifi
     assert code == 2 and "--device 'gpu' is not auto, cpu, cuda or cuda:N" in err
     code, _, err = run_cli("serve", str(lm_checkpoints["pt"]), "--device", "cuda:7", "--port", str(free_port()))
     assert code == 2 and "--device cuda:7: torch cannot use that GPU" in err
+
+
+def test_a_failure_outside_any_batch_fails_what_it_held_and_the_server_goes_on(lm_server, monkeypatch):
+    """The engine thread survives an exception where no batch catches it (here: while merging new rows into a
+    decoding batch, and while taking requests): the requests it held get an error, later ones are answered."""
+    from softprompt_cli.model import lm
+    from softprompt_cli.serving.engine import Engine
+
+    def fail_once(owner, name):
+        original, calls = getattr(owner, name), []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError(f"{name} failed")
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, failing)
+
+    slow_decoding(monkeypatch, 0.02)
+    fail_once(lm, "merge_decoding")
+    body = {"model": "pt", "prompt": "what a", "max_tokens": 12, "temperature": 0, "stop": "never-appears"}
+
+    async def two_generations_that_meet() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=lm_server.url, timeout=60) as client:
+            first = asyncio.create_task(client.post("/v1/completions", json=body))
+            await asyncio.sleep(0.15)  # the second joins the first's decoding batch
+            return [await client.post("/v1/completions", json=body), await first]
+
+    joined, running = asyncio.run(two_generations_that_meet())
+    assert joined.status_code == running.status_code == 500
+    assert "merge_decoding failed" in joined.json()["error"]["message"]
+    fail_once(Engine, "_drop_cancelled")
+    with lm_server.client() as client:
+        caught = client.post("/v1/completions", json=body)
+        assert caught.status_code == 500 and "_drop_cancelled failed" in caught.json()["error"]["message"]
+        assert client.post("/v1/completions", json=body).status_code == 200
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json()["waiting"] == health.json()["running"] == 0

@@ -216,26 +216,47 @@ def _submit(server: Server, work) -> None:
                        kind="overloaded_error") from None
 
 
-async def _wait(request: Request, awaitable: asyncio.Future, work: Classification | Completion) -> object:
-    """The result of `awaitable`, watching the client: gone, `work` is cancelled (the engine drops it) and
-    ClientGone raised."""
-    while True:
-        done, _ = await asyncio.wait({awaitable}, timeout=DISCONNECT_POLL_S)
-        if done:
-            return awaitable.result()
-        if await request.is_disconnected():
-            work.cancelled = True
-            awaitable.cancel()
-            raise ClientGone()
+@dataclass
+class _Watch:
+    """A request waiting for the engine, with an eye on its client: checked every DISCONNECT_POLL_S whether results
+    arrive or not; once the client is gone, the work is cancelled (the engine drops it) and ClientGone raised."""
+
+    request: Request
+    work: Classification | Completion
+    next_check: float = field(default_factory=lambda: time.monotonic() + DISCONNECT_POLL_S)
+
+    async def result(self, awaitable: asyncio.Future) -> object:
+        while True:
+            done, _ = await asyncio.wait({awaitable}, timeout=max(0.0, self.next_check - time.monotonic()))
+            if time.monotonic() >= self.next_check:
+                self.next_check = time.monotonic() + DISCONNECT_POLL_S
+                if await self.request.is_disconnected():
+                    self.work.cancelled = True
+                    awaitable.cancel()
+                    raise ClientGone()
+            if done:
+                if awaitable.exception() is not None:
+                    raise _engine_failure(awaitable.exception())
+                return awaitable.result()
+
+
+def _engine_failure(error: BaseException) -> ApiError:
+    """The engine failed this request (out of memory, a bug): a 500 that says so, handled like any ApiError (an
+    unhandled exception would also close the client's keep-alive connection)."""
+    log.error("request failed in the engine", exc_info=error)
+    return ApiError(500, f"the server failed on this request ({type(error).__name__}: {error})", kind="server_error")
 
 
 # ---------------------------------------------------------------------------------------------- endpoints
 
 
-async def health(request: Request) -> dict:
+async def health(request: Request) -> Response:
     server = _server(request)
-    return {"status": "ok", "model": server.registry.base_name, "soft_prompts": len(server.registry.names()),
-            "waiting": server.engine.waiting, "running": server.engine.running_rows}
+    state = {"status": "ok", "model": server.registry.base_name, "soft_prompts": len(server.registry.names()),
+             "waiting": server.engine.waiting, "running": server.engine.running_rows}
+    if not server.engine.alive:  # nothing would answer: a load balancer should stop sending here
+        return JSONResponse({**state, "status": "engine stopped"}, status_code=503)
+    return JSONResponse(state)
 
 
 async def metrics(request: Request) -> Response:
@@ -273,7 +294,7 @@ async def classify(request: Request, body: schemas.ClassifyRequest) -> dict:
     items = [_classify_item(server, task, text, index) for index, text in enumerate(body.input)]
     work = Classification(asyncio.get_running_loop(), items=items, future=asyncio.get_running_loop().create_future())
     _submit(server, work)
-    results = await _wait(request, work.future, work)
+    results = await _Watch(request, work).result(work.future)
     data = [{"index": i, **label_record(task.label_names, p)} for i, p in enumerate(results)]
     return {"object": "list", "model": body.model, "data": data}
 
@@ -352,18 +373,14 @@ def _completion(request: Request, server: Server, body, input_ids: list[int], ma
                       sampling=_sampling(body), events=asyncio.Queue(), model_name=body.model)
 
 
-async def _next_event(request: Request, work: Completion) -> tuple:
-    return await _wait(request, asyncio.ensure_future(work.events.get()), work)
-
-
 async def _answer(request: Request, server: Server, work: Completion, chat: bool) -> dict:
     """The whole generation as one response."""
     _submit(server, work)
-    parts = []
+    parts, watch = [], _Watch(request, work)
     while True:
-        event = await _next_event(request, work)
+        event = await watch.result(asyncio.ensure_future(work.events.get()))
         if event[0] == "error":
-            raise event[1]
+            raise _engine_failure(event[1])
         if event[0] == "text":
             parts.append(event[1])
             continue
@@ -374,28 +391,41 @@ async def _answer(request: Request, server: Server, work: Completion, chat: bool
 
 
 async def _events(work: Completion, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events of a streamed generation, then [DONE]; a client that leaves cancels the generation."""
+    """Server-sent events of a streamed generation, then [DONE]."""
     ident = schemas.new_id("chatcmpl" if chat else "cmpl")
-    try:
-        if chat:
-            yield _sse(schemas.completion_body(True, ident, work.model_name, "", None, first=True, final=False))
-        while True:
-            event = await work.events.get()
-            if event[0] == "error":
-                yield _sse(schemas.error_body(f"generation failed: {event[1]}", "server_error"))
-                break
-            done = event[0] == "done"
-            text, reason = (None, event[1]) if done else (event[1], None)
-            yield _sse(schemas.completion_body(chat, ident, work.model_name, text, reason, final=False))
-            if done:
-                if include_usage:
-                    chunk = schemas.completion_body(chat, ident, work.model_name, None, None, final=False)
-                    chunk.update(choices=[], usage=schemas.usage(len(work.input_ids), len(work.stream.tokens)))
-                    yield _sse(chunk)
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        work.cancelled = True  # finished, or the client went away: either way the engine may drop the row
+    if chat:
+        yield _sse(schemas.completion_body(True, ident, work.model_name, "", None, first=True, final=False))
+    while True:
+        event = await work.events.get()
+        if event[0] == "error":
+            yield _sse(schemas.error_body(f"generation failed: {event[1]}", "server_error"))
+            break
+        done = event[0] == "done"
+        text, reason = (None, event[1]) if done else (event[1], None)
+        yield _sse(schemas.completion_body(chat, ident, work.model_name, text, reason, final=False))
+        if done:
+            if include_usage:
+                chunk = schemas.completion_body(chat, ident, work.model_name, None, None, final=False)
+                chunk.update(choices=[], usage=schemas.usage(len(work.input_ids), len(work.stream.tokens)))
+                yield _sse(chunk)
+            break
+    yield "data: [DONE]\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """A streamed generation's response: however it ends (finished, the client gone, even before the first event
+    was read), its row is cancelled, so the engine drops it."""
+
+    def __init__(self, work: Completion, chat: bool, include_usage: bool):
+        super().__init__(_events(work, chat, include_usage), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.work = work
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.work.cancelled = True
 
 
 def _sse(body: dict) -> str:
@@ -406,9 +436,7 @@ async def _respond(request: Request, server: Server, work: Completion, body, cha
     if not body.stream:
         return await _answer(request, server, work, chat)
     _submit(server, work)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(_events(work, chat, include_usage), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return _EventStream(work, chat, bool(body.stream_options and body.stream_options.include_usage))
 
 
 async def completions(request: Request, body: schemas.CompletionRequest) -> object:

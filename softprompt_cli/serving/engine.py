@@ -11,6 +11,7 @@ and never waits for them to finish; each row stops at its own EOS, stop string o
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import threading
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from softprompt_cli.inference.batches import Collator, predict_batch
 from softprompt_cli.model import lm
 from softprompt_cli.serving.requests import Classification, Completion, Request
 
+log = logging.getLogger("softprompt.serve")
 IDLE_WAIT_S = 0.1
 """How long the idle loop waits for a request before it checks whether it should stop."""
 
@@ -84,12 +86,17 @@ class Engine:
         self._inbox.put(request)
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def waiting(self) -> int:
         return self._waiting
 
     @property
     def running_rows(self) -> int:
-        return sum(len(batch.rows) for batch in self._running.values())
+        """Rows decoding now (read from the event loop while the engine thread changes the batches: a snapshot)."""
+        return sum(len(batch.rows) for batch in tuple(self._running.values()))
 
     # ------------------------------------------------------------------ the engine thread
 
@@ -108,18 +115,30 @@ class Engine:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._take_new(block=not (self._items or self._generations or self._running))
-            self._drop_cancelled()
-            if self._items:
-                self._classify_once()
-            if self._generations:
-                self._admit()
-            for key in list(self._running):
-                self._step(key)
-            self.metrics.observe_engine(self.waiting, self.running_rows)
-        for batch in self._running.values():  # stopping: nobody is left to read the rest
-            for row in batch.rows:
-                row.fail(RuntimeError("the server is shutting down"))
+            try:
+                self._turn()
+            except Exception as error:  # a bug or a failure outside a batch: fail what is in hand, keep serving
+                log.exception("the engine failed a turn; failing the requests it held")
+                self._fail_all(error)
+        self._fail_all(RuntimeError("the server is shutting down"))  # nobody is left to read the rest
+
+    def _turn(self) -> None:
+        self._take_new(block=not (self._items or self._generations or self._running))
+        self._drop_cancelled()
+        if self._items:
+            self._classify_once()
+        if self._generations:
+            self._admit()
+        for key in list(self._running):
+            self._step(key)
+        self.metrics.observe_engine(self.waiting, self.running_rows)
+
+    def _fail_all(self, error: Exception) -> None:
+        held = [request for request, _ in self._items] + list(self._generations)
+        held += [row for batch in self._running.values() for row in batch.rows]
+        self._items, self._generations, self._running = collections.deque(), collections.deque(), {}
+        for request in {id(request): request for request in held}.values():  # one item per classify input
+            self._fail(request, error)
 
     def _take_new(self, block: bool) -> None:
         try:
@@ -196,13 +215,22 @@ class Engine:
                     request.fail(error)
                 continue
             self.metrics.observe_batch("prefill", len(requests))
-            if key in self._running:
-                running = self._running[key]
-                lm.merge_decoding(running.state, batch.state)
-                running.rows += batch.rows
-                running.logits = torch.cat([running.logits, batch.logits])
-            else:
-                self._running[key] = batch
+            self._join(key, batch)
+
+    def _join(self, key: tuple, batch: RunningBatch) -> None:
+        """Prefilled rows join the batch decoding under `key` (or start it)."""
+        running = self._running.setdefault(key, batch)
+        if running is batch:
+            return
+        try:
+            lm.merge_decoding(running.state, batch.state)
+            running.logits = torch.cat([running.logits, batch.logits])
+        except Exception as error:  # e.g. out of memory while the caches were half merged: neither can go on
+            del self._running[key]
+            for row in running.rows + batch.rows:
+                row.fail(error)
+            return
+        running.rows += batch.rows
 
     def _prefill(self, requests: list[Completion]) -> RunningBatch:
         model = self.model_of(requests[0])
