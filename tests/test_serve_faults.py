@@ -44,6 +44,11 @@ BAD_REQUESTS = [
     ("/v1/classify", {"model": "pt", "input": []}, 400, "input"),
     ("/v1/classify", {"model": "pt", "input": [""]}, 400, "input[0]"),
     ("/v1/classify", {"model": "pt", "input": ["x", "word " * 41]}, 400, "input[1] has 41 tokens"),
+    ("/v1/completions", b'{"model": "pt", "prompt": "a\\ud800b"}', 400, "unpaired surrogate (\\ud800)"),
+    ("/v1/chat/completions", b'{"model": "pt", "messages": [{"role": "user", "content": "\\udc00"}]}', 400,
+     "unpaired surrogate"),
+    ("/v1/classify", b'{"model": "pt", "input": [["ok", "x\\ud83d"]]}', 400, "unpaired surrogate"),
+    ("/v1/completions", {"model": "pt", "prompt": "x", "seed": 2**70}, 400, "seed"),
     ("/v1/nothing", {}, 404, "no endpoint"),
     ("/admin/load", {"path": "x"}, 403, "--admin-root"),
 ]
@@ -122,6 +127,8 @@ def test_api_key_is_required_on_every_endpoint(lm_checkpoints):
                 assert answer.headers["WWW-Authenticate"] == "Bearer"
             wrong = anonymous.get("/v1/models", headers={"Authorization": "Bearer nope"})
             assert wrong.status_code == 401
+            not_ascii = anonymous.get("/v1/models", headers={"Authorization": "Bearer s3cr\u00e9t".encode()})
+            assert not_ascii.status_code == 401
         with server.client() as client:
             assert client.get("/v1/models").status_code == 200
 
@@ -130,6 +137,13 @@ def test_hot_load_and_unload_while_serving(lm_checkpoints, tmp_path, monkeypatch
     root = tmp_path / "prompts"
     shutil.copytree(lm_checkpoints["prefix"], root / "later")
     (tmp_path / "outside").mkdir()
+    shutil.copytree(lm_checkpoints["ptuning"], tmp_path / "outside" / "best")
+    (root / "linked_run").mkdir()  # a run folder whose best/ links out of the root
+    (root / "linked_run" / "best").symlink_to(tmp_path / "outside" / "best")
+    shutil.copytree(lm_checkpoints["ptuning"], root / "linked_file")  # its weights link out
+    weights = next((root / "linked_file").glob("*.safetensors"))
+    weights.unlink()
+    weights.symlink_to(next((tmp_path / "outside" / "best").glob("*.safetensors")))
 
     with _server([f"pt={lm_checkpoints['pt']}"], admin_root=root) as server, server.client() as client:
         alone = client.post("/v1/completions", json={"model": "pt", "prompt": "what a", "max_tokens": 20,
@@ -154,9 +168,10 @@ def test_hot_load_and_unload_while_serving(lm_checkpoints, tmp_path, monkeypatch
         assert finished.json()["choices"][0]["text"] == alone["choices"][0]["text"]
         assert client.post("/v1/completions", json={"model": "pt", "prompt": "x"}).status_code == 404
         assert [m["id"] for m in client.get("/v1/models").json()["data"]][1:] == ["new"]
-        for path in ["../outside", str(tmp_path / "outside"), "later/../../outside"]:
+        for path in ["../outside", str(tmp_path / "outside"), "later/../../outside", "linked_run", "linked_file"]:
             refused = client.post("/admin/load", json={"path": path})
             assert refused.status_code == 403 and "outside the admin root" in refused.text, path
+        assert client.post("/admin/load", json={"path": "a\u0000b"}).status_code == 400
         again = client.post("/admin/load", json={"path": "later", "name": "new"})
         assert again.status_code == 409
         (root / "empty").mkdir()
@@ -269,3 +284,16 @@ def test_a_failure_outside_any_batch_fails_what_it_held_and_the_server_goes_on(l
         assert client.post("/v1/completions", json=body).status_code == 200
         health = client.get("/health")
         assert health.status_code == 200 and health.json()["waiting"] == health.json()["running"] == 0
+
+
+def test_a_hot_load_builds_its_tasks_with_a_copy_of_the_tokenizer(lm_checkpoints, monkeypatch):
+    """Each tokenizer call sets the shared fast tokenizer's truncation and padding, and requests tokenize on the event
+    loop while a load runs on a worker thread: the load must not call the shared one."""
+    from softprompt_cli.serving import registry as registry_module
+
+    registry = registry_module.Registry([f"pt={lm_checkpoints['pt']}"])
+    given, attach = [], registry_module.attach_tasks
+    monkeypatch.setattr(registry_module, "attach_tasks", lambda *args: given.append(args[4]) or attach(*args))
+    assert registry.load(lm_checkpoints["prefix"], "later") == ["later"]
+    assert given[0] is not registry.tokenizer
+    assert given[0]("what a film")["input_ids"] == registry.tokenizer("what a film")["input_ids"]

@@ -28,7 +28,7 @@ from softprompt_cli.model.lm import Sampling
 from softprompt_cli.serving import schemas
 from softprompt_cli.serving.engine import Engine, Limits, Overloaded
 from softprompt_cli.serving.metrics import Metrics
-from softprompt_cli.serving.registry import Registry
+from softprompt_cli.serving.registry import OutsideRoot, Registry
 from softprompt_cli.serving.requests import Classification, Completion
 from softprompt_cli.serving.text import TextStream
 
@@ -131,7 +131,9 @@ class Guard:
         key, limit = self.server.settings.api_key, self.server.settings.max_body_bytes
         # A body without Content-Length (chunked) could not be bounded before it is read: refused (411).
         length = headers.get("content-length", "0" if method in ("GET", "HEAD") else "")
-        if key and not secrets.compare_digest(headers.get("authorization", ""), f"Bearer {key}"):
+        # as bytes: compare_digest refuses non-ASCII str, and a header is bytes (Starlette reads it as latin-1)
+        given = headers.get("authorization", "").encode("latin-1")
+        if key and not secrets.compare_digest(given, f"Bearer {key}".encode()):
             return _error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the key "
                           "the server was started with (--api-key or SOFTPROMPT_API_KEY).",
                           headers={"WWW-Authenticate": "Bearer"}, kind="authentication_error")
@@ -477,7 +479,10 @@ def _admin_path(server: Server, given: str) -> Path:
     if root is None:
         raise ApiError(403, "loading and unloading are off: start the server with --admin-root DIR to load "
                        "checkpoints from under DIR.", kind="permission_error")
-    resolved = (root / given).resolve()
+    try:
+        resolved = (root / given).resolve()
+    except (ValueError, OSError) as error:  # a NUL byte, a link loop
+        raise ApiError(400, f"path {given!r} is not a usable path ({error}).", "path") from None
     if not resolved.is_relative_to(root.resolve()):
         raise ApiError(403, f"path {given!r} is outside the admin root {str(root)!r}; only checkpoints under it can "
                        "be loaded.", "path", kind="permission_error")
@@ -492,9 +497,11 @@ async def load(request: Request, body: schemas.LoadRequest) -> dict:
                        "another name.", "name")
     async with server.load_lock:  # one load at a time: names are checked and taken together
         try:
-            names = await asyncio.to_thread(server.registry.load, folder, body.name)
+            names = await asyncio.to_thread(server.registry.load, folder, body.name, server.settings.admin_root)
         except UserError as error:
             raise ApiError(409 if "already served" in str(error) else 400, str(error), "path") from None
+        except OutsideRoot as error:
+            raise ApiError(403, str(error), "path", kind="permission_error") from None
     return {"loaded": names}
 
 

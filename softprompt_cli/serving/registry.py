@@ -4,6 +4,7 @@ was given, so unloading never breaks a request in flight."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 from pathlib import Path
@@ -27,6 +28,10 @@ from softprompt_cli.model.soft_prompt import SoftPromptModel
 
 RUN_CHECKPOINTS = ("best", "final")
 """A training run's folder holds these checkpoints; serving the run serves the first that exists."""
+
+
+class OutsideRoot(Exception):
+    """A hot-loaded checkpoint reaches outside the admin root."""
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -98,7 +103,9 @@ class Registry:
     def base_name(self) -> str:
         return self.base_model["name_or_path"]
 
-    def _attach(self, name: str | None, folder: Path, trained: Trained) -> list[str]:
+    def _attach(self, name: str | None, folder: Path, trained: Trained, tokenizer=None) -> list[str]:
+        """Attach a checkpoint's tasks to the shared base (`tokenizer`: a private copy of the shared one to build
+        them with, when requests may be tokenizing concurrently)."""
         if (trained.recipe.model_task.type == "causal_lm") != self.causal_lm:
             kind = "causal_lm" if self.causal_lm else "sequence_classification"
             raise UserError(f"checkpoint {str(folder)!r} is not a {kind} checkpoint like the ones this server serves; "
@@ -108,20 +115,29 @@ class Registry:
         if clash:
             raise UserError(f"a soft prompt named {', '.join(map(repr, clash))} is already served. Give the new "
                             "one another name (NAME=DIR, or \"name\" in the load request), or unload the old one.")
-        tasks = attach_tasks(trained, names, next(self._numbers), self.base, self.tokenizer)
+        tasks = attach_tasks(trained, names, next(self._numbers), self.base, tokenizer or self.tokenizer)
         with self._lock:
             self.tasks.update(tasks)
             self.runner = self.runner or next(iter(tasks.values())).model
         return list(tasks)
 
-    def load(self, folder: Path, name: str | None = None) -> list[str]:
-        """Load a checkpoint (a run folder, a checkpoint or a PEFT adapter) while serving: the names it serves."""
+    def load(self, folder: Path, name: str | None = None, root: Path | None = None) -> list[str]:
+        """Load a checkpoint (a run folder, a checkpoint or a PEFT adapter) while serving: the names it serves.
+        With `root`, the checkpoint and every file in it must lie under root once links are followed
+        (OutsideRoot otherwise): a run's best/ or a weights file could link elsewhere."""
         checkpoint = _run_checkpoint(folder) if folder.is_dir() else None
         if checkpoint is None:
             raise UserError(f"{str(folder)!r} is not a checkpoint folder (no {RECIPE_FILE} or PEFT "
                             "adapter_config.json in it or in its best/ or final/).")
+        if root is not None:
+            outside = [path for path in [checkpoint, *checkpoint.rglob("*")]
+                       if not path.resolve().is_relative_to(root.resolve())]
+            if outside:
+                raise OutsideRoot(f"{str(outside[0])!r} links outside the admin root {str(root)!r}; only "
+                                      "checkpoints whose files all lie under it can be loaded.")
+        # the tokenizer's call state (truncation, padding) is shared: requests tokenize with it meanwhile
         return self._attach(name or (folder.name if checkpoint != folder else None), checkpoint,
-                            read_servable(checkpoint, self.model_path))
+                            read_servable(checkpoint, self.model_path), copy.deepcopy(self.tokenizer))
 
     def unload(self, name: str) -> None:
         with self._lock:

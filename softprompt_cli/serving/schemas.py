@@ -5,15 +5,32 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP_STRINGS = 4
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_text(cls, data: Any) -> Any:
+        """JSON may carry lone surrogates ("\\ud800"), which no tokenizer takes and no answer can echo as UTF-8."""
+        surrogate = _lone_surrogate(data)
+        if surrogate is not None:
+            raise ValueError(f"a text holds an unpaired surrogate ({surrogate.encode('unicode_escape').decode()}), "
+                             "which is not Unicode text; send valid UTF-8")
+        return data
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    if isinstance(data, str):
+        return next((c for c in data if "\ud800" <= c <= "\udfff"), None)
+    values = data.values() if isinstance(data, dict) else data if isinstance(data, list) else ()
+    return next((found for value in values if (found := _lone_surrogate(value)) is not None), None)
 
 
 class _Sampled(_Body):
@@ -24,7 +41,7 @@ class _Sampled(_Body):
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     user: str | None = None
 
     @property
