@@ -172,3 +172,20 @@ def test_a_run_may_resume_in_another_precision(tmp_path):
     path = write_recipe(tmp_path, "some/model", {"name": "prompt_tuning"}, training={"mixed_precision": "bf16"})
     saved = load_recipe(path).model_dump(mode="json")
     check_resumable(saved, load_recipe(path, ["training.mixed_precision=no"]), tmp_path)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "pair_mean"])
+def test_a_bfloat16_base_model_feeds_our_float32_head(tiny_models, tmp_path, run_cli, pooling):
+    """model.dtype bfloat16 with a head of ours (mean pooling): the pooled states reach the float32 head in its own
+    dtype, in training, evaluation and predict."""
+    recipe = write_recipe(tmp_path, str(tiny_models["bert"]), {"name": "prompt_tuning"}, task={"pooling": pooling},
+                          training={"max_steps": 2, "batch_size": 4, "eval_batch_size": 8})
+    fields = yaml.safe_load(recipe.read_text())
+    fields["model"]["dtype"] = "bfloat16"
+    recipe.write_text(yaml.safe_dump(fields))
+    code, _, err = run_cli("train", str(recipe))
+    assert code == 0, err
+    checkpoint = tmp_path / "run" / "final"
+    code, out, err = run_cli("predict", str(checkpoint), "--text", "The cat sat.", "--text-pair", "A cat sat.")
+    assert code == 0, err
+    assert sum(json.loads(out.splitlines()[0])["pred_probabilities"].values()) == pytest.approx(1.0, abs=1e-3)

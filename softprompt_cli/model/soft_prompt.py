@@ -406,9 +406,10 @@ class SoftPromptModel(nn.Module):
         """Logits from encoded rows of one task (`task`: which head of a multi-task model); `head_state` swaps in
         another task's head weights."""
         head = self.heads[task or self.task_names[0]] if self.multitask else self.head
+        features = _as_head_input(head, self.features(encoded))
         if head_state is None:
-            return head(self.features(encoded))
-        return torch.func.functional_call(head, head_state, (self.features(encoded),))
+            return head(features)
+        return torch.func.functional_call(head, head_state, (features,))
 
     @property
     def logit_width(self) -> int:
@@ -421,14 +422,15 @@ class SoftPromptModel(nn.Module):
         """Logits of rows of one or several tasks: each row through its task's head, padded with NOT_A_LABEL to
         the most labels of a task."""
         if not self.multitask:
-            return self.head(self.features(encoded))
+            return self.head(_as_head_input(self.head, self.features(encoded)))
         features = self.features(encoded)
         if task_ids is None:
             task_ids = torch.zeros(len(features), dtype=torch.long, device=features.device)
         logits = features.new_full((len(features), self.logit_width), NOT_A_LABEL)
         for index in task_ids.unique().tolist():
             rows = task_ids == index
-            task_rows = self.heads[self.task_names[index]](features[rows])
+            head = self.heads[self.task_names[index]]
+            task_rows = head(_as_head_input(head, features[rows]))
             logits[rows, :task_rows.shape[1]] = task_rows.to(logits.dtype)
         return logits
 
@@ -459,3 +461,9 @@ def distillation_loss(logits: torch.Tensor, states: torch.Tensor, teacher_logits
     kl = F.kl_div(student, target, log_target=True, reduction="batchmean") * temperature ** 2
     mse = F.mse_loss(states.float(), teacher_states.float())
     return logits_weight * kl + hidden_weight * mse
+
+
+def _as_head_input(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Features in the head's dtype: a head of ours stays float32 (it trains) on a bfloat16 or float16 base model."""
+    weight = next(head.parameters(), None)
+    return features if weight is None or weight.dtype == features.dtype else features.to(weight.dtype)
