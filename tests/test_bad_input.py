@@ -150,6 +150,21 @@ def test_predict_refuses_rows_without_text(tmp_path, run_cli, sst2_checkpoint, v
     refused(run_cli("predict", sst2_checkpoint, "--input", source), str(source), "row 2", "'sentence'", what)
 
 
+@pytest.mark.parametrize("name, content, line, fields", [
+    ("in.csv", "sentence,label\na fine film,1\nit is good, really good,1\n", 3, 3),  # an unquoted comma
+    ("in.csv", "sentence,label\na fine film\n", 2, 1),
+    ("in.tsv", "sentence\tlabel\r\na fine\tfilm\t1\r\n", 2, 3),
+])
+def test_predict_refuses_rows_that_do_not_fit_the_header(tmp_path, run_cli, sst2_checkpoint, name, content, line,
+                                                           fields):
+    """A row with more cells than the header lost them without a word (and in training data a text's end became a
+    label); one with fewer lost its columns."""
+    source = tmp_path / name
+    source.write_text(content)
+    refused(run_cli("predict", sst2_checkpoint, "--input", source), str(source), f"line {line} has {fields} fields",
+            "2 columns (sentence, label)")
+
+
 def test_predict_reads_numbers_as_text(tmp_path, run_cli, sst2_checkpoint):
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"sentence": 42}) + "\n" + json.dumps({"sentence": 1.5}) + "\n")

@@ -368,17 +368,18 @@ def test_single_label(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, text",
+    "name, text, where",
     [
-        ("train.csv", "text,label\na,x\nb\n"),
-        ("train.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n'),
-        ("train.jsonl", '{"text": "a", "label": "x"}\n{"label": "y"}\n'),
+        ("train.csv", "text,label\na,x\nb\n", "line 3 has 1 fields, but the csv has 2 columns"),
+        ("train.csv", "text,label\na,x\nb, and c,y\n", "line 3 has 3 fields, but the csv has 2 columns"),
+        ("train.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n', "row 2"),
+        ("train.jsonl", '{"text": "a", "label": "x"}\n{"label": "y"}\n', "row 2"),
     ],
-    ids=["csv-short-row", "jsonl-no-label", "jsonl-no-text"],
+    ids=["csv-short-row", "csv-long-row", "jsonl-no-label", "jsonl-no-text"],
 )
-def test_row_missing_a_field_is_a_user_error(tmp_path, name, text):
+def test_row_missing_a_field_is_a_user_error(tmp_path, name, text, where):
     data = files(tmp_path, text, name=name, label_names=["x", "y"])
-    with pytest.raises(UserError, match="row 2"):
+    with pytest.raises(UserError, match=where):
         load_examples(data)
 
 

@@ -140,12 +140,17 @@ def _delimited_rows(path: Path, text: str, kind: str, columns: list[str] | None)
     handle = io.StringIO(text, newline="")
     reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if kind == "tsv" else csv.reader(handle)
     try:
-        lines = [line for line in reader if line]
+        lines = [(reader.line_num, line) for line in reader if line]
     except csv.Error as err:
         raise UserError(f"{str(path)!r} line {reader.line_num} cannot be read as {kind} ({err}). Fix that line, or "
                         "check that the file is really a text table.") from None
-    header, body = (list(columns), lines) if columns else (lines[0] if lines else [], lines[1:])
-    return [dict(zip(header, line)) for line in body]
+    header, body = (list(columns), lines) if columns else (lines[0][1] if lines else [], lines[1:])
+    for number, line in body:  # zip would drop extra cells, or leave columns out, without a word
+        if len(line) != len(header):
+            fix = "quote a text that holds a comma" if kind == "csv" else "a text cannot hold a tab"
+            raise UserError(f"{str(path)!r} line {number} has {len(line)} fields, but the {kind} has {len(header)} "
+                            f"columns ({', '.join(header)}). Fix that line ({fix}).")
+    return [dict(zip(header, line)) for _, line in body]
 
 
 def _parquet_rows(path: Path) -> list[dict]:
