@@ -165,6 +165,45 @@ def test_predict_refuses_rows_that_do_not_fit_the_header(tmp_path, run_cli, sst2
             "2 columns (sentence, label)")
 
 
+def test_predict_writes_parquet_timestamps_and_bytes_as_text(tmp_path, run_cli, sst2_checkpoint):
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    when = datetime.datetime(2024, 5, 1, 12, 30)
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"sentence": ["a fine film", "dull"], "when": [when, when], "raw": [b"ok", b"\xff"]}),
+                   source)
+    code, out, err = run_cli("predict", sst2_checkpoint, "--input", source)
+    assert code == 0, out + err
+    rows = [json.loads(line) for line in out.splitlines()]
+    stamp = "2024-05-01T12:30:00"
+    assert [(r["when"], r["raw"]) for r in rows] == [(stamp, "ok"), (stamp, "base64:/w==")]
+    code, _, err = run_cli("predict", sst2_checkpoint, "--input", source, "--output", tmp_path / "out.csv")
+    assert code == 0, err
+    assert "2024-05-01T12:30:00,ok" in (tmp_path / "out.csv").read_text()
+
+
+def test_predict_tsv_output_reads_back_as_its_input(tmp_path, run_cli, sst2_checkpoint):
+    """tsv is read with quotes as text (GLUE's own files hold them), so predict writes it unquoted; a tab or line
+    break inside a text cannot be written so and becomes a space, with a note."""
+    from softprompt_cli.data.sources import read_table
+
+    source = tmp_path / "in.tsv"
+    source.write_text('sentence\nhe said "wow" , a fine film\n"quoted from the start"\n', encoding="utf-8")
+    output = tmp_path / "out.tsv"
+    code, _, err = run_cli("predict", sst2_checkpoint, "--input", source, "--output", output)
+    assert code == 0, err
+    assert [r["sentence"] for r in read_table(output, recipe=False)] == \
+        [r["sentence"] for r in read_table(source, recipe=False)]
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text(json.dumps({"sentence": "a\tfine\nfilm"}) + "\n")
+    code, _, err = run_cli("predict", sst2_checkpoint, "--input", jsonl, "--output", output)
+    assert code == 0 and "1 text(s) held tabs or line breaks" in err
+    assert [r["sentence"] for r in read_table(output, recipe=False)] == ["a fine film"]
+
+
 def test_predict_reads_numbers_as_text(tmp_path, run_cli, sst2_checkpoint):
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"sentence": 42}) + "\n" + json.dumps({"sentence": 1.5}) + "\n")

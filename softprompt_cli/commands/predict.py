@@ -3,6 +3,7 @@ the same forward batch (see softprompt_cli.inference), written as jsonl, csv or 
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import sys
@@ -47,9 +48,54 @@ def records(rows: list[dict], items: list[Item], outputs: list[torch.Tensor | st
     return out
 
 
+def _as_text(value: Any) -> Any:
+    """An input value JSON has no type for (a parquet timestamp, date, bytes, decimal) as text."""
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return "base64:" + base64.b64encode(value).decode("ascii")
+    return str(value)
+
+
+def _plain(value: Any) -> Any:
+    return value if value is None or isinstance(value, str | int | float | bool) else _as_text(value)
+
+
+_TSV_BREAKS = str.maketrans({"\t": " ", "\n": " ", "\r": " "})
+
+
+def _tsv_cell(value: Any, changed: list[int]) -> Any:
+    """tsv is read back with quotes as text (GLUE's way), so it is written unquoted: a tab or line break inside a
+    text would split its row and becomes a space (counted in `changed`)."""
+    if not isinstance(value, str):
+        return value
+    flat = value.replace("\r\n", " ").translate(_TSV_BREAKS)
+    if flat != value:
+        changed.append(1)
+    return flat
+
+
+def _write_table(flat: list[dict], output: Path) -> None:
+    columns = list(dict.fromkeys(k for r in flat for k in r))
+    tsv, changed = output.suffix.lower() == ".tsv", []
+    rows = [{k: _tsv_cell(_plain(v), changed) if tsv else _plain(v) for k, v in r.items()} for r in flat]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", newline="", encoding="utf-8") as handle:
+        options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "quotechar": None} if tsv else {}
+        writer = csv.DictWriter(handle, columns, **options)
+        writer.writeheader()
+        writer.writerows(rows)
+    if changed:
+        print(f"note: {len(changed)} text(s) held tabs or line breaks, written to {str(output)!r} as spaces (tsv has "
+              "no quoting here); write .jsonl or .csv to keep them.", file=sys.stderr)
+
+
 def write_records(results: list[dict], output: Path | None) -> None:
     if output is None or output.suffix.lower() in (".jsonl", ".json"):
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+        lines = "".join(json.dumps(r, ensure_ascii=False, default=_as_text) + "\n" for r in results)
         if output is None:
             sys.stdout.write(lines)
         else:
@@ -58,14 +104,9 @@ def write_records(results: list[dict], output: Path | None) -> None:
         return
     if output.suffix.lower() not in (".csv", ".tsv"):
         raise UserError(f"--output {str(output)!r}: write .jsonl, .csv or .tsv.")
-    flat = [{**{k: v for k, v in r.items() if k != "pred_probabilities"},
-             **{f"pred_p_{name}": v for name, v in r.get("pred_probabilities", {}).items()}} for r in results]
-    columns = list(dict.fromkeys(k for r in flat for k in r))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, columns, delimiter="\t" if output.suffix.lower() == ".tsv" else ",")
-        writer.writeheader()
-        writer.writerows(flat)
+    _write_table([{**{k: v for k, v in r.items() if k != "pred_probabilities"},
+                   **{f"pred_p_{name}": v for name, v in r.get("pred_probabilities", {}).items()}} for r in results],
+                 output)
 
 
 def run_predict(references: list[str], input_file: Path | None, texts: list[str], text_pairs: list[str],
