@@ -204,6 +204,23 @@ def test_predict_tsv_output_reads_back_as_its_input(tmp_path, run_cli, sst2_chec
     assert [r["sentence"] for r in read_table(output, recipe=False)] == ["a fine film"]
 
 
+def test_checkpoints_that_load_the_base_model_differently_are_not_mixed(tmp_path, run_cli, sst2_checkpoint):
+    """One loaded base model serves all the checkpoints: in another dtype, one's results would depend on which came
+    first on the command line."""
+    import shutil
+
+    from softprompt_cli.artifacts.checkpoint import RECIPE_FILE
+
+    other = tmp_path / "bf16"
+    shutil.copytree(sst2_checkpoint, other)
+    recipe = yaml.safe_load((other / RECIPE_FILE).read_text())
+    recipe["model"]["dtype"] = "bfloat16"
+    (other / RECIPE_FILE).write_text(yaml.safe_dump(recipe))
+    for order in ([sst2_checkpoint, other], [other, sst2_checkpoint]):
+        refused(run_cli("predict", f"a={order[0]}", f"b={order[1]}", "--text", "a fine film"),
+                "load their base model differently", "model.dtype", "bfloat16", "run them separately")
+
+
 def test_predict_reads_numbers_as_text(tmp_path, run_cli, sst2_checkpoint):
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"sentence": 42}) + "\n" + json.dumps({"sentence": 1.5}) + "\n")

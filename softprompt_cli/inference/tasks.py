@@ -86,6 +86,27 @@ def refuse_mixed(loaded: list[Trained], what: str = "predict") -> None:
         models = sorted({t.base_model["name_or_path"] for t in loaded})
         raise UserError(f"the checkpoints were trained on different base models ({', '.join(models)}); "
                         f"{what} serves checkpoints of one base model at a time.")
+    refuse_other_weights(loaded[0], loaded[1:], what)
+
+
+def base_weights(trained: Trained) -> dict[str, str | None]:
+    """How a checkpoint loads its base model's weights, beyond the architecture its fingerprint covers."""
+    spec = trained.recipe.model
+    return {"model.dtype": spec.dtype, "model.gguf_file": spec.gguf_file, "model.revision": spec.revision}
+
+
+def refuse_other_weights(first: Trained, others: list[Trained], what: str) -> None:
+    """Checkpoints share one loaded base model, so they must load it alike: otherwise all would run on the first
+    one's (its dtype, its GGUF quantization), and the results would depend on the order they were given in."""
+    expected = base_weights(first)
+    for other in others:
+        differ = {key: value for key, value in base_weights(other).items() if value != expected[key]}
+        if differ:
+            key = next(iter(differ))
+            raise UserError(f"the checkpoints load their base model differently ({key}: {expected[key]} in "
+                            f"{str(first.directory)!r}, {differ[key]} in {str(other.directory)!r}); {what} runs "
+                            "one copy of the base model for all of them. Give checkpoints that agree, or run them "
+                            "separately.")
 
 
 def _read_named(references: list[str], model_path: str | None) -> list[tuple[Trained, dict[str, str]]]:

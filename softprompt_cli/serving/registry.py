@@ -21,6 +21,7 @@ from softprompt_cli.inference.tasks import (
     load_shared_base,
     parse_reference,
     refuse_mixed,
+    refuse_other_weights,
     served_names,
 )
 from softprompt_cli.model.loading import Geometry
@@ -81,6 +82,8 @@ class Registry:
         self.model_path = model_path
         self.base, self.tokenizer = load_shared_base([trained for _, _, trained in read], device)
         first = read[0][2]
+        self.first = first
+        """The first checkpoint: every later one must load the shared base model as it does."""
         self.base_model = dict(first.base_model)
         self.causal_lm = first.recipe.model_task.type == "causal_lm"
         self._lock = threading.Lock()
@@ -110,6 +113,7 @@ class Registry:
             kind = "causal_lm" if self.causal_lm else "sequence_classification"
             raise UserError(f"checkpoint {str(folder)!r} is not a {kind} checkpoint like the ones this server serves; "
                             "serve each kind of task with its own server.")
+        refuse_other_weights(self.first, [trained], "serve")
         names = served_names(name, folder, trained)
         clash = sorted(set(names) & (set(self.tasks) | {self.base_name}))
         if clash:
