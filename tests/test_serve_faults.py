@@ -297,3 +297,23 @@ def test_a_hot_load_builds_its_tasks_with_a_copy_of_the_tokenizer(lm_checkpoints
     assert registry.load(lm_checkpoints["prefix"], "later") == ["later"]
     assert given[0] is not registry.tokenizer
     assert given[0]("what a film")["input_ids"] == registry.tokenizer("what a film")["input_ids"]
+
+
+def test_max_tokens_left_out_follows_openai_within_the_servers_limit(lm_server, lm_checkpoints):
+    """Completions: 16 (OpenAI's default), also for "max_tokens": null; chat: no default of its own, so up to the
+    server's --max-tokens-limit (60 here) and the model's positions; both within a lower limit."""
+    prompt = {"model": "pt", "prompt": "what a", "temperature": 0, "stop": "never-appears"}
+    chat = {"model": "pt", "messages": [{"role": "user", "content": "what a"}], "temperature": 0}
+    with lm_server.client() as client:
+        for body in (prompt, {**prompt, "max_tokens": None}):
+            answer = client.post("/v1/completions", json=body).json()
+            length = answer["choices"][0]["finish_reason"] == "length"
+            assert answer["usage"]["completion_tokens"] == 16 if length else answer["usage"]["completion_tokens"] < 16
+        answer = client.post("/v1/chat/completions", json=chat).json()
+        length = answer["choices"][0]["finish_reason"] == "length"
+        assert answer["usage"]["completion_tokens"] == 60 if length else answer["usage"]["completion_tokens"] < 60
+    with _server([f"pt={lm_checkpoints['pt']}"], max_tokens_limit=5) as server, server.client() as client:
+        for path, body in (("/v1/completions", prompt), ("/v1/chat/completions", chat)):
+            answer = client.post(path, json=body)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["usage"]["completion_tokens"] <= 5

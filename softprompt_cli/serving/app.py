@@ -346,12 +346,24 @@ def _sampling(body: schemas.CompletionRequest | schemas.ChatRequest) -> Sampling
     return Sampling(body.temperature, 0, body.top_p, generator)
 
 
-def _completion(request: Request, server: Server, body, input_ids: list[int], max_tokens: int) -> Completion:
-    """A generation request checked against the server's limits and the model's positions."""
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+"""OpenAI's default max_tokens for /v1/completions (chat has none: up to the context)."""
+
+
+def _completion(request: Request, server: Server, body, input_ids: list[int], default_max_tokens: int | None
+                ) -> Completion:
+    """A generation request checked against the server's limits and the model's positions. A request without
+    max_tokens gets `default_max_tokens` (None: all the room there is), within both."""
     task = _task(server, body.model)
     if task is not None and not task.model.causal_lm:
         raise ApiError(400, f"model {body.model!r} is a classifier: use /v1/classify.", "model")
     limits = server.settings
+    virtual = task.model.num_virtual_tokens if task is not None else 0
+    positions = server.registry.max_positions
+    max_tokens = body.token_limit
+    if max_tokens is None:
+        room = positions - virtual - len(input_ids) if positions else limits.max_tokens_limit
+        max_tokens = max(1, min(default_max_tokens or limits.max_tokens_limit, limits.max_tokens_limit, room))
     if max_tokens > limits.max_tokens_limit:
         raise ApiError(400, f"max_tokens is {max_tokens}; this server generates at most {limits.max_tokens_limit} "
                        "tokens per request (--max-tokens-limit).", "max_tokens")
@@ -361,8 +373,6 @@ def _completion(request: Request, server: Server, body, input_ids: list[int], ma
     if len(body.stop_strings) > schemas.MAX_STOP_STRINGS:
         raise ApiError(400, f"stop has {len(body.stop_strings)} strings; give at most {schemas.MAX_STOP_STRINGS}.",
                        "stop")
-    virtual = task.model.num_virtual_tokens if task is not None else 0
-    positions = server.registry.max_positions
     if positions and virtual + len(input_ids) + max_tokens > positions:
         raise ApiError(400, f"the prompt ({len(input_ids)} tokens) + the soft prompt ({virtual}) + max_tokens "
                        f"({max_tokens}) exceed the model's {positions} positions. Shorten the prompt or lower "
@@ -447,7 +457,8 @@ async def completions(request: Request, body: schemas.CompletionRequest) -> obje
         raise ApiError(400, f"prompt is a list of {len(body.prompt)} texts; this server takes one prompt per "
                        "request (send several requests: they are batched together).", "prompt")
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    work = _completion(request, server, body, server.registry.tokenizer(text)["input_ids"], body.max_tokens)
+    work = _completion(request, server, body, server.registry.tokenizer(text)["input_ids"],
+                       COMPLETIONS_DEFAULT_MAX_TOKENS)
     return await _respond(request, server, work, body, chat=False)
 
 
@@ -466,7 +477,7 @@ async def chat_completions(request: Request, body: schemas.ChatRequest) -> objec
     except Exception as error:  # a template's own raise_exception(), or a broken template
         raise ApiError(400, f"the chat template refused these messages: {error}", "messages") from None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    work = _completion(request, server, body, ids, body.token_limit)
+    work = _completion(request, server, body, ids, None)
     return await _respond(request, server, work, body, chat=True)
 
 

@@ -56,7 +56,12 @@ class StreamOptions(_Body):
 
 class CompletionRequest(_Sampled):
     prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    """None: OpenAI's default for completions, 16."""
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
 
 
 class TextPart(_Body):
@@ -79,8 +84,9 @@ class ChatRequest(_Sampled):
     max_completion_tokens: int | None = Field(None, ge=1)
 
     @property
-    def token_limit(self) -> int:
-        return self.max_completion_tokens or self.max_tokens or 16
+    def token_limit(self) -> int | None:
+        """None (not given): as many as the server's limit and the model's positions allow, as OpenAI's chat."""
+        return self.max_completion_tokens or self.max_tokens
 
 
 class ClassifyRequest(_Body):
