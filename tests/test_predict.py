@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import GLUE_DIR, cli_exit_code, write_recipe
 
 
@@ -129,3 +130,25 @@ def test_predict_bad_input(tmp_path, checkpoints, run_cli, monkeypatch, args, me
     code, out, err = run_cli("predict", checkpoint, *args)
     assert code == 2, out + err
     assert message in err and "Traceback" not in out + err
+
+
+def test_a_run_on_glue_dir_records_it_so_its_checkpoints_read_the_same_columns(tmp_path, tiny_models, run_cli,
+                                                                             monkeypatch):
+    """A recipe without data.dir trained through $GLUE_DIR: its checkpoints keep reading the GLUE tsv columns
+    (#1 String, #2 String) where $GLUE_DIR is unset, instead of switching to the Hub's (sentence1, sentence2)."""
+    recipe = write_recipe(tmp_path, str(tiny_models["bert"]), {"name": "prompt_tuning"},
+                          training={"max_steps": 1, "batch_size": 8})
+    fields = yaml.safe_load(recipe.read_text())
+    del fields["data"]["dir"]
+    recipe.write_text(yaml.safe_dump(fields))
+    monkeypatch.setenv("GLUE_DIR", str(GLUE_DIR))
+    code, _, err = run_cli("train", str(recipe))
+    assert code == 0, err
+    monkeypatch.delenv("GLUE_DIR")
+    checkpoint = tmp_path / "run" / "final"
+    assert yaml.safe_load((checkpoint / "recipe.yaml").read_text())["data"]["dir"] == str(GLUE_DIR.resolve())
+    rows = tmp_path / "rows.tsv"
+    rows.write_text("".join((GLUE_DIR / "MRPC" / "dev.tsv").read_text(encoding="utf-8-sig").splitlines(True)[:3]))
+    code, out, err = run_cli("predict", str(checkpoint), "--input", str(rows))
+    assert code == 0, err
+    assert len(out.splitlines()) == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from softprompt_cli.artifacts.checkpoint import (
     write_small_file,
 )
 from softprompt_cli.assemble import build_model
-from softprompt_cli.config.schema import Recipe
+from softprompt_cli.config.schema import DataSection, Recipe
 from softprompt_cli.data.batching import evaluation_loader, training_loader
 from softprompt_cli.data.tasks import all_targets, load_task_data, task_labels
 from softprompt_cli.errors import UserError
@@ -154,6 +155,23 @@ def _accelerator(recipe: Recipe, mixed_precision: str) -> Accelerator:
 def with_precision(recipe: Recipe, mixed_precision: str) -> Recipe:
     return recipe.model_copy(update={"training": recipe.training.model_copy(
         update={"mixed_precision": mixed_precision})})
+
+
+def with_glue_dir(recipe: Recipe) -> Recipe:
+    """GLUE data read through $GLUE_DIR recorded as data.dir, so that what the run's checkpoints read (the tsv's
+    text and label columns, not the Hub's; eval's data) does not depend on the environment they are used in."""
+    folder = os.environ.get("GLUE_DIR")
+    if not folder:
+        return recipe
+
+    def pinned(data: DataSection) -> DataSection:
+        if not data.glue_task or data.dir is not None:
+            return data
+        return data.model_copy(update={"dir": str(Path(folder).expanduser().resolve())})
+
+    if recipe.tasks is None:
+        return recipe.model_copy(update={"data": pinned(recipe.data)})
+    return recipe.model_copy(update={"tasks": [t.model_copy(update={"data": pinned(t.data)}) for t in recipe.tasks]})
 
 
 def claim_output(recipe: Recipe, accelerator: Accelerator, resume: Path | None) -> dict | None:
@@ -454,7 +472,7 @@ def train(recipe: Recipe, resume: Path | None = None) -> dict[str, Any]:
     """Train as the recipe says (continuing the state saved in `resume`); return the run's summary."""
     accelerator = make_accelerator(recipe)
     # What runs (auto resolved) is what the run's recipe.yaml and checkpoints record, and eval and predict follow.
-    recipe = with_precision(recipe, accelerator.mixed_precision)
+    recipe = with_glue_dir(with_precision(recipe, accelerator.mixed_precision))
     with claimed_output(recipe, accelerator):
         return train_claimed(recipe, accelerator, resume)
 
