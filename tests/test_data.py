@@ -587,3 +587,15 @@ def test_local_metrics_equal_scikit_learn(num_labels, seed):
     }
     for name, value in expected.items():
         assert local_metric(name, predictions, references, num_labels) == pytest.approx(value, abs=1e-12), name
+
+
+@pytest.mark.parametrize("labels", [["1", "\N{SUPERSCRIPT TWO}"], ["0", "1", "\N{SUPERSCRIPT TWO}"]])
+def test_labels_that_look_like_digits_but_are_not_numbers(tmp_path, labels):
+    """'²' passes str.isdigit() but int() refuses it: such a label is a name, never a traceback."""
+    text = "text,label\n" + "".join(f"row {i},{label}\n" for i, label in enumerate(labels))
+    train, _, names = load_examples(files(tmp_path, text))
+    assert sorted(names) == sorted(labels) and sorted(train.labels) == list(range(len(labels)))
+    named = files(tmp_path, text, label_names=["0", "1"])
+    if "0" in labels:
+        with pytest.raises(UserError, match="\N{SUPERSCRIPT TWO}"):
+            load_examples(named)

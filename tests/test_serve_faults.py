@@ -317,3 +317,4 @@ def test_max_tokens_left_out_follows_openai_within_the_servers_limit(lm_server, 
             answer = client.post(path, json=body)
             assert answer.status_code == 200, answer.text
             assert answer.json()["usage"]["completion_tokens"] <= 5
+

@@ -98,11 +98,11 @@ def check_rows_labels(trained: Trained, recipe: Recipe, table: Table, limit: int
         return
     names = list(trained.label_names)
     field = label_field(recipe.data)
-    numeric = not any(name.lstrip("-").isdigit() for name in names)  # GLUE's 0/1 index the names
+    numeric = not any(name.lstrip("-").isdecimal() for name in names)  # GLUE's 0/1 index the names
     unknown: dict[str, int] = {}
     for number, row in enumerate(table.rows[:limit] if limit else table.rows, 1):
         key = label_key(row[field]) if row.get(field) is not None else ""
-        if key and key not in names and not (numeric and key.isdigit() and int(key) < len(names)):
+        if key and key not in names and not (numeric and key.isdecimal() and int(key) < len(names)):
             unknown.setdefault(key, number)
     if unknown:
         listing = ", ".join(f"{key!r} (row {number})" for key, number in list(unknown.items())[:5])

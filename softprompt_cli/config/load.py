@@ -77,7 +77,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _list_index(entries: list, part: str, key: str) -> int:
     """The entry a dotted key's part names in a list (tasks.0.data.max_length: the first task)."""
-    if not part.isdigit() or int(part) >= len(entries):
+    if not part.isdecimal() or int(part) >= len(entries):
         raise UserError(f"override {key!r}: {part!r} is not an entry of that list, which has {len(entries)} "
                         f"entries; name one by its position, 0 to {len(entries) - 1} (e.g. tasks.0.data.max_length)"
                         ".")

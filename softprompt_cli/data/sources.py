@@ -315,7 +315,7 @@ def label_names(data: DataSection, train: Table) -> list[str]:
         return train.label_names
     field = label_field(data)  # a row without the column at all is reported by to_examples
     values = sorted({_label_of(row, field, n, train.origin) for n, row in enumerate(train.rows, 1) if field in row})
-    if values and all(v.lstrip("-").isdigit() for v in values):
+    if values and all(v.lstrip("-").isdecimal() for v in values):
         values = sorted(values, key=int)
     return values
 
@@ -345,7 +345,7 @@ def to_examples(data: DataSection, task: TaskSection, table: Table, names: list[
             raise UserError(str(err)) from None
     index = {name: i for i, name in enumerate(names)}
     # Integer labels index the label list when they are not themselves label names (GLUE's 0/1).
-    numeric = not any(name.lstrip("-").isdigit() for name in names)
+    numeric = not any(name.lstrip("-").isdecimal() for name in names)
     rows = table.rows[:max_samples] if max_samples else table.rows
     examples = Examples([], [], [] if task.type == "causal_lm" else None)
     for number, row in enumerate(rows, 1):
@@ -361,7 +361,7 @@ def to_examples(data: DataSection, task: TaskSection, table: Table, names: list[
         key = _label_of(row, label, number, table.origin)
         if key in index:
             examples.labels.append(index[key])
-        elif numeric and key.isdigit() and int(key) < len(names):
+        elif numeric and key.isdecimal() and int(key) < len(names):
             examples.labels.append(int(key))
         else:
             raise UserError(

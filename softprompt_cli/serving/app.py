@@ -137,7 +137,7 @@ class Guard:
             return _error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the key "
                           "the server was started with (--api-key or SOFTPROMPT_API_KEY).",
                           headers={"WWW-Authenticate": "Bearer"}, kind="authentication_error")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             return _error(411, "send the request body with a Content-Length header (not chunked).")
         if int(length) > limit:
             return _error(413, f"the request body is over {limit} bytes. Send fewer or shorter inputs per request.")
