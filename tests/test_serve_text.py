@@ -42,3 +42,42 @@ def test_stop_strings_never_leak_and_characters_arrive_whole(text, stop, expecte
 def test_max_tokens_ends_the_row_with_what_is_certain():
     deltas, reason = stream_out("abc\N{GRINNING FACE}", [], max_tokens=5)  # 3 letters + half the emoji
     assert reason == "length" and "".join(deltas) == "abc"
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Llama-2, Mistral, Gemma): '▁' marks a word's leading space, and the
+    decoder drops the space at a text's start."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", "▁Review:", "▁a", "▁fine", "▁film", "▁positive", "▁film.", "."])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+
+
+def _wordpiece_tokenizer():
+    from transformers import AutoTokenizer
+
+    from softprompt_cli.hub import packaged_model_path
+
+    return AutoTokenizer.from_pretrained(packaged_model_path("sentence-transformers/all-MiniLM-L6-v2"))
+
+
+@pytest.mark.parametrize("make", [_metaspace_tokenizer, _wordpiece_tokenizer], ids=["sentencepiece", "wordpiece"])
+def test_a_continuation_keeps_the_space_before_its_first_word(make):
+    """prompt text + continuation == the text of prompt + continuation tokens: a continuation decoded alone lost
+    its leading space (' positive' -> 'positive'); streamed, token by token, the same."""
+    from softprompt_cli.model.lm import continuation_text
+
+    tokenizer = make()
+    prompt = tokenizer("Review: a fine film", add_special_tokens=False)["input_ids"]
+    new = tokenizer(" positive film.", add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in prompt + new
+    whole = tokenizer.decode(prompt + new, skip_special_tokens=True)
+    text = continuation_text(tokenizer, prompt, new)
+    assert tokenizer.decode(prompt, skip_special_tokens=True) + text == whole
+    assert text.startswith(" positive")
+    stream = TextStream(tokenizer, tokenizer.eos_token_id, [], 100, prompt)
+    assert "".join(stream.accept(token) for token in [*new, tokenizer.eos_token_id]) == text

@@ -20,6 +20,7 @@ from softprompt_cli.data.sources import input_fields, row_texts
 from softprompt_cli.data.templates import render
 from softprompt_cli.errors import UserError
 from softprompt_cli.inference.tasks import Task
+from softprompt_cli.model import lm
 from softprompt_cli.model.lm import Sampling
 from softprompt_cli.model.soft_prompt import Encoded
 
@@ -152,7 +153,8 @@ def generate_batch(items: list[Item], collate, tokenizer, generation: Generation
                                  generation.max_new_tokens or task.recipe.task.max_new_tokens,
                                  tokenizer.eos_token_id, generation.sampling,
                                  task_ids=_task_ids(items, batch["input_ids"].device))
-    return tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)
+    return [lm.continuation_text(tokenizer, item.sequences[0]["input_ids"], row)
+            for item, row in zip(items, tokens.cpu().tolist())]
 
 
 def predict(items: list[Item], tokenizer, batch_size: int, progress: bool = False,

@@ -151,3 +151,18 @@ def keep_rows(state: Decoding, rows: torch.Tensor) -> None:
     state.next_position = state.next_position[rows]
     if state.prefix is not None:
         state.prefix = state.prefix[:, :, rows]
+
+
+PROMPT_CONTEXT_TOKENS = 6
+"""Prompt tokens decoded before a continuation (vLLM's incremental detokenizer starts from a few the same way)."""
+
+
+def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int], head: str | None = None) -> str:
+    """The text `new_ids` add after `prompt_ids`. Decoded alone, a continuation loses what the tokenizer's decoder
+    puts before its first token (SentencePiece and WordPiece decoders drop a text's leading space: ' positive'
+    came out 'positive'), so it is decoded after the prompt's last tokens and their own text (`head`, if already
+    decoded) cut off; decoded alone where that text is not a prefix."""
+    context = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
+    head = tokenizer.decode(context, skip_special_tokens=True) if head is None else head
+    whole = tokenizer.decode(context + list(new_ids), skip_special_tokens=True)
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(new_ids, skip_special_tokens=True)

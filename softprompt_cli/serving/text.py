@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from softprompt_cli.model import lm
+
 INCOMPLETE_CHARACTER = "\ufffd"
 """What a tokenizer decodes half of a multi-byte character to: held back until the rest arrives."""
 
@@ -15,10 +17,16 @@ class TextStream:
     eos_token_id: int | None
     stop: list[str] = field(default_factory=list)
     max_tokens: int = 16
+    prompt_ids: list[int] = field(default_factory=list)
+    """The prompt: the text is what the tokens add after it (see lm.continuation_text)."""
     tokens: list[int] = field(default_factory=list)
     sent: int = 0
     """Characters of the text already given out."""
     finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        self.prompt_ids = list(self.prompt_ids[-lm.PROMPT_CONTEXT_TOKENS:])
+        self._head = self.tokenizer.decode(self.prompt_ids, skip_special_tokens=True)
 
     def _held_back(self, text: str) -> int:
         """Characters at the end of `text` that may still change: half a character, and the start of a stop
@@ -50,7 +58,7 @@ class TextStream:
         return delta
 
     def _text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return lm.continuation_text(self.tokenizer, self.prompt_ids, self.tokens, self._head)
 
     def _flush(self, text: str) -> str:
         delta = text[self.sent:]
