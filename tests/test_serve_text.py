@@ -50,7 +50,8 @@ def _metaspace_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", "▁Review:", "▁a", "▁fine", "▁film", "▁positive", "▁film.", "."])}
+    words = ["<unk>", "</s>", "▁Review:", "▁a", "▁fine", "▁film", "▁positive", "▁film.", "."]
+    vocab = {word: index for index, word in enumerate(words)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
