@@ -67,21 +67,21 @@ def _plain(value: Any) -> Any:
 _TSV_BREAKS = str.maketrans({"\t": " ", "\n": " ", "\r": " "})
 
 
-def _tsv_cell(value: Any, changed: list[int]) -> Any:
+def _tsv_cell(value: Any) -> Any:
     """tsv is read back with quotes as text (GLUE's way), so it is written unquoted: a tab or line break inside a
-    text would split its row and becomes a space (counted in `changed`)."""
-    if not isinstance(value, str):
-        return value
-    flat = value.replace("\r\n", " ").translate(_TSV_BREAKS)
-    if flat != value:
-        changed.append(1)
-    return flat
+    text would split its row and becomes a space."""
+    return value.replace("\r\n", " ").translate(_TSV_BREAKS) if isinstance(value, str) else value
 
 
 def _write_table(flat: list[dict], output: Path) -> None:
     columns = list(dict.fromkeys(k for r in flat for k in r))
-    tsv, changed = output.suffix.lower() == ".tsv", []
-    rows = [{k: _tsv_cell(_plain(v), changed) if tsv else _plain(v) for k, v in r.items()} for r in flat]
+    tsv = output.suffix.lower() == ".tsv"
+    rows = [{k: _plain(v) for k, v in r.items()} for r in flat]
+    changed = 0
+    if tsv:
+        cells = [{k: _tsv_cell(v) for k, v in r.items()} for r in rows]
+        changed = sum(a != b for row, cell in zip(rows, cells) for a, b in zip(row.values(), cell.values()))
+        rows = cells
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", newline="", encoding="utf-8") as handle:
         options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "quotechar": None} if tsv else {}
@@ -89,7 +89,7 @@ def _write_table(flat: list[dict], output: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     if changed:
-        print(f"note: {len(changed)} text(s) held tabs or line breaks, written to {str(output)!r} as spaces (tsv has "
+        print(f"note: {changed} text(s) held tabs or line breaks, written to {str(output)!r} as spaces (tsv has "
               "no quoting here); write .jsonl or .csv to keep them.", file=sys.stderr)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from softprompt_cli.artifacts.checkpoint import (
 from softprompt_cli.assemble import build_model
 from softprompt_cli.config.schema import DataSection, Recipe
 from softprompt_cli.data.batching import evaluation_loader, training_loader
+from softprompt_cli.data.sources import glue_dir
 from softprompt_cli.data.tasks import all_targets, load_task_data, task_labels
 from softprompt_cli.errors import UserError
 from softprompt_cli.model.loading import config_fingerprint
@@ -160,14 +160,10 @@ def with_precision(recipe: Recipe, mixed_precision: str) -> Recipe:
 def with_glue_dir(recipe: Recipe) -> Recipe:
     """GLUE data read through $GLUE_DIR recorded as data.dir, so that what the run's checkpoints read (the tsv's
     text and label columns, not the Hub's; eval's data) does not depend on the environment they are used in."""
-    folder = os.environ.get("GLUE_DIR")
-    if not folder:
-        return recipe
 
     def pinned(data: DataSection) -> DataSection:
-        if not data.glue_task or data.dir is not None:
-            return data
-        return data.model_copy(update={"dir": str(Path(folder).expanduser().resolve())})
+        folder = glue_dir(data) if data.glue_task and data.dir is None else None
+        return data if folder is None else data.model_copy(update={"dir": str(folder.resolve())})
 
     if recipe.tasks is None:
         return recipe.model_copy(update={"data": pinned(recipe.data)})
