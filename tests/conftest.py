@@ -52,7 +52,7 @@ def _tokenizer():
 
 def _save_tiny(kind: str, folder: Path) -> Path:
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig
+    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, Gemma3TextConfig, GPT2Config, LlamaConfig
 
     tokenizer = _tokenizer()
     vocab = tokenizer.vocab_size
@@ -64,6 +64,13 @@ def _save_tiny(kind: str, folder: Path) -> Path:
         "llama": LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=160,
                              bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id),
+        # scaled input embeddings (x sqrt(hidden) in the embedding module), a sliding-window layer, GQA
+        "gemma3": Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                                   max_position_embeddings=160, sliding_window=12,
+                                   layer_types=["sliding_attention", "full_attention"],
+                                   bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                                   pad_token_id=tokenizer.pad_token_id),
     }
     torch.manual_seed(0)
     # Decoders are saved with their LM head (causal_lm loads it; AutoModel drops it).
@@ -76,7 +83,7 @@ def _save_tiny(kind: str, folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_models")
-    return {kind: _save_tiny(kind, root / kind) for kind in ("bert", "gpt2", "llama")}
+    return {kind: _save_tiny(kind, root / kind) for kind in ("bert", "gpt2", "llama", "gemma3")}
 
 
 def cli_exit_code(*args) -> int:

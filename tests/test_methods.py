@@ -139,11 +139,40 @@ def test_grouped_query_prefix_has_kv_heads(tiny_models):
     assert (layers, two, kv_heads, n, head_dim) == (2, 2, 2, 4, 8)
 
 
-def test_prompt_tuning_text_init_uses_token_embeddings(tiny_models):
-    model, tokenizer = build(tiny_models["bert"], "prompt_tuning_text")
+@pytest.mark.parametrize("kind", ["bert", "gemma3"])
+def test_prompt_tuning_text_init_uses_token_embeddings(tiny_models, kind):
+    """As the model's first layer sees them: Gemma 3 scales its embedding table by sqrt(hidden) in the module."""
+    model, tokenizer = build(tiny_models[kind], "prompt_tuning_text")
     ids = tokenizer(METHODS["prompt_tuning_text"]["init_text"], add_special_tokens=False)["input_ids"][:4]
-    expected = model.base.get_input_embeddings().weight[ids]
-    torch.testing.assert_close(model.prompt(), expected)
+    embedding = model.base.get_input_embeddings()
+    scale = embedding.embed_scale if kind == "gemma3" else 1.0
+    assert kind == "bert" or scale > 5
+    torch.testing.assert_close(model.prompt(), embedding.weight[ids] * scale)
+
+
+def test_vocabulary_samples_equal_peft_sample_vocab(tiny_models):
+    """PEFT's SAMPLE_VOCAB draws ids the same way and embeds them through the module (scaled, in Gemma 3)."""
+    from peft import PromptTuningConfig, PromptTuningInit
+    from peft.tuners.prompt_tuning.model import PromptEmbedding
+
+    from softprompt_cli.methods._layers import Vocabulary
+
+    embedding = build(tiny_models["gemma3"], "prompt_tuning")[0].base.get_input_embeddings()
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, token_dim=32,
+                                num_transformer_submodules=1, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+    torch.manual_seed(7)
+    theirs = PromptEmbedding(config, embedding).embedding.weight
+    torch.manual_seed(7)
+    torch.nn.Embedding(4, 32)  # PEFT draws its table's first values before the ids
+    torch.testing.assert_close(Vocabulary(embedding).sample(4), theirs)
+
+
+def test_random_init_has_the_spread_of_the_embeddings_the_model_sees(tiny_models):
+    from softprompt_cli.methods._layers import Vocabulary
+
+    embedding = build(tiny_models["gemma3"], "prompt_tuning")[0].base.get_input_embeddings()
+    seen = embedding(torch.arange(embedding.num_embeddings)).detach()
+    assert Vocabulary(embedding)._std() == pytest.approx(seen.std().item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["prompt_tuning", "prefix_tuning"])

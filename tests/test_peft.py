@@ -73,21 +73,22 @@ def test_exported_checkpoint_gives_the_same_logits_in_peft(tmp_path, tiny_models
 
 
 @pytest.mark.parametrize("variant", ["prompt_tuning", "prefix_tuning", "p_tuning_mlp"])
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_exported_causal_lm_checkpoint_gives_the_same_next_token_logits_in_peft(tmp_path, tiny_models, run_cli,
-                                                                                variant):
+                                                                                kind, variant):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from softprompt_cli.assemble import load_trained
 
-    recipe = write_recipe(tmp_path, str(tiny_models["llama"]), EXPORTABLE[variant], training={"max_steps": 2},
+    recipe = write_recipe(tmp_path, str(tiny_models[kind]), EXPORTABLE[variant], training={"max_steps": 2},
                           data={"glue_task": "sst2"}, task={"type": "causal_lm", "template": "{sentence} It was",
                                                             "label_words": {"0": " bad", "1": " good"}})
     assert run_cli("train", recipe)[0] == 0
     code, out, err = run_cli("export", tmp_path / "run" / "final", tmp_path / "adapter")
     assert code == 0, out + err
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models[kind])
     row = tokenizer(["a fine film It was"], return_tensors="pt")
-    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]),
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models[kind]),
                                            tmp_path / "adapter").eval()
     _, ours, _, _ = load_trained(tmp_path / "run" / "final")
     with torch.no_grad():

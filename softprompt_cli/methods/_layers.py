@@ -5,6 +5,55 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from softprompt_cli.errors import UserError
+
+VOCABULARY_CHUNK_ROWS = 16384
+"""Rows embedded at once when measuring the vocabulary's spread (Gemma 3's 262,144 rows: 16 passes)."""
+
+
+class Vocabulary:
+    """The frozen input embeddings as the model's first layer receives them, to start prompts from.
+
+    Rows go through the embedding module, not its weight: Gemma 3 (and BART-style `scale_embedding`) multiply the
+    table by a scale in the module's forward, so a prompt started from raw weight rows would be that factor too
+    small (Gemma 3 270M: 25x). PEFT starts its prompts through the module too."""
+
+    def __init__(self, embedding: nn.Module):
+        self.embedding = embedding
+        self.size, self.width = embedding.weight.shape
+
+    @torch.no_grad()
+    def rows(self, ids) -> torch.Tensor:
+        """The embeddings of token ids, as a new float32 tensor."""
+        return self.embedding(torch.as_tensor(ids, device=self.embedding.weight.device)).float()
+
+    def sample(self, count: int) -> torch.Tensor:
+        """Random rows, drawn with the global torch RNG."""
+        return self.rows(torch.randint(0, self.size, (count,)))
+
+    def text(self, tokenizer, text: str, count: int) -> torch.Tensor:
+        """The embeddings of a text's tokens, repeated or cut to `count` rows."""
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise UserError(f"method.init_text {text!r} tokenizes to nothing; give a real text.")
+        return self.rows((ids * (count // len(ids) + 1))[:count])
+
+    def random(self, count: int) -> torch.Tensor:
+        """Gaussian vectors with the spread of the vocabulary's embeddings."""
+        return torch.randn(count, self.width) * self._std()
+
+    @torch.no_grad()
+    def _std(self) -> float:
+        """The standard deviation of every embedded value, a chunk of rows at a time (no second table in memory)."""
+        total = total_squares = 0.0
+        for start in range(0, self.size, VOCABULARY_CHUNK_ROWS):
+            values = self.rows(torch.arange(start, min(start + VOCABULARY_CHUNK_ROWS, self.size))).double()
+            total += values.sum().item()
+            total_squares += values.square().sum().item()
+        count = self.size * self.width
+        return ((total_squares - total * total / count) / (count - 1)) ** 0.5
+
+
 
 class VirtualTokens(nn.Module):
     """Trainable virtual token vectors, optionally reparameterized by an encoder.
@@ -46,17 +95,6 @@ def mlp(width_in: int, hidden: int, width_out: int, num_hidden_layers: int, acti
         width = hidden
     layers.append(nn.Linear(width, width_out))
     return nn.Sequential(*layers)
-
-
-def vocabulary_sample(embeddings: torch.Tensor, count: int) -> torch.Tensor:
-    """Rows of the (frozen) input embedding matrix, drawn with the global torch RNG."""
-    rows = torch.randint(0, embeddings.shape[0], (count,))
-    return embeddings[rows].clone()
-
-
-def random_like_vocabulary(embeddings: torch.Tensor, count: int) -> torch.Tensor:
-    """Gaussian vectors with the scale of the vocabulary's embeddings."""
-    return torch.randn(count, embeddings.shape[1]) * embeddings.float().std()
 
 
 class PrefixLayout(nn.Module):

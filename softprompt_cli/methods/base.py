@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from softprompt_cli.methods._layers import Vocabulary
+
 METHODS_PACKAGE = "softprompt_cli.methods"
 
 
@@ -31,7 +33,8 @@ class ModelSpec:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    input_embeddings: nn.Embedding
+    vocabulary: Vocabulary
+    """The input embeddings as the first layer receives them (scaled, in Gemma 3), to start prompts from."""
     tokenizer: Any
     fingerprint: str
     prefix_from_text: Callable[[str, int], torch.Tensor]

@@ -64,23 +64,19 @@ class MultitaskPromptTuning(MethodOptions):
         return self.model_copy(update={"init": "random", "init_checkpoint": None, "init_task": None})
 
     def build(self, spec: ModelSpec) -> nn.Module:
-        from softprompt_cli.methods._layers import TaskPrompts, random_like_vocabulary, vocabulary_sample
+        from softprompt_cli.methods._layers import TaskPrompts
 
-        vocabulary = spec.input_embeddings.weight.detach().float()
-        n, tasks = self.num_virtual_tokens, len(spec.task_names)
-        cols, rows = new_factors(tasks, n, self.rank, vocabulary.shape[1])
+        vocabulary, n, tasks = spec.vocabulary, self.num_virtual_tokens, len(spec.task_names)
+        cols, rows = new_factors(tasks, n, self.rank, vocabulary.width)
         if self.init in SOURCE_MODES:
             source = spec.prompt_from_checkpoint(Path(self.init_checkpoint))
-            shared, cols, rows = self._from_source(source, cols, rows, vocabulary.shape[1])
+            shared, cols, rows = self._from_source(source, cols, rows, vocabulary.width)
         elif self.init == "text":
-            ids = spec.tokenizer(self.init_text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise UserError(f"method.init_text {self.init_text!r} tokenizes to nothing; give a real text.")
-            shared = vocabulary[(ids * (n // len(ids) + 1))[:n]].clone()
+            shared = vocabulary.text(spec.tokenizer, self.init_text, n)
         elif self.init == "sample_vocab":
-            shared = vocabulary_sample(vocabulary, n)
+            shared = vocabulary.sample(n)
         else:
-            shared = random_like_vocabulary(vocabulary, n)
+            shared = vocabulary.random(n)
         return TaskPrompts(shared, cols, rows)
 
     def _from_source(self, source: SourcePrompt, cols: torch.Tensor, rows: torch.Tensor, width: int

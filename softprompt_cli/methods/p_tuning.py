@@ -26,13 +26,12 @@ class PTuning(MethodOptions):
     def build(self, spec: ModelSpec) -> nn.Module:
         from torch import nn
 
-        from softprompt_cli.methods._layers import LstmMlp, VirtualTokens, mlp, vocabulary_sample
+        from softprompt_cli.methods._layers import LstmMlp, VirtualTokens, mlp
 
-        vocabulary = spec.input_embeddings.weight.detach().float()
-        width = vocabulary.shape[1]  # the input embeddings' width: below hidden_size in ELECTRA, ALBERT
+        width = spec.vocabulary.width  # the input embeddings' width: below hidden_size in ELECTRA, ALBERT
         if self.encoder == "mlp":
             encoder = mlp(width, self.encoder_hidden_size, width, self.encoder_num_layers, nn.ReLU,
                           self.encoder_dropout)
         else:
             encoder = LstmMlp(width, self.encoder_hidden_size, self.encoder_num_layers, self.encoder_dropout)
-        return VirtualTokens(vocabulary_sample(vocabulary, self.num_virtual_tokens), encoder)
+        return VirtualTokens(spec.vocabulary.sample(self.num_virtual_tokens), encoder)

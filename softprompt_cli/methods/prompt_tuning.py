@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from softprompt_cli.errors import UserError
 from softprompt_cli.methods.base import MethodOptions, ModelSpec, register
 
 if TYPE_CHECKING:
@@ -33,16 +32,11 @@ class PromptTuning(MethodOptions):
         return self
 
     def build(self, spec: ModelSpec) -> nn.Module:
-        from softprompt_cli.methods._layers import VirtualTokens, random_like_vocabulary, vocabulary_sample
+        from softprompt_cli.methods._layers import VirtualTokens
 
-        vocabulary = spec.input_embeddings.weight.detach().float()
-        n = self.num_virtual_tokens
+        vocabulary, n = spec.vocabulary, self.num_virtual_tokens
         if self.init == "text":
-            ids = spec.tokenizer(self.init_text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise UserError(f"method.init_text {self.init_text!r} tokenizes to nothing; give a real text.")
-            ids = (ids * (n // len(ids) + 1))[:n]
-            return VirtualTokens(vocabulary[ids].clone())
+            return VirtualTokens(vocabulary.text(spec.tokenizer, self.init_text, n))
         if self.init == "sample_vocab":
-            return VirtualTokens(vocabulary_sample(vocabulary, n))
-        return VirtualTokens(random_like_vocabulary(vocabulary, n))
+            return VirtualTokens(vocabulary.sample(n))
+        return VirtualTokens(vocabulary.random(n))

@@ -21,6 +21,7 @@ from torch import nn
 
 from softprompt_cli.config.schema import SINGLE_TASK
 from softprompt_cli.errors import UserError
+from softprompt_cli.methods._layers import Vocabulary
 from softprompt_cli.methods.base import MethodOptions, ModelSpec
 from softprompt_cli.model import heads, lm
 from softprompt_cli.model.first_token import first_token_enabled
@@ -85,7 +86,7 @@ def model_spec(base: nn.Module, tokenizer, prefix_from_checkpoint: Callable | No
                for reader in (prefix_from_checkpoint, prompt_from_checkpoint)]
     return ModelSpec(
         hidden_size=geometry.hidden_size, num_layers=geometry.num_layers, num_kv_heads=geometry.num_kv_heads,
-        head_dim=geometry.head_dim, input_embeddings=base.get_input_embeddings(), tokenizer=tokenizer,
+        head_dim=geometry.head_dim, vocabulary=Vocabulary(base.get_input_embeddings()), tokenizer=tokenizer,
         fingerprint=fingerprint,
         prefix_from_text=lambda text, n: prefix_from_ids(base, text_token_ids(tokenizer, text), n),
         prefix_from_checkpoint=readers[0], task_names=list(task_names or [SINGLE_TASK]),
