@@ -39,11 +39,16 @@ PARTIAL_PREFIX = ".partial-"
 DEQUANTIZING_PACKAGES = ("transformers", "gguf")
 
 
-def cache_dir() -> Path:
-    """Where entries live: under HF_HOME, found as the Hugging Face tools find it."""
+def softprompt_cache_home() -> Path:
+    """softprompt's folder under HF_HOME, found as the Hugging Face tools find it."""
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
     home = os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")
-    return Path(home).expanduser() / "softprompt" / "gguf"
+    return Path(home).expanduser() / "softprompt"
+
+
+def cache_dir() -> Path:
+    """Where entries live."""
+    return softprompt_cache_home() / "gguf"
 
 
 @functools.cache  # an installed version does not change while a process runs

