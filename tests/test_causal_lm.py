@@ -97,7 +97,7 @@ def test_generation_equals_a_greedy_loop_without_cache(tiny_models, decoder, met
     eos = tokenizer.eos_token_id
     ids = tokenizer("the movie was")["input_ids"]
     row = torch.tensor([ids])
-    generated = model.generate(row, torch.ones_like(row), max_new_tokens=8, eos_token_id=eos)[0].tolist()
+    generated = model.generate(row, torch.ones_like(row), max_new_tokens=8, stop_ids=eos)[0].tolist()
     assert until_eos(generated, eos) == greedy_without_cache(model, ids, 8, eos)
 
 
@@ -109,11 +109,28 @@ def test_left_padded_batch_generation_equals_one_at_a_time(tiny_models, decoder,
     texts = ["a", "the movie was long and rather dull", "good fun"]
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     assert tokenizer.padding_side == "left" and (batch["attention_mask"][:, 0] == 0).any()
-    together = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=6, eos_token_id=eos)
+    together = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=6, stop_ids=eos)
     for text, row in zip(texts, together.tolist()):
         alone = tokenizer(text, return_tensors="pt")
-        single = model.generate(alone["input_ids"], alone["attention_mask"], max_new_tokens=6, eos_token_id=eos)
+        single = model.generate(alone["input_ids"], alone["attention_mask"], max_new_tokens=6, stop_ids=eos)
         assert until_eos(row, eos) == until_eos(single[0].tolist(), eos)
+
+
+def test_generation_stops_at_every_end_token_of_the_generation_config(tiny_models):
+    """Instruction-tuned models list a turn's end token beside EOS (Gemma: [<eos>, <end_of_turn>])."""
+    from softprompt_cli.model import lm
+
+    model, tokenizer = build(tiny_models["llama"], METHODS["prompt_tuning"])
+    row = torch.tensor([tokenizer("the movie was")["input_ids"]])
+    free = model.generate(row, torch.ones_like(row), max_new_tokens=8, stop_ids=-1)[0].tolist()
+    end_of_turn = free[2]
+    model.base.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn, None]
+    stops = lm.stop_token_ids(model.base, tokenizer)
+    assert stops == (tokenizer.eos_token_id, end_of_turn)
+    first_end = next(i for i, token in enumerate(free) if token in stops)
+    assert model.generate(row, torch.ones_like(row), 8, stops)[0].tolist() == free[:first_end + 1]
+    model.base.generation_config.eos_token_id = tokenizer.eos_token_id  # one id, not a list
+    assert lm.stop_token_ids(model.base, tokenizer) == (tokenizer.eos_token_id,)
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator(tiny_models):

@@ -16,7 +16,7 @@ class ByteTokenizer:
 
 
 def stream_out(text: str, stop: list[str], max_tokens: int = 1000) -> tuple[list[str], str | None]:
-    stream = TextStream(ByteTokenizer(), EOS, stop, max_tokens)
+    stream = TextStream(ByteTokenizer(), (EOS,), stop, max_tokens)
     deltas = []
     for token in [*text.encode("utf-8"), EOS]:
         deltas.append(stream.accept(token))
@@ -80,5 +80,12 @@ def test_a_continuation_keeps_the_space_before_its_first_word(make):
     text = continuation_text(tokenizer, prompt, new)
     assert tokenizer.decode(prompt, skip_special_tokens=True) + text == whole
     assert text.startswith(" positive")
-    stream = TextStream(tokenizer, tokenizer.eos_token_id, [], 100, prompt)
+    stream = TextStream(tokenizer, (tokenizer.eos_token_id,), [], 100, prompt)
     assert "".join(stream.accept(token) for token in [*new, tokenizer.eos_token_id]) == text
+
+
+def test_every_end_token_ends_the_text_and_is_not_part_of_it():
+    end_of_turn = 257
+    stream = TextStream(ByteTokenizer(), (EOS, end_of_turn), [], 100)
+    assert [stream.accept(token) for token in [*b"ok", end_of_turn]] == ["o", "k", ""]
+    assert stream.finish_reason == "stop" and stream.tokens == list(b"ok")

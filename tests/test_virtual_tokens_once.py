@@ -151,7 +151,7 @@ def test_generation_and_label_word_scores_equal_virtual_tokens_in_every_row(tiny
     results = []
     for as_prefix in (True, False):
         model.virtual_tokens_as_prefix, model.kind = as_prefix, "prefix" if as_prefix else "input"
-        tokens = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=6, eos_token_id=-1)
+        tokens = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=6, stop_ids=-1)
         scores = model.scores(batch["input_ids"], batch["attention_mask"])
         results.append((tokens, scores))
     assert torch.equal(results[0][0], results[1][0])

@@ -151,7 +151,7 @@ def generate_batch(items: list[Item], collate, tokenizer, generation: Generation
     batch = collate([item.sequences[0] for item in items])
     tokens = task.model.generate(batch["input_ids"], batch["attention_mask"],
                                  generation.max_new_tokens or task.recipe.task.max_new_tokens,
-                                 tokenizer.eos_token_id, generation.sampling,
+                                 lm.stop_token_ids(task.model.base, tokenizer), generation.sampling,
                                  task_ids=_task_ids(items, batch["input_ids"].device))
     return [lm.continuation_text(tokenizer, item.sequences[0]["input_ids"], row)
             for item, row in zip(items, tokens.cpu().tolist())]

@@ -6,6 +6,7 @@ Functions of a SoftPromptModel (passed in; this module does not import it): they
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,19 +99,30 @@ def decode_step(model, state: Decoding, tokens: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.base.base_model(**inputs).last_hidden_state[:, -1])
 
 
+def stop_token_ids(base, tokenizer) -> tuple[int, ...]:
+    """The tokens that end a generation: the tokenizer's EOS and every end token of the model's generation config,
+    as transformers' generate and vLLM stop. Instruction-tuned models end a turn with a token of their own (Gemma's
+    <end_of_turn>, Llama 3's <|eot_id|>) that their generation config lists beside EOS."""
+    configured = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
-             prompt: torch.Tensor | None, sampling: Sampling | None = None) -> torch.Tensor:
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+             stop_ids: int | Sequence[int], prompt: torch.Tensor | None, sampling: Sampling | None = None
+             ) -> torch.Tensor:
     """Continue each (left-padded) row with up to max_new_tokens tokens, through a KV cache: [B, new] token ids,
-    padded after EOS. Greedy unless `sampling` is given."""
+    padded after the first of `stop_ids` (see `stop_token_ids`). Greedy unless `sampling` is given."""
     state, logits = prefill(model, input_ids, attention_mask, prompt)
     done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    stop = torch.as_tensor(stop_ids, device=input_ids.device)
     tokens = []
     while True:
         token = sampling.choose(logits.float()) if sampling else logits.argmax(-1)
         token = token.masked_fill(done, model.base.config.pad_token_id or 0)
         tokens.append(token)
-        done |= token == eos_token_id
+        done |= torch.isin(token, stop)
         if done.all() or len(tokens) == max_new_tokens:
             return torch.stack(tokens, 1)
         logits = decode_step(model, state, token)

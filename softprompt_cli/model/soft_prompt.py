@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -342,12 +342,12 @@ class SoftPromptModel(nn.Module):
         return prompt
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
-                 sampling: lm.Sampling | None = None, with_prompt: bool = True,
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 stop_ids: int | Sequence[int], sampling: lm.Sampling | None = None, with_prompt: bool = True,
                  task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Continue each (left-padded) row with up to max_new_tokens tokens (see `lm.generate`)."""
         prompt = self.prompt_for(task_ids, len(input_ids)) if with_prompt else None
-        return lm.generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, prompt, sampling)
+        return lm.generate(self, input_ids, attention_mask, max_new_tokens, stop_ids, prompt, sampling)
 
     def _inputs_with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None

@@ -380,7 +380,7 @@ def _completion(request: Request, server: Server, body, input_ids: list[int], de
     if not input_ids:
         raise ApiError(400, "the prompt is empty: give some text to continue.", "prompt")
     tokenizer = server.registry.tokenizer
-    stream = TextStream(tokenizer, tokenizer.eos_token_id, body.stop_strings, max_tokens, input_ids)
+    stream = TextStream(tokenizer, server.registry.stop_ids, body.stop_strings, max_tokens, input_ids)
     return Completion(asyncio.get_running_loop(), task=task, input_ids=input_ids, stream=stream,
                       sampling=_sampling(body), events=asyncio.Queue(), model_name=body.model)
 

@@ -24,6 +24,7 @@ from softprompt_cli.inference.tasks import (
     refuse_other_weights,
     served_names,
 )
+from softprompt_cli.model import lm
 from softprompt_cli.model.loading import Geometry
 from softprompt_cli.model.soft_prompt import SoftPromptModel
 
@@ -86,6 +87,7 @@ class Registry:
         """The first checkpoint: every later one must load the shared base model as it does."""
         self.base_model = dict(first.base_model)
         self.causal_lm = first.recipe.model_task.type == "causal_lm"
+        self.stop_ids = lm.stop_token_ids(self.base, self.tokenizer)
         self._lock = threading.Lock()
         self._numbers = itertools.count()
         self.tasks: dict[str, Task] = {}

@@ -14,7 +14,8 @@ INCOMPLETE_CHARACTER = "\ufffd"
 @dataclass
 class TextStream:
     tokenizer: object
-    eos_token_id: int | None
+    stop_ids: tuple[int, ...]
+    """Tokens that end the text (lm.stop_token_ids): not part of it."""
     stop: list[str] = field(default_factory=list)
     max_tokens: int = 16
     prompt_ids: list[int] = field(default_factory=list)
@@ -38,8 +39,8 @@ class TextStream:
 
     def accept(self, token: int) -> str:
         """Take one generated token: the text it adds (possibly empty); `finish_reason` is set once the row is
-        done ("stop": EOS or a stop string, "length": max_tokens)."""
-        if token == self.eos_token_id:
+        done ("stop": an end token or a stop string, "length": max_tokens)."""
+        if token in self.stop_ids:
             self.finish_reason = "stop"
             return self._flush(self._text())
         self.tokens.append(token)

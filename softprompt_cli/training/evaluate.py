@@ -9,6 +9,7 @@ from accelerate import Accelerator
 
 from softprompt_cli import metrics
 from softprompt_cli.config.schema import MEAN_METRIC, SINGLE_TASK, Recipe
+from softprompt_cli.model import lm
 
 
 def _row_tasks(batch: dict) -> list[int]:
@@ -20,7 +21,8 @@ def _generated(unwrapped, batch: dict, recipes: dict[int, Recipe], tokenizer, wi
     """Each row's generated text, at most its task's task.max_new_tokens tokens long."""
     limits = [recipes[task].task.max_new_tokens for task in _row_tasks(batch)]
     generated = unwrapped.generate(batch["input_ids"], batch["attention_mask"], max(limits),
-                                   tokenizer.eos_token_id, with_prompt=with_prompt, task_ids=batch.get("task_ids"))
+                                   lm.stop_token_ids(unwrapped.base, tokenizer), with_prompt=with_prompt,
+                                   task_ids=batch.get("task_ids"))
     return tokenizer.batch_decode([tokens[:limit] for tokens, limit in zip(generated, limits)],
                                   skip_special_tokens=True)
 
