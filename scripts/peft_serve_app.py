@@ -102,6 +102,9 @@ def name_cache_past_key_values(model) -> None:
 def make_app(model, tokenizer, causal_lm: bool, label_names: dict[str, list[str]]) -> FastAPI:
     app = FastAPI()
     lock = threading.Lock()
+    configured = model.generation_config.eos_token_id  # a turn's end token beside EOS in instruction-tuned models
+    ends = [i for i in dict.fromkeys([tokenizer.eos_token_id, *(configured if isinstance(configured, list)
+                                                               else [configured])]) if i is not None]
     names = list(model.peft_config)
     created = int(time.time())
 
@@ -131,11 +134,11 @@ def make_app(model, tokenizer, causal_lm: bool, label_names: dict[str, list[str]
             model.set_adapter(name)
             output = model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
                                     max_new_tokens=request.max_tokens, do_sample=False,
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                    eos_token_id=ends, pad_token_id=tokenizer.pad_token_id)
         new = output[0, encoded["input_ids"].shape[1]:].tolist()
-        stopped = tokenizer.eos_token_id in new
+        stopped = any(token in ends for token in new)
         if stopped:
-            new = new[:new.index(tokenizer.eos_token_id) + 1]
+            new = new[:next(i for i, token in enumerate(new) if token in ends)]
         text = tokenizer.decode(new, skip_special_tokens=True)
         prompt_tokens = encoded["input_ids"].shape[1]
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),

@@ -271,6 +271,45 @@ def test_free_form_targets_train_and_generate(tmp_path, tiny_models, run_cli):
     assert out == again
 
 
+def test_predict_text_ends_before_a_configured_end_token_that_is_not_special(tmp_path, tiny_models, run_cli):
+    """An end id from generation_config.json need not be a special token: decoding would not skip it."""
+    import shutil
+
+    from softprompt_cli.assemble import load_trained
+    from softprompt_cli.model import lm
+
+    base = shutil.copytree(tiny_models["llama"], tmp_path / "llama")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"question": "1 plus 2", "answer": "3"}) + "\n")
+    recipe = write_recipe(
+        tmp_path, str(base), METHODS["prompt_tuning"], training={"max_steps": 1},
+        data={"files": {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "train.jsonl")},
+              "max_train_samples": None, "max_eval_samples": None},
+        task={"type": "causal_lm", "template": "Q: {question} A:", "target_field": "answer"})
+    data = yaml.safe_load(recipe.read_text())
+    del data["data"]["glue_task"], data["data"]["dir"]
+    recipe.write_text(yaml.safe_dump(data))
+    assert run_cli("train", recipe)[0] == 0
+    checkpoint = tmp_path / "run" / "final"
+    (tmp_path / "in.jsonl").write_text(json.dumps({"question": "2 plus 2"}) + "\n")
+
+    def generated() -> str:
+        code, out, err = run_cli("predict", checkpoint, "--input", tmp_path / "in.jsonl", "--max-new-tokens", "6")
+        assert code == 0, err
+        return json.loads(out)["pred_generated"]
+
+    _, model, tokenizer, _ = load_trained(checkpoint)
+    row = torch.tensor([tokenizer("Q: 2 plus 2 A:")["input_ids"]])
+    free = model.generate(row, torch.ones_like(row), 6, -1)[0].tolist()
+    end = free[2]
+    assert end not in tokenizer.all_special_ids and tokenizer.eos_token_id not in free[:3]
+    whole = generated()
+    config = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [tokenizer.eos_token_id, end]}))
+    cut = generated()
+    assert cut == lm.continuation_text(tokenizer, row[0].tolist(), free[:2]) and whole.startswith(cut)
+    assert len(whole) > len(cut)
+
+
 def test_causal_lm_on_an_encoder_is_refused(tmp_path, tiny_models, run_cli):
     recipe = sst2_lm_recipe(tmp_path, tiny_models["bert"], METHODS["prompt_tuning"])
     code, _, err = run_cli("train", recipe)

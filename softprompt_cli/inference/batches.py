@@ -149,11 +149,11 @@ def _task_ids(items: list[Item], device: torch.device) -> torch.Tensor | None:
 def generate_batch(items: list[Item], collate, tokenizer, generation: Generation) -> list[str]:
     task = items[0].task
     batch = collate([item.sequences[0] for item in items])
+    stop_ids = lm.stop_token_ids(task.model.base, tokenizer)
     tokens = task.model.generate(batch["input_ids"], batch["attention_mask"],
-                                 generation.max_new_tokens or task.recipe.task.max_new_tokens,
-                                 lm.stop_token_ids(task.model.base, tokenizer), generation.sampling,
-                                 task_ids=_task_ids(items, batch["input_ids"].device))
-    return [lm.continuation_text(tokenizer, item.sequences[0]["input_ids"], row)
+                                 generation.max_new_tokens or task.recipe.task.max_new_tokens, stop_ids,
+                                 generation.sampling, task_ids=_task_ids(items, batch["input_ids"].device))
+    return [lm.continuation_text(tokenizer, item.sequences[0]["input_ids"], lm.until_stop(row, stop_ids))
             for item, row in zip(items, tokens.cpu().tolist())]
 
 

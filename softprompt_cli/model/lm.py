@@ -165,6 +165,12 @@ def keep_rows(state: Decoding, rows: torch.Tensor) -> None:
         state.prefix = state.prefix[:, :, rows]
 
 
+def until_stop(tokens: list[int], stop_ids: Sequence[int]) -> list[int]:
+    """A generated row's tokens before its first end token: end tokens from a generation config need not be
+    special tokens, which decoding would skip."""
+    return next((tokens[:i] for i, token in enumerate(tokens) if token in stop_ids), tokens)
+
+
 PROMPT_CONTEXT_TOKENS = 6
 """Prompt tokens decoded before a continuation (vLLM's incremental detokenizer starts from a few the same way)."""
 

@@ -5,7 +5,7 @@ share forward passes.
 Each turn of the loop: take new requests; run one classification batch (the oldest waiting inputs, of any soft
 prompts that can share a pass); admit waiting generations into the running batches (their prefill) while there is
 room; then one decode step for every running batch. A generation therefore joins rows that are already decoding
-and never waits for them to finish; each row stops at its own EOS, stop string or max_tokens.
+and never waits for them to finish; each row stops at its own end token, stop string or max_tokens.
 """
 
 from __future__ import annotations

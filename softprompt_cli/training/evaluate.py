@@ -20,11 +20,11 @@ def _row_tasks(batch: dict) -> list[int]:
 def _generated(unwrapped, batch: dict, recipes: dict[int, Recipe], tokenizer, with_prompt: bool) -> list[str]:
     """Each row's generated text, at most its task's task.max_new_tokens tokens long."""
     limits = [recipes[task].task.max_new_tokens for task in _row_tasks(batch)]
-    generated = unwrapped.generate(batch["input_ids"], batch["attention_mask"], max(limits),
-                                   lm.stop_token_ids(unwrapped.base, tokenizer), with_prompt=with_prompt,
-                                   task_ids=batch.get("task_ids"))
-    return tokenizer.batch_decode([tokens[:limit] for tokens, limit in zip(generated, limits)],
-                                  skip_special_tokens=True)
+    stop_ids = lm.stop_token_ids(unwrapped.base, tokenizer)
+    generated = unwrapped.generate(batch["input_ids"], batch["attention_mask"], max(limits), stop_ids,
+                                   with_prompt=with_prompt, task_ids=batch.get("task_ids"))
+    return tokenizer.batch_decode([lm.until_stop(tokens[:limit], stop_ids)
+                                   for tokens, limit in zip(generated.tolist(), limits)], skip_special_tokens=True)
 
 
 @torch.no_grad()
