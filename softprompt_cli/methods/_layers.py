@@ -44,14 +44,17 @@ class Vocabulary:
 
     @torch.no_grad()
     def _std(self) -> float:
-        """The standard deviation of every embedded value, a chunk of rows at a time (no second table in memory)."""
-        total = total_squares = 0.0
+        """The standard deviation of every embedded value, a chunk of rows at a time (no second table in memory):
+        each chunk's mean and squared deviations, pooled (Chan et al.'s parallel variance)."""
+        parts = []
         for start in range(0, self.size, VOCABULARY_CHUNK_ROWS):
-            values = self.rows(torch.arange(start, min(start + VOCABULARY_CHUNK_ROWS, self.size))).double()
-            total += values.sum().item()
-            total_squares += values.square().sum().item()
-        count = self.size * self.width
-        return ((total_squares - total * total / count) / (count - 1)) ** 0.5
+            values = self.rows(torch.arange(start, min(start + VOCABULARY_CHUNK_ROWS, self.size)))
+            variance, mean = torch.var_mean(values, correction=0)
+            parts.append((values.numel(), mean.item(), variance.item()))
+        count = sum(n for n, _, _ in parts)
+        mean = sum(n * m for n, m, _ in parts) / count
+        squares = sum(n * (v + (m - mean) ** 2) for n, m, v in parts)
+        return (squares / (count - 1)) ** 0.5
 
 
 

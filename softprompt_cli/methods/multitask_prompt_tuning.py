@@ -61,7 +61,8 @@ class MultitaskPromptTuning(MethodOptions):
         return self
 
     def for_trained(self) -> MultitaskPromptTuning:
-        return self.model_copy(update={"init": "random", "init_checkpoint": None, "init_task": None})
+        # sample_vocab: the cheapest start to throw away (random measures the whole vocabulary's spread)
+        return self.model_copy(update={"init": "sample_vocab", "init_checkpoint": None, "init_task": None})
 
     def build(self, spec: ModelSpec) -> nn.Module:
         from softprompt_cli.methods._layers import TaskPrompts
