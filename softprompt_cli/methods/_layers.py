@@ -57,7 +57,6 @@ class Vocabulary:
         return (squares / (count - 1)) ** 0.5
 
 
-
 class VirtualTokens(nn.Module):
     """Trainable virtual token vectors, optionally reparameterized by an encoder.
 

@@ -157,17 +157,18 @@ def with_precision(recipe: Recipe, mixed_precision: str) -> Recipe:
         update={"mixed_precision": mixed_precision})})
 
 
+def _glue_dir_pinned(data: DataSection) -> DataSection:
+    folder = glue_dir(data) if data.glue_task and data.dir is None else None
+    return data if folder is None else data.model_copy(update={"dir": str(folder.resolve())})
+
+
 def with_glue_dir(recipe: Recipe) -> Recipe:
     """GLUE data read through $GLUE_DIR recorded as data.dir, so that what the run's checkpoints read (the tsv's
     text and label columns, not the Hub's; eval's data) does not depend on the environment they are used in."""
-
-    def pinned(data: DataSection) -> DataSection:
-        folder = glue_dir(data) if data.glue_task and data.dir is None else None
-        return data if folder is None else data.model_copy(update={"dir": str(folder.resolve())})
-
     if recipe.tasks is None:
-        return recipe.model_copy(update={"data": pinned(recipe.data)})
-    return recipe.model_copy(update={"tasks": [t.model_copy(update={"data": pinned(t.data)}) for t in recipe.tasks]})
+        return recipe.model_copy(update={"data": _glue_dir_pinned(recipe.data)})
+    return recipe.model_copy(update={"tasks": [task.model_copy(update={"data": _glue_dir_pinned(task.data)})
+                                               for task in recipe.tasks]})
 
 
 def claim_output(recipe: Recipe, accelerator: Accelerator, resume: Path | None) -> dict | None:
