@@ -7,6 +7,7 @@ import torch
 
 from softprompt_cli.model import attention
 from softprompt_cli.model.attention import DropoutAttention, dropout_attention
+from softprompt_cli.model.dropout import MaskDrawer
 
 
 def reference(query, key, value, mask, scale, keep, dropout):
@@ -36,7 +37,7 @@ def test_dropout_attention_gives_the_reference_output_and_gradients(mask_kind):
     torch.manual_seed(11)
     ours = DropoutAttention.apply(query, key, value, mask, scale, dropout)
     torch.manual_seed(11)  # the keep-mask is the first thing drawn
-    keep = torch.empty(ours.shape[:-1] + (key.shape[2],), dtype=torch.bool).bernoulli_(1 - dropout)
+    keep = MaskDrawer(query.device).keep(torch.empty(ours.shape[:-1] + (key.shape[2],), dtype=torch.bool), dropout)
     assert 0 < keep.sum() < keep.numel()
     expected = reference(query, key, value, mask, scale, keep, dropout)
     torch.testing.assert_close(ours, expected)
@@ -53,7 +54,7 @@ def test_dropout_attention_handles_grouped_heads_and_the_causal_pattern():
     torch.manual_seed(3)
     ours, _ = dropout_attention(module, query, key, value, None, dropout=0.2)
     torch.manual_seed(3)
-    keep = torch.empty(2, 4, 3, 5, dtype=torch.bool).bernoulli_(0.8)
+    keep = MaskDrawer(query.device).keep(torch.empty(2, 4, 3, 5, dtype=torch.bool), 0.2)
     causal = torch.ones(3, 5, dtype=torch.bool).tril(2)[None, None]
     expected = reference(query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), causal, 0.5, keep, 0.2)
     torch.testing.assert_close(ours, expected.transpose(1, 2))
@@ -111,7 +112,7 @@ def test_chunked_dropout_attention_gives_the_reference_output_and_gradients(monk
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunks_compute_what_one_chunk_computes(monkeypatch, dtype):
-    """The same keep-mask given the same draws, and the same output and gradients as the whole tensor at once."""
+    """The same keep-mask from the same seed, and the same output and gradients as the whole tensor at once."""
     query, key, value = (t.detach().to(dtype).requires_grad_() for t in inputs(batch=3, heads=4, queries=6, keys=9))
     mask = torch.ones(3, 1, 6, 9, dtype=torch.bool)
     mask[1, ..., -4:] = False
@@ -122,10 +123,10 @@ def test_chunks_compute_what_one_chunk_computes(monkeypatch, dtype):
         torch.manual_seed(5)
         results.append(run_keeping_mask(query, key, value, mask, 0.5, 0.1, grad))
     (whole, whole_grads, whole_keep), (chunked, chunked_grads, chunked_keep) = results
-    if torch.equal(whole_keep, chunked_keep):  # where PyTorch draws serially (its own generator, not MKL's)
-        torch.testing.assert_close(chunked, whole)
-        for got, want in zip(chunked_grads, whole_grads):
-            torch.testing.assert_close(got, want)
+    assert torch.equal(whole_keep, chunked_keep)
+    torch.testing.assert_close(chunked, whole)
+    for got, want in zip(chunked_grads, whole_grads):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize(("shape", "chunk_bytes", "expected_chunks"), [

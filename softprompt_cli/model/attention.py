@@ -25,6 +25,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from softprompt_cli.model.dropout import MaskDrawer
+
 ATTENTION_NAME = "softprompt"
 
 
@@ -82,9 +84,9 @@ class DropoutAttention(torch.autograd.Function):
     """softmax(q kᵀ · scale + mask) with dropout, times v; saves q, k, v, the probabilities and the keep-mask.
 
     Computed in chunks of batch rows and heads (`score_chunks`). The keep-mask is drawn chunk after chunk in
-    memory order: where PyTorch draws serially (CPUs without MKL's generator), the same draws as one
-    `bernoulli_` over the whole mask. Dropped scores are selected out (`where`), not multiplied by zero: the
-    same values, in one pass instead of a float copy of the mask and a product."""
+    memory order from one `MaskDrawer`: the same mask as drawn at once. Dropped scores are selected out
+    (`where`), not multiplied by zero: the same values, in one pass instead of a float copy of the mask and a
+    product."""
 
     @staticmethod
     def forward(ctx, query, key, value, mask, scale: float, dropout: float):
@@ -92,8 +94,9 @@ class DropoutAttention(torch.autograd.Function):
         probs = query.new_empty(shape)
         keep = torch.empty(shape, dtype=torch.bool, device=query.device)
         output = query.new_empty(*shape[:3], value.shape[-1])
+        masks = MaskDrawer(query.device)
         for rows, heads in score_chunks(shape, query.element_size()):
-            chunk_keep = keep[rows, heads].bernoulli_(1 - dropout)
+            chunk_keep = masks.keep(keep[rows, heads], dropout)
             chunk_probs = _attention_probs(query[rows, heads], key[rows, heads], _part(mask, rows, heads), scale,
                                            probs[rows, heads])
             torch.matmul(torch.where(chunk_keep, chunk_probs, 0), value[rows, heads], out=output[rows, heads])

@@ -28,6 +28,7 @@ from softprompt_cli.errors import UserError
 from softprompt_cli.gguf_cache import GgufSource
 from softprompt_cli.hub import gguf_file_path, hub_reachable, offline_model_error, resolve_model_reference
 from softprompt_cli.model import attention, dequantized
+from softprompt_cli.model.dropout import use_fast_dropout
 from softprompt_cli.model.first_token import enable_first_token_only
 
 HEAD_MODULE_NAMES = ("pre_classifier", "classifier", "score")
@@ -289,6 +290,7 @@ def prepare_frozen(base: nn.Module, tokenizer, task_type: str = "sequence_classi
         base.config.pad_token_id = tokenizer.pad_token_id
     _prepare_tokenizer(tokenizer, base, causal_lm)
     base.requires_grad_(False)
+    use_fast_dropout(base)
     if pooling == "model" and not causal_lm:
         _, head = model_head(base)
         head.requires_grad_(True)
