@@ -90,6 +90,29 @@ def test_training_step_reaches_the_prompt_only_through_target_tokens(tiny_models
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_training_pass_leaves_out_the_last_column(tiny_models, method):
+    """The last position predicts nothing scored: the training forward runs the model on L - 1 columns (the
+    loss itself is checked against the full pass above)."""
+    model, tokenizer = build(tiny_models["llama"], METHODS[method])
+    rows = dict(tokenizer(["a fine film good", "dull good"], padding=True, return_tensors="pt"))
+    widths = []
+
+    def record(module, args, kwargs):
+        inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        if len(inputs) == 2:  # the rows' pass, not the one-row pass of prompt tuning's virtual tokens
+            widths.append(inputs.shape[1])
+
+    handle = model.base.base_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        labels = rows["input_ids"].clone()
+        labels[:, :-1] = -100
+        model.train()(**rows, labels=labels)["loss"].backward()
+    finally:
+        handle.remove()
+    assert widths == [rows["input_ids"].shape[1] - 1]
+
+
 @pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("method", METHODS)
 def test_generation_equals_a_greedy_loop_without_cache(tiny_models, decoder, method):

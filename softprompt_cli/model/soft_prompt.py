@@ -284,16 +284,16 @@ class SoftPromptModel(nn.Module):
         """Classification: logits (and the loss, given label ids). causal_lm: the loss on the target tokens
         (labels: token ids, -100 where nothing is to be predicted). `teacher` (distillation): the teacher's
         `teacher_logits` and `teacher_states` for these rows, weighed by `distill_weights`."""
-        encoded = self.encode(input_ids, attention_mask, token_type_ids, self.prompt_for(task_ids, len(input_ids)))
+        prompt = self.prompt_for(task_ids, len(input_ids))
         if self.causal_lm:
-            # Hidden state t predicts token t + 1; only target positions go through the (large) LM head.
-            states = encoded.states[:, -input_ids.shape[1]:-1]  # without leading virtual tokens
+            states = self._predicting_states(input_ids, attention_mask, token_type_ids, prompt)
             targets = labels[:, 1:]
             keep = targets != -100
-            logits = self.lm_head(states[keep]).float()
+            logits = self.lm_head(states[keep]).float()  # only target positions go through the (large) LM head
             output = {"loss": F.cross_entropy(logits, targets[keep]), "logits": logits}
             student_states = states[keep] if teacher else None
         else:
+            encoded = self.encode(input_ids, attention_mask, token_type_ids, prompt)
             output = {"logits": self.task_logits(encoded, task_ids)}
             if labels is not None:
                 output["loss"] = F.cross_entropy(output["logits"].float(), labels)
@@ -302,6 +302,16 @@ class SoftPromptModel(nn.Module):
             output["loss"] = output["loss"] + distillation_loss(output["logits"], student_states, **teacher,
                                                                 weights=self.distill_weights)
         return output
+
+    def _predicting_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None) -> torch.Tensor:
+        """A decoder's hidden states at the input's positions but the last ([B, L - 1, hidden]): state t predicts
+        token t + 1. The last position predicts nothing that is scored and, behind the causal mask, changes no
+        earlier state, so it is left out of the pass (one position in L fewer through every layer)."""
+        columns = input_ids.shape[1] - 1
+        token_type_ids = None if token_type_ids is None else token_type_ids[:, :columns]
+        states = self.encode(input_ids[:, :columns], attention_mask[:, :columns], token_type_ids, prompt).states
+        return states[:, states.shape[1] - columns:]  # without leading virtual tokens
 
     @property
     def lm_head(self) -> nn.Module:
