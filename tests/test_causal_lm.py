@@ -113,6 +113,24 @@ def test_training_pass_leaves_out_the_last_column(tiny_models, method):
     assert widths == [rows["input_ids"].shape[1] - 1]
 
 
+def test_a_causal_lm_teacher_reads_the_states_the_student_is_trained_on(tiny_models):
+    """Distillation: a teacher's logits and states are at the student's target positions, in the same order
+    (the same model as teacher gives the student's own outputs)."""
+    from softprompt_cli.training.distill import Teacher, _one_teacher
+
+    model, tokenizer = build(tiny_models["llama"], METHODS["prompt_tuning"])
+    rows = dict(tokenizer(["a fine film good", "dull good", "so so"], padding=True, return_tensors="pt"))
+    labels = rows["input_ids"].masked_fill(rows["attention_mask"] == 0, -100)
+    labels[:, :-2] = -100
+    batch = {**rows, "labels": labels}
+    with torch.no_grad():
+        student = model(**batch)["logits"]
+        logits, states, state_rows = _one_teacher(Teacher(model, {}), batch, torch.ones(3, dtype=torch.bool), True)
+    torch.testing.assert_close(logits, student)
+    assert len(states) == len(student) == int((labels[:, 1:] != -100).sum())
+    assert state_rows.tolist() == [0, 0, 1, 1, 2, 2]
+
+
 @pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("method", METHODS)
 def test_generation_equals_a_greedy_loop_without_cache(tiny_models, decoder, method):

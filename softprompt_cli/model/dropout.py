@@ -8,8 +8,14 @@ from torch's default generator: they follow `torch.manual_seed`, and a resumed r
 random state, draws the same ones. Other devices keep PyTorch's own generator (fast there).
 
 The frozen model's `nn.Dropout` modules are swapped for `Dropout` when it is prepared (`use_fast_dropout`),
-and the attention dropout (`attention.DropoutAttention`) draws through `MaskDrawer`: every dropout of the
-frozen model, for every method. (The soft prompts' own few dropouts, on a handful of rows, keep PyTorch's.)
+and the attention dropout (`attention.DropoutAttention`) draws through `MaskDrawer`: the dropouts of the
+frozen model in every model family this project runs (BERT, GPT-2, ...), for every method. Models that call
+`nn.functional.dropout` themselves or use a dropout subclass keep PyTorch's masks, as do the soft prompts' own
+few dropouts, on a handful of rows.
+
+The kept values are scaled by 1 / (1 - p) in the input's dtype from the exact float (PyTorch rounds the
+factor to the dtype first: in bfloat16, 1.109 instead of 1.111 for p = 0.1). `inplace=True` is accepted and
+not honoured: the result is a new tensor, which is all the frozen models use.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ class MaskedScale(torch.autograd.Function):
 
 
 class Dropout(nn.Dropout):
-    """`nn.Dropout` (same arguments, same function) with `MaskDrawer`'s masks on CPU."""
+    """`nn.Dropout` (same arguments, same function in float32 and float64) with `MaskDrawer`'s masks on CPU."""
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:

@@ -286,7 +286,7 @@ class SoftPromptModel(nn.Module):
         `teacher_logits` and `teacher_states` for these rows, weighed by `distill_weights`."""
         prompt = self.prompt_for(task_ids, len(input_ids))
         if self.causal_lm:
-            states = self._predicting_states(input_ids, attention_mask, token_type_ids, prompt)
+            states = self.predicting_states(input_ids, attention_mask, token_type_ids, prompt)
             targets = labels[:, 1:]
             keep = targets != -100
             logits = self.lm_head(states[keep]).float()  # only target positions go through the (large) LM head
@@ -303,8 +303,8 @@ class SoftPromptModel(nn.Module):
                                                                 weights=self.distill_weights)
         return output
 
-    def _predicting_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None) -> torch.Tensor:
+    def predicting_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None) -> torch.Tensor:
         """A decoder's hidden states at the input's positions but the last ([B, L - 1, hidden]): state t predicts
         token t + 1. The last position predicts nothing that is scored and, behind the causal mask, changes no
         earlier state, so it is left out of the pass (one position in L fewer through every layer)."""

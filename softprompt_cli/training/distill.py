@@ -64,12 +64,13 @@ def _one_teacher(teacher: Teacher, batch: dict, rows: torch.Tensor, causal_lm: b
     model = teacher.model
     input_ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
     token_types = batch.get("token_type_ids")
-    encoded = model.encode(input_ids, mask, None if token_types is None else token_types[rows],
-                           model.prompt_for(None, len(input_ids)))
-    if causal_lm:
-        states = encoded.states[:, -input_ids.shape[1]:-1]
+    token_types = None if token_types is None else token_types[rows]
+    prompt = model.prompt_for(None, len(input_ids))
+    if causal_lm:  # the student's states: the same rule, in one place
+        states = model.predicting_states(input_ids, mask, token_types, prompt)
         keep = batch["labels"][rows][:, 1:] != -100
         return model.lm_head(states[keep]).float(), states[keep], keep.nonzero()[:, 0]
+    encoded = model.encode(input_ids, mask, token_types, prompt)
     states, state_rows = distilled_states(encoded)
     return model.classify(encoded, teacher.head_state or None).float(), states, state_rows
 
