@@ -286,12 +286,9 @@ class SoftPromptModel(nn.Module):
         `teacher_logits` and `teacher_states` for these rows, weighed by `distill_weights`."""
         prompt = self.prompt_for(task_ids, len(input_ids))
         if self.causal_lm:
-            states = self.predicting_states(input_ids, attention_mask, token_type_ids, prompt)
-            targets = labels[:, 1:]
-            keep = targets != -100
-            logits = self.lm_head(states[keep]).float()  # only target positions go through the (large) LM head
-            output = {"loss": F.cross_entropy(logits, targets[keep]), "logits": logits}
-            student_states = states[keep] if teacher else None
+            logits, states, keep = self.target_predictions(input_ids, attention_mask, token_type_ids, prompt, labels)
+            output = {"loss": F.cross_entropy(logits, labels[:, 1:][keep]), "logits": logits}
+            student_states = states if teacher else None
         else:
             encoded = self.encode(input_ids, attention_mask, token_type_ids, prompt)
             output = {"logits": self.task_logits(encoded, task_ids)}
@@ -303,15 +300,19 @@ class SoftPromptModel(nn.Module):
                                                                 weights=self.distill_weights)
         return output
 
-    def predicting_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None) -> torch.Tensor:
-        """A decoder's hidden states at the input's positions but the last ([B, L - 1, hidden]): state t predicts
-        token t + 1. The last position predicts nothing that is scored and, behind the causal mask, changes no
-        earlier state, so it is left out of the pass (one position in L fewer through every layer)."""
+    def target_predictions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, labels: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A decoder's (logits, hidden states) at the positions that predict a target token, and where those are
+        (`keep`: [B, L - 1], labels[:, 1:] != -100): state t predicts token t + 1. Only those positions go through
+        the (large) LM head. The last position predicts nothing that is scored and, behind the causal mask,
+        changes no earlier state, so it is left out of the pass (one position in L fewer through every layer)."""
         columns = input_ids.shape[1] - 1
         token_type_ids = None if token_type_ids is None else token_type_ids[:, :columns]
         states = self.encode(input_ids[:, :columns], attention_mask[:, :columns], token_type_ids, prompt).states
-        return states[:, states.shape[1] - columns:]  # without leading virtual tokens
+        keep = labels[:, 1:] != -100
+        states = states[:, states.shape[1] - columns:][keep]  # without leading virtual tokens
+        return self.lm_head(states).float(), states, keep
 
     @property
     def lm_head(self) -> nn.Module:

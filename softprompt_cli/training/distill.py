@@ -66,10 +66,9 @@ def _one_teacher(teacher: Teacher, batch: dict, rows: torch.Tensor, causal_lm: b
     token_types = batch.get("token_type_ids")
     token_types = None if token_types is None else token_types[rows]
     prompt = model.prompt_for(None, len(input_ids))
-    if causal_lm:  # the student's states: the same rule, in one place
-        states = model.predicting_states(input_ids, mask, token_types, prompt)
-        keep = batch["labels"][rows][:, 1:] != -100
-        return model.lm_head(states[keep]).float(), states[keep], keep.nonzero()[:, 0]
+    if causal_lm:  # at the student's target positions, in its order
+        logits, states, keep = model.target_predictions(input_ids, mask, token_types, prompt, batch["labels"][rows])
+        return logits, states, keep.nonzero()[:, 0]
     encoded = model.encode(input_ids, mask, token_types, prompt)
     states, state_rows = distilled_states(encoded)
     return model.classify(encoded, teacher.head_state or None).float(), states, state_rows
