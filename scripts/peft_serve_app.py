@@ -99,12 +99,18 @@ def name_cache_past_key_values(model) -> None:
     model.base_model_prepare_inputs_for_generation = prepare
 
 
+def end_tokens(model, tokenizer) -> list[int]:
+    """EOS and the generation config's end tokens (a turn's end beside EOS in instruction-tuned models); a
+    classifier has no generation config."""
+    configured = model.generation_config.eos_token_id
+    listed = configured if isinstance(configured, list) else [configured]
+    return [i for i in dict.fromkeys([tokenizer.eos_token_id, *listed]) if i is not None]
+
+
 def make_app(model, tokenizer, causal_lm: bool, label_names: dict[str, list[str]]) -> FastAPI:
     app = FastAPI()
     lock = threading.Lock()
-    configured = model.generation_config.eos_token_id  # a turn's end token beside EOS in instruction-tuned models
-    ends = [i for i in dict.fromkeys([tokenizer.eos_token_id, *(configured if isinstance(configured, list)
-                                                               else [configured])]) if i is not None]
+    ends = end_tokens(model, tokenizer) if causal_lm else []
     names = list(model.peft_config)
     created = int(time.time())
 

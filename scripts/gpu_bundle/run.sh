@@ -90,7 +90,7 @@ case "$MODE" in
   all) accuracy "42 43 44" 9 420; speed 30 120 ;;
   dry) accuracy "42" 2 900 --set training.max_steps=1 --set data.max_eval_samples=16 --set training.eval_batch_size=8
        speed 1 900 --warmup 0 --eval-batches 1 recipes/mrpc_prompt_tuning.yaml ;;
-  serve) serve "${CLIENTS:-1,4,16,64}" 480 ;;
+  serve) serve "${CLIENTS:-1,4,16,64}" "${LIMIT:-480}" ;;
   smollm2)  # the SmolLM2 SST-2 recipe, 3 seeds: its GGUF folder in $SMOL_DIR, SST-2 under $SMOL_GLUE
     DATA=(--set "model.name_or_path=$SMOL_DIR" --set "data.dir=$SMOL_GLUE")
     accuracy "42 43 44" 6 "${LIMIT:-360}" recipes/sst2_smollm2_prompt_tuning.yaml --metrics accuracy ;;
