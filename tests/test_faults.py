@@ -70,7 +70,18 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert weights_a.keys() == weights_b.keys()
         for key in weights_a:
             torch.testing.assert_close(weights_b[key], weights_a[key], atol=1e-6, rtol=0)
-    assert comparable(b) == comparable(a)
+    records_a, records_b = comparable(a), comparable(b)
+    assert [r.keys() for r in records_b] == [r.keys() for r in records_a]
+    for record_a, record_b in zip(records_a, records_b):
+        # Not bitwise: MKL on AVX-512 picks float32 kernels by buffer alignment, and the resumed process allocates
+        # anew (a gradient norm moved in its 8th digit).
+        assert all(same_value(record_b[key], record_a[key]) for key in record_a), (record_b, record_a)
+
+
+def same_value(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-9)
+    return a == b
 
 
 def python_env() -> dict[str, str]:
