@@ -40,7 +40,9 @@ def make_run(recipe: Recipe, mixed_precision: str) -> Run:
     recipe = with_precision(recipe, mixed_precision)
     accelerator = make_accelerator(recipe)
     set_seed(recipe.training.seed)
-    return set_up(recipe, accelerator)
+    run = set_up(recipe, accelerator)
+    run.model.train()  # as fit() does: the frozen model's dropout is part of the step
+    return run
 
 
 def synchronized_seconds(device: torch.device, started: float) -> float:

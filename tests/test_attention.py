@@ -153,3 +153,32 @@ def test_score_chunks_cover_every_row_and_head_once_in_memory_order(shape, chunk
     assert len(chunks) == expected_chunks
     assert bool((covered == 1).all())
     assert starts == sorted(starts)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_bf16_training_attention_on_cpu_runs_sdpa_in_float32(monkeypatch, mask_kind):
+    """Under bf16 autocast with gradients, the CPU's SDPA gets float32 inputs (its bf16 backward is several times
+    slower), returns bf16, and gives float32 attention's output and gradients on the same bf16 inputs."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, *args, **kwargs: seen.append(q.dtype) or sdpa(q, k, v, *args, **kwargs))
+    query, key, value = (t.detach().to(torch.bfloat16).requires_grad_() for t in inputs())
+    mask = padding_mask(mask_kind)
+    mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+    module = SimpleNamespace(num_key_value_groups=1, is_causal=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, _ = attention.softprompt_attention(module, query, key, value, mask, dropout=0.0, scaling=0.5)
+    assert seen == [torch.float32] and ours.dtype == torch.bfloat16
+    upcast = [t.detach().float().requires_grad_() for t in (query, key, value)]
+    expected = reference(*upcast, mask, 0.5, torch.ones(2, 3, 5, 5, dtype=torch.bool), 0.0).transpose(1, 2)
+    torch.testing.assert_close(ours.float(), expected, atol=1e-2, rtol=1e-2)
+    grad = torch.randn(expected.shape)
+    ours_grads = torch.autograd.grad(ours, (query, key, value), grad.to(torch.bfloat16))
+    for got, want in zip(ours_grads, torch.autograd.grad(expected, upcast, grad)):
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference keeps bf16: its forward is faster
+        attention.softprompt_attention(module, query, key, value, mask, dropout=0.0, scaling=0.5)
+    assert seen == [torch.bfloat16]

@@ -151,7 +151,22 @@ def softprompt_attention(module, query, key, value, attention_mask, softprompt_p
     unusual = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
     if kwargs.get("dropout", 0.0) > 0 and not unusual:
         return dropout_attention(module, query, key, value, attention_mask, **kwargs)
+    if query.device.type == "cpu" and query.dtype == torch.bfloat16 and torch.is_grad_enabled():
+        return _float32_sdpa(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _float32_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """SDPA in float32 on bf16 inputs, for training under bf16 autocast on a CPU. PyTorch's CPU flash-attention
+    backward is 5 to 8 times slower in bf16 than in float32 (torch 2.13 on an AMX Xeon: 29 against 3.4 ms for 16
+    rows x 12 heads x 64 tokens), and its forward no faster at these lengths; float32 is also the more exact of the
+    two. The output goes back as bf16, as autocast would have given it."""
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):  # autocast would cast SDPA's inputs back to bf16
+        output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                                 **kwargs)
+    return output.to(query.dtype), weights
 
 
 def _with_prefix(module, query, key, value, attention_mask, prefix):
