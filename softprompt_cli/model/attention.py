@@ -25,7 +25,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from softprompt_cli.model.dropout import MaskDrawer
+from softprompt_cli.model.dropout import MaskDrawer, kept
 
 ATTENTION_NAME = "softprompt"
 
@@ -84,9 +84,8 @@ class DropoutAttention(torch.autograd.Function):
     """softmax(q kᵀ · scale + mask) with dropout, times v; saves q, k, v, the probabilities and the keep-mask.
 
     Computed in chunks of batch rows and heads (`score_chunks`). The keep-mask is drawn chunk after chunk in
-    memory order from one `MaskDrawer`: the same mask as drawn at once. Dropped scores are selected out
-    (`where`), not multiplied by zero: the same values, in one pass instead of a float copy of the mask and a
-    product."""
+    memory order from one `MaskDrawer`: the same mask as drawn at once. Dropped scores are multiplied by the
+    mask's bytes (`kept`): one pass, no float copy of the mask."""
 
     @staticmethod
     def forward(ctx, query, key, value, mask, scale: float, dropout: float):
@@ -99,7 +98,7 @@ class DropoutAttention(torch.autograd.Function):
             chunk_keep = masks.keep(keep[rows, heads], dropout)
             chunk_probs = _attention_probs(query[rows, heads], key[rows, heads], _part(mask, rows, heads), scale,
                                            probs[rows, heads])
-            torch.matmul(torch.where(chunk_keep, chunk_probs, 0), value[rows, heads], out=output[rows, heads])
+            torch.matmul(torch.mul(chunk_probs, kept(chunk_keep)), value[rows, heads], out=output[rows, heads])
         ctx.save_for_backward(query, key, value, probs, keep)
         ctx.scale, ctx.dropout = scale, dropout
         return output.div_(1 - dropout)
@@ -112,10 +111,10 @@ class DropoutAttention(torch.autograd.Function):
                                             for t in (query, key, value))
         for rows, heads in score_chunks(probs.shape, probs.element_size()):
             chunk_probs, chunk_keep, chunk_grad = probs[rows, heads], keep[rows, heads], grad_output[rows, heads]
-            dropped = torch.where(chunk_keep, chunk_probs, 0)
+            dropped = torch.mul(chunk_probs, kept(chunk_keep))
             torch.matmul(dropped.transpose(-1, -2), chunk_grad, out=grad_value[rows, heads])
             grad_dropped = torch.matmul(chunk_grad, value[rows, heads].transpose(-1, -2))
-            grad_probs = torch.where(chunk_keep, grad_dropped, 0).mul_(rescale)
+            grad_probs = grad_dropped.mul_(kept(chunk_keep)).mul_(rescale)
             grad_scores = torch._softmax_backward_data(grad_probs, chunk_probs, -1, probs.dtype).mul_(ctx.scale)
             torch.matmul(grad_scores, key[rows, heads], out=grad_query[rows, heads])
             torch.matmul(grad_scores.transpose(-1, -2), query[rows, heads], out=grad_key[rows, heads])
