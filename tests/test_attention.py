@@ -182,3 +182,35 @@ def test_bf16_training_attention_on_cpu_runs_sdpa_in_float32(monkeypatch, mask_k
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference keeps bf16: its forward is faster
         attention.softprompt_attention(module, query, key, value, mask, dropout=0.0, scaling=0.5)
     assert seen == [torch.bfloat16]
+
+
+def test_bf16_training_of_a_rotary_model_on_cpu_runs_sdpa_in_float32(monkeypatch, tiny_models):
+    """Llama multiplies its bf16 query and key projections by float32 cos and sin, so under autocast the query
+    reaching attention is float32 and the value bf16: autocast, not the query's dtype, decides that SDPA would
+    run in bf16. Training gives SDPA float32 in every layer; inference keeps bf16."""
+    from tests.test_causal_lm import METHODS, build
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, *args, **kwargs: seen.append(runs_in(q, k, v))
+                        or sdpa(q, k, v, *args, **kwargs))
+    model, tokenizer = build(tiny_models["llama"], METHODS["prefix_tuning"])
+    rows = dict(tokenizer(["a fine film good", "dull good"], padding=True, return_tensors="pt"))
+    labels = rows["input_ids"].clone()
+    labels[:, :-1] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train()(**rows, labels=labels)["loss"].backward()
+    assert seen and set(seen) == {torch.float32}
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.eval()(**rows, labels=labels)
+    assert seen and set(seen) == {torch.bfloat16}
+
+
+def runs_in(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype SDPA computes in, called on these inputs here: autocast's, where it is on, else theirs."""
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    (dtype,) = {t.dtype for t in tensors}
+    return dtype

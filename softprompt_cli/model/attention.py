@@ -150,9 +150,19 @@ def softprompt_attention(module, query, key, value, attention_mask, softprompt_p
     unusual = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
     if kwargs.get("dropout", 0.0) > 0 and not unusual:
         return dropout_attention(module, query, key, value, attention_mask, **kwargs)
-    if query.device.type == "cpu" and query.dtype == torch.bfloat16 and torch.is_grad_enabled():
+    if _trains_in_bf16_on_cpu(query):
         return _float32_sdpa(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _trains_in_bf16_on_cpu(query: torch.Tensor) -> bool:
+    """Gradients on, on a CPU, with SDPA bound to run in bf16: a bf16 model, or bf16 autocast, which casts SDPA's
+    inputs itself. Under autocast the query itself is often float32 (rotary models multiply the bf16 projection by
+    float32 cos and sin), so it is autocast that decides, not the query's dtype."""
+    if query.device.type != "cpu" or not torch.is_grad_enabled():
+        return False
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return autocast_bf16 or query.dtype == torch.bfloat16
 
 
 def _float32_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -165,7 +175,7 @@ def _float32_sdpa(module, query, key, value, attention_mask, **kwargs):
     with torch.autocast("cpu", enabled=False):  # autocast would cast SDPA's inputs back to bf16
         output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
                                                  **kwargs)
-    return output.to(query.dtype), weights
+    return output.to(torch.bfloat16), weights
 
 
 def _with_prefix(module, query, key, value, attention_mask, prefix):
