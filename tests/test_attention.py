@@ -159,10 +159,7 @@ def test_score_chunks_cover_every_row_and_head_once_in_memory_order(shape, chunk
 def test_bf16_training_attention_on_cpu_runs_sdpa_in_float32(monkeypatch, mask_kind):
     """Under bf16 autocast with gradients, the CPU's SDPA gets float32 inputs (its bf16 backward is several times
     slower), returns bf16, and gives float32 attention's output and gradients on the same bf16 inputs."""
-    seen = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, k, v, *args, **kwargs: seen.append(q.dtype) or sdpa(q, k, v, *args, **kwargs))
+    seen = sdpa_dtypes(monkeypatch)
     query, key, value = (t.detach().to(torch.bfloat16).requires_grad_() for t in inputs())
     mask = padding_mask(mask_kind)
     mask = mask.float() if mask is not None and mask.is_floating_point() else mask
@@ -190,11 +187,7 @@ def test_bf16_training_of_a_rotary_model_on_cpu_runs_sdpa_in_float32(monkeypatch
     run in bf16. Training gives SDPA float32 in every layer; inference keeps bf16."""
     from tests.test_causal_lm import METHODS, build
 
-    seen = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, k, v, *args, **kwargs: seen.append(runs_in(q, k, v))
-                        or sdpa(q, k, v, *args, **kwargs))
+    seen = sdpa_dtypes(monkeypatch)
     model, tokenizer = build(tiny_models["llama"], METHODS["prefix_tuning"])
     rows = dict(tokenizer(["a fine film good", "dull good"], padding=True, return_tensors="pt"))
     labels = rows["input_ids"].clone()
@@ -208,9 +201,18 @@ def test_bf16_training_of_a_rotary_model_on_cpu_runs_sdpa_in_float32(monkeypatch
     assert seen and set(seen) == {torch.bfloat16}
 
 
-def runs_in(*tensors: torch.Tensor) -> torch.dtype:
-    """The dtype SDPA computes in, called on these inputs here: autocast's, where it is on, else theirs."""
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu")
-    (dtype,) = {t.dtype for t in tensors}
-    return dtype
+def sdpa_dtypes(monkeypatch) -> list[torch.dtype]:
+    """The dtype of every SDPA call from now on (autocast's where it is on, else its inputs'), in a list."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, *args, **kwargs):
+        if torch.is_autocast_enabled("cpu"):
+            seen.append(torch.get_autocast_dtype("cpu"))
+        else:
+            (dtype,) = {t.dtype for t in (query, key, value)}
+            seen.append(dtype)
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    return seen

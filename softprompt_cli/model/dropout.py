@@ -1,4 +1,4 @@
-"""Dropout whose masks cost a fifth of PyTorch's on CPU.
+"""Dropout whose masks cost a quarter of PyTorch's on CPU.
 
 PyTorch draws CPU dropout masks from its Mersenne Twister one element at a time (`bernoulli_`, 8 to 11 ns per
 element on this project's 2-core machines); in a MiniLM training step that was 15% of the time, more than the
