@@ -3,6 +3,7 @@
     python scripts/bench_vs_peft.py            # MiniLM on MRPC: ~20 minutes on a 2-core CPU
     python scripts/bench_vs_peft.py --epochs 5 --max-train-samples 0 --repeats 1       # the full MRPC job
     python scripts/bench_vs_peft.py --job smollm2-sst2 --repeats 1 --one-process-batches 40   # ~1.5 hours
+    python scripts/bench_vs_peft.py --job smollm2-sst2 --repeats 0 --one-process-batches 20   # ratios alone
 
 Jobs (--job):
 - minilm-mrpc: the packaged MiniLM (sentence-transformers/all-MiniLM-L6-v2) on GLUE MRPC, each method with
@@ -168,7 +169,8 @@ def worker_softprompt(args) -> dict:
 
 def worker_peft(args) -> dict:
     recipe = bench_recipe(args, None)  # PEFT's side writes nothing
-    run = build_peft_run(recipe, load_task_data(recipe), JOBS[args.job].methods[args.method].peft)
+    run = build_peft_run(recipe, load_task_data(recipe), JOBS[args.job].methods[args.method].peft,
+                         args.peft_loss == "labels")
     epochs, evaluations = [], []
     for _ in range(args.epochs):  # each epoch evaluated, as softprompt's (and PEFT's example) are
         epochs.append(peft_epoch(run))
@@ -218,7 +220,8 @@ def worker_one_process(args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         recipe = bench_recipe(args, out)
         ours = set_up(recipe, make_accelerator(recipe))
-        theirs = build_peft_run(recipe, load_task_data(recipe), JOBS[args.job].methods[args.method].peft)
+        theirs = build_peft_run(recipe, load_task_data(recipe), JOBS[args.job].methods[args.method].peft,
+                                args.peft_loss == "labels")
         seconds = seconds_per_step_kind(ours, theirs, args.one_process_batches)
     return {"own_batches_ratio": seconds["peft"] / seconds["softprompt"],
             "identical_batches_ratio": seconds[PEFT_ON_OUR_BATCH] / seconds["softprompt"],
@@ -275,7 +278,8 @@ def run_worker(kind: str, method: str, args) -> dict:
                "--epochs", str(args.epochs), "--max-train-samples", str(args.max_train_samples),
                "--max-eval-samples", str(args.max_eval_samples), "--seed", str(args.seed),
                "--glue-dir", str(args.glue_dir), "--weight-decay", str(args.weight_decay),
-               "--max-grad-norm", str(args.max_grad_norm), "--one-process-batches", str(args.one_process_batches)]
+               "--max-grad-norm", str(args.max_grad_norm), "--one-process-batches", str(args.one_process_batches),
+               "--peft-loss", args.peft_loss]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -293,6 +297,7 @@ class MethodRuns:
     softprompt: list[dict] = field(default_factory=list)
     peft: list[dict] = field(default_factory=list)
     one_process: dict | None = None
+    one_process_tried: bool = False
     failures: list[str] = field(default_factory=list)
 
 
@@ -310,8 +315,9 @@ def measure_method(method: str, args) -> MethodRuns:
             except WorkerFailed as err:
                 failed.add(kind)
                 runs.failures.append(str(err))
-    if runs.softprompt and runs.peft:
+    if (runs.softprompt and runs.peft) or not args.repeats:
         print(f"{method}: both in one process", file=sys.stderr, flush=True)
+        runs.one_process_tried = True
         try:
             runs.one_process = run_worker("one_process", method, args)
         except WorkerFailed as err:
@@ -331,7 +337,7 @@ def both(runs: MethodRuns, key: str, form: str, scale: float = 1.0, unit: str = 
 
 def one_process_cells(runs: MethodRuns) -> list[str]:
     if runs.one_process is None:
-        missing = "failed" if runs.softprompt and runs.peft else "-"
+        missing = "failed" if runs.one_process_tried else "-"
         return [missing, missing]
     result, off = runs.one_process, runs.one_process["identical_batches_ratio_shortcut_off"]
     identical = f"{result['identical_batches_ratio']:.2f}x" + ("" if off is None else f" ({off:.2f}x)")
@@ -366,13 +372,17 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-train-samples", type=int, help="0: all; default: 800 (MRPC), 2,000 (SST-2)")
     parser.add_argument("--max-eval-samples", type=int, default=0, help="0: the whole dev set")
-    parser.add_argument("--repeats", type=int, default=2, help="A B pairs per method (B A in every other pair)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="A B pairs per method (B A in every other pair); 0: the one-process ratios alone")
     parser.add_argument("--one-process-batches", type=int, default=0,
                         help="batches the one-process ratios are timed on; 0: the whole first epoch")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, for both tools")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping for both tools; 0: none")
+    parser.add_argument("--peft-loss", choices=["label-word", "labels"], default="label-word",
+                        help="causal LM: PEFT's loss from the label word's logits alone (as softprompt), or from "
+                             "`labels` passed to the model (PEFT's examples: logits at every position)")
     parser.add_argument("--glue-dir", type=Path, default=Path("../shared/data/glue"))
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
