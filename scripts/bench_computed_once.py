@@ -1,0 +1,149 @@
+"""Training step time of a decoder with what every row shares computed once per step, against every row computing
+it, on the same batches: the virtual tokens of an input prompt (given to every row as keys and values), or the
+leading tokens that every row of a batch has alike (a template's start, run once after the prompt).
+
+    python scripts/bench_computed_once.py recipes/sst2_smollm2_prompt_tuning.yaml [key=value ...] \
+        [--steps 12] [--virtual-tokens 10 20 50]
+    python scripts/bench_computed_once.py recipes/sst2_smollm2_prompt_tuning.yaml --steps 12 \
+        --templates "Review: {sentence}\nSentiment:" "Classify the review as positive or negative.\n{sentence}\n..."
+
+Each step: forward, backward and AdamW step, the two ways alternating batch by batch (so that machine drift falls
+on both), after one warm-up step each. Prints the median step time of each and their ratio, one row per prompt
+length or template as soon as it is measured. Not a test: it trains a real model for minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def virtual_tokens_once(model, on: bool) -> None:
+    model.virtual_tokens_as_prefix = on
+    model.kind = "prefix" if on else "input"
+
+
+def leading_tokens_once(model, on: bool) -> None:
+    model.share_leading_tokens = on
+
+
+def step_seconds(model, optimizer, batch: dict) -> float:
+    import torch
+
+    started = time.perf_counter()
+    model(**batch)["loss"].backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    if batch["input_ids"].is_cuda:  # the step is queued on the GPU, not done
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def measure(model, lr: float, batches: list[dict], switch: Callable) -> dict[bool, list[float]]:
+    """Step times with `switch` on and off, alternating on each batch (the first batch warms both up)."""
+    import torch
+
+    model.to(batches[0]["input_ids"].device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for index, batch in enumerate([batches[0]] + batches):
+        for on in (True, False) if index % 2 else (False, True):
+            switch(model, on)
+            seconds = step_seconds(model, optimizer, batch)
+            if index:
+                times[on].append(seconds)
+    switch(model, True)
+    return times
+
+
+def recipe_batches(recipe, tasks, tokenizer, steps: int, device: str) -> list[dict]:
+    from softprompt_cli.data.batching import training_loader
+
+    batches = [batch for _, batch in zip(range(steps), training_loader(recipe, tasks, tokenizer))]
+    return [{k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")}
+            for b in batches]
+
+
+def shared_leading_tokens(model, batches: list[dict]) -> float:
+    """The mean number of leading tokens the rows of a batch share (the last column is not run in training)."""
+    from softprompt_cli.model import computed_once as leading_tokens
+
+    counts = []
+    for batch in batches:
+        mask = batch["attention_mask"][:, :-1]
+        counts.append(leading_tokens.shared_leading_count(batch["input_ids"][:, :-1], mask,
+                                                          leading_tokens.first_real_column(mask)))
+    return statistics.mean(counts)
+
+
+def row(label: str, times: dict[bool, list[float]]) -> str:
+    each, once = statistics.median(times[False]), statistics.median(times[True])
+    return f"| {label} | {1000 * each:.0f} ms | {1000 * once:.0f} ms | {each / once:.2f}x |"
+
+
+def compare_virtual_tokens(recipe, tasks, base, tokenizer, batches: list[dict], counts: list[int]) -> None:
+    from softprompt_cli.assemble import build_model
+
+    print("| virtual tokens | in every row | computed once | speed-up |\n|---|---|---|---|")
+    for n in counts:
+        recipe.method.num_virtual_tokens = n
+        model, _ = build_model(recipe, tasks[0].label_names, base=base, tokenizer=tokenizer)
+        if not model.virtual_tokens_as_prefix:
+            raise SystemExit(f"{recipe.model.name_or_path} with {recipe.method.name} keeps its virtual tokens in "
+                             "the input (an encoder, a prefix method or a sliding window): nothing to compare.")
+        model.share_leading_tokens = False
+        print(row(str(n), measure(model, recipe.training.lr, batches, virtual_tokens_once)), flush=True)
+
+
+def compare_templates(recipe, base, tokenizer, steps: int, templates: list[str], device: str) -> None:
+    from softprompt_cli.assemble import build_model
+    from softprompt_cli.data.tasks import load_task_data
+
+    print("| template | shared leading tokens | every row runs them | run once | speed-up |\n|---|---|---|---|---|")
+    for template in templates:
+        recipe.task.template = template.replace("\\n", "\n")
+        tasks = load_task_data(recipe)  # the template is filled in as the rows are read
+        batches = recipe_batches(recipe, tasks, tokenizer, steps, device)
+        model, _ = build_model(recipe, tasks[0].label_names, base=base, tokenizer=tokenizer)
+        shared = shared_leading_tokens(model, batches)
+        label = f"`{template}` | {shared:.1f}"
+        print(row(label, measure(model, recipe.training.lr, batches, leading_tokens_once)), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--virtual-tokens", type=int, nargs="+", default=[10, 20, 50])
+    parser.add_argument("--templates", nargs="+", help="compare leading tokens run once, for each template")
+    parser.add_argument("--device", help="default: cuda where there is one, else cpu")
+    args = parser.parse_args()
+
+    import torch
+
+    from softprompt_cli.assemble import load_frozen
+    from softprompt_cli.config.load import load_recipe
+    from softprompt_cli.data.tasks import load_task_data
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    tasks = load_task_data(recipe)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base, tokenizer = load_frozen(recipe, tasks[0].label_names)
+    batches = recipe_batches(recipe, tasks, tokenizer, args.steps, device)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    print(f"{recipe.model.name_or_path}, {recipe.method.name}, {len(batches)} batches of "
+          f"{recipe.training.batch_size} ({tokens / len(batches) / recipe.training.batch_size:.1f} real tokens a row "
+          f"with the recipe's template), {device}, {torch.get_num_threads()} threads; median step time (forward, "
+          "backward, AdamW):")
+    if args.templates:
+        compare_templates(recipe, base, tokenizer, args.steps, args.templates, device)
+    else:
+        compare_virtual_tokens(recipe, tasks, base, tokenizer, batches, args.virtual_tokens)
+
+
+if __name__ == "__main__":
+    main()
