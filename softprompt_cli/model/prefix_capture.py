@@ -32,7 +32,7 @@ def prefix_from_ids(base, ids: list[int], num_virtual_tokens: int) -> torch.Tens
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     was_training = base.training
     base.eval()
-    base.base_model(input_ids=torch.tensor([ids]), softprompt_capture=captured)
+    base.base_model(input_ids=torch.tensor([ids], device=base.device), softprompt_capture=captured)
     base.train(was_training)
     layers = [torch.stack(captured[i]) for i in range(len(captured))]  # each [2, 1, kv_heads, T, head_dim]
     per_token = torch.stack(layers)[:, :, 0, :, :num_virtual_tokens]  # [layers, 2, kv_heads, n, head_dim]
