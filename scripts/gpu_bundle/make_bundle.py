@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = ROOT / ".gpu"
 source = Path(packaged_model_path("sentence-transformers/all-MiniLM-L6-v2"))
 target = HERE / "minilm"
-target.mkdir(exist_ok=True)
+target.mkdir(parents=True, exist_ok=True)
 tensors = load_file(source / "model.safetensors")
 save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in tensors.items()},
           target / "model.safetensors", metadata={"format": "pt"})
