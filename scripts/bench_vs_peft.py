@@ -26,8 +26,9 @@ its first --one-process-batches batches): softprompt's step on its batch, PEFT's
 on softprompt's batch (the same tensors).
 "ratio, one process" (each tool on its own batches) is then a ratio that no drift of the machine between runs
 can touch, and "ratio, identical batches" shows the speed that comes from work softprompt avoids, not from
-padding. On BERT-family models softprompt's step also runs with its last-layer [CLS]-only shortcut off (in
-brackets): the same work as PEFT's. Besides dev accuracy, both report their mean training loss over the last
+padding. Where softprompt skips work on a given batch (BERT-family models: the last layer for [CLS] alone;
+decoders: leading tokens that all rows share, run once), its step also runs with those shortcuts off (in
+brackets). Besides dev accuracy, both report their mean training loss over the last
 epoch: a short budget can leave both at the majority class, and the loss still shows whether they learn alike.
 
 Each method's row is printed as soon as the method is done. A side that fails shows "failed" in its cells (the
@@ -121,7 +122,7 @@ BATCH_SIZE = 16
 SHORTCUT_OFF = "softprompt, shortcut off"
 PEFT_ON_OUR_BATCH = "peft, softprompt's batch"
 STEP_KINDS = ("softprompt", "peft", PEFT_ON_OUR_BATCH, SHORTCUT_OFF)
-"""What the one-process worker times, batch by batch (the last only where softprompt has the shortcut)."""
+"""What the one-process worker times, batch by batch (the last only where softprompt has a shortcut)."""
 
 
 def peak_rss_mb() -> float:
@@ -183,36 +184,43 @@ def worker_peft(args) -> dict:
             "steps": len(run.train_loader) * args.epochs, "peak_rss_mb": peak_rss_mb()}
 
 
-def take_step(kind: str, ours: Run, theirs: PeftRun, batches: dict, shortcut: bool, step: int) -> None:
+SHORTCUTS = ("first_token_only", "share_leading_tokens")
+"""softprompt's switches for work it skips on a given batch: the last BERT layer for [CLS] alone, and a decoder's
+leading tokens that all rows share, run once."""
+
+
+def take_step(kind: str, ours: Run, theirs: PeftRun, batches: dict, shortcuts: dict[str, bool], step: int) -> None:
     """One training step of `kind` (one of STEP_KINDS). softprompt's is its own `train_step` (forward, backward,
     clipping, AdamW, schedule) without the `softprompt train` loop around it (logging, progress, memory trims)."""
     if kind.startswith("peft"):
         peft_train_step(theirs, batches["peft" if kind == "peft" else "softprompt"])
         return
-    ours.unwrapped.first_token_only = shortcut and kind != SHORTCUT_OFF
+    for name, on in shortcuts.items():
+        setattr(ours.unwrapped, name, on and kind != SHORTCUT_OFF)
     train_step(ours, batches["softprompt"], step)
-    ours.unwrapped.first_token_only = shortcut
 
 
 def seconds_per_step_kind(ours: Run, theirs: PeftRun, batch_limit: int) -> dict[str, float]:
     """One epoch (its first `batch_limit` batches, if not 0) in which each kind of step takes its turn on every
     batch, the first place rotating from batch to batch: the seconds each kind took in all, with no drift of the
     machine between them."""
-    shortcut = ours.unwrapped.first_token_only
-    kinds = [kind for kind in STEP_KINDS if shortcut or kind != SHORTCUT_OFF]
+    shortcuts = {name: getattr(ours.unwrapped, name) for name in SHORTCUTS}
+    kinds = [kind for kind in STEP_KINDS if any(shortcuts.values()) or kind != SHORTCUT_OFF]
     seconds = dict.fromkeys(kinds, 0.0)
     ours.model.train()
     theirs.model.train()
     pairs = [{"softprompt": a, "peft": b} for a, b in zip(ours.train_loader, theirs.train_loader, strict=True)]
     pairs = pairs[:batch_limit or None]
     for kind in kinds:  # untimed: a model's first step pays one-time costs (allocations, kernel choices)
-        take_step(kind, ours, theirs, pairs[0], shortcut, 0)
+        take_step(kind, ours, theirs, pairs[0], shortcuts, 0)
     for index, batches in enumerate(pairs):
         first = index % len(kinds)
         for kind in kinds[first:] + kinds[:first]:
             start = time.perf_counter()
-            take_step(kind, ours, theirs, batches, shortcut, index + 1)
+            take_step(kind, ours, theirs, batches, shortcuts, index + 1)
             seconds[kind] += time.perf_counter() - start
+    for name, on in shortcuts.items():
+        setattr(ours.unwrapped, name, on)
     return seconds
 
 

@@ -206,3 +206,12 @@ def classifiers(tmp_path_factory, tiny_models) -> dict[str, Path]:
     trained["mrpc_start"] = _train(tmp_path_factory.mktemp("start"), tiny_models["bert"], {"name": "prompt_tuning"},
                                    task={"prompt_position": "start"})  # exportable to PEFT
     return trained
+
+
+@pytest.fixture
+def computed_once_at_any_size(monkeypatch):
+    """Decoders run what rows share once however few rows and tokens (by default only where it saves enough
+    positions to pay for its separate pass), so that tiny batches test that path."""
+    from softprompt_cli.model import computed_once
+
+    monkeypatch.setattr(computed_once, "COMPUTED_ONCE_MIN_POSITIONS", 0)

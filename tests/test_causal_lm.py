@@ -91,7 +91,7 @@ def test_training_step_reaches_the_prompt_only_through_target_tokens(tiny_models
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
-def test_training_pass_leaves_out_the_last_column(tiny_models, method):
+def test_training_pass_leaves_out_the_last_column(tiny_models, method, computed_once_at_any_size):
     """The last position predicts nothing scored: the training forward runs the model on L - 1 columns (the
     loss itself is checked against the full pass above)."""
     model, tokenizer = build(tiny_models["llama"], METHODS[method])

@@ -194,7 +194,8 @@ def test_pair_mean_pools_each_text_alone(tiny_models, kind, variant):
 
 @pytest.mark.parametrize("variant", ["prompt_tuning", "p_tuning_mlp", "prefix_tuning", "prefix_tuning_projection"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_models, kind, variant):
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_models, kind, variant,
+                                                                  computed_once_at_any_size):
     results = []
     for checkpointing in (False, True):
         model, tokenizer = build(tiny_models[kind], variant, "mean")

@@ -20,6 +20,7 @@ METHODS = [
     ("prompt_tuning", {"num_virtual_tokens": 5}),
     ("p_tuning", {"num_virtual_tokens": 4, "encoder": "mlp", "encoder_hidden_size": 16}),
 ]
+pytestmark = pytest.mark.usefixtures("computed_once_at_any_size")
 NO_DROPOUT = {"attention_dropout": 0.0, "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from softprompt_cli.model.computed_once import is_prefix
+
 
 @dataclass
 class Sampling:
@@ -52,9 +54,9 @@ def label_word_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     word_ids = torch.tensor([w + [pad] * (width - len(w)) for w in words], device=input_ids.device).repeat(batch, 1)
     word_mask = (torch.arange(width, device=input_ids.device)[None] < torch.tensor(
         [len(w) for w in words], device=input_ids.device)[:, None]).long().repeat(batch, 1)
-    if prompt is not None and model.kind == "input" and prompt.dim() == 3:  # one prompt per row: per copy too
+    if prompt is not None and not is_prefix(prompt) and prompt.dim() == 3:  # one prompt per row: per copy too
         prompt = prompt.repeat_interleave(count, 0)
-    elif prompt is not None and model.kind == "prefix" and prompt.shape[2] > 1:
+    elif is_prefix(prompt) and prompt.shape[2] > 1:
         prompt = prompt.repeat_interleave(count, 2)
     ids = torch.cat([input_ids.repeat_interleave(count, 0), word_ids], 1)
     mask = torch.cat([attention_mask.repeat_interleave(count, 0), word_mask], 1)
@@ -81,7 +83,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt
     and the logits of each row's next token."""
     cache = DynamicCache(config=model.base.config)
     encoded = model.encode(input_ids, attention_mask, None, prompt, cache=cache)
-    prefix = prompt if prompt is not None and model.kind == "prefix" else None
+    prefix = prompt if is_prefix(prompt) else None
     state = Decoding(cache, encoded.attention_mask, encoded.next_position, prefix)
     return state, model.lm_head(encoded.states[:, -1])
 

@@ -23,7 +23,8 @@ from softprompt_cli.config.schema import SINGLE_TASK
 from softprompt_cli.errors import UserError
 from softprompt_cli.methods._layers import Vocabulary
 from softprompt_cli.methods.base import MethodOptions, ModelSpec
-from softprompt_cli.model import heads, lm
+from softprompt_cli.model import computed_once, heads, lm
+from softprompt_cli.model.computed_once import computing_once_pays, is_prefix
 from softprompt_cli.model.first_token import first_token_enabled
 from softprompt_cli.model.loading import (
     Geometry,
@@ -149,10 +150,12 @@ class SoftPromptModel(nn.Module):
         self.num_virtual_tokens = method.num_virtual_tokens
         self.is_decoder = is_decoder(base)
         self.virtual_tokens_as_prefix = self._virtual_tokens_once(method, max_length, tokenizer)
-        """Decoders: virtual tokens run through the model once per prompt, and reach every row as keys and
-        values (see `virtual_token_prefix`)."""
+        """Decoders: virtual tokens may run through the model once per prompt, and reach every row as keys and
+        values (see `virtual_token_prefix`): a loaded prompt's always, a batch's where that pays
+        (`computing_once_pays`)."""
         self.kind = "prefix" if self.virtual_tokens_as_prefix else method.kind
-        """How `encode` takes the prompt: input embeddings (`input`) or every layer's keys and values (`prefix`)."""
+        """How `task_prompt` gives the prompt: input embeddings (`input`) or every layer's keys and values (`prefix`).
+        `encode` reads the form from the prompt it is given (`is_prefix`)."""
         self.cache_argument = cache_argument(base)
         self.causal_lm = task_type == "causal_lm"
         self.multitask = isinstance(num_labels, dict)
@@ -165,6 +168,8 @@ class SoftPromptModel(nn.Module):
         self.head_reads_model_pooler = pooling == "model" and not self.is_decoder and not self.causal_lm
         self._attach_head(pooling, geometry, num_labels)
         self.first_token_only = self.head_reads_model_pooler and first_token_enabled(base)
+        self.share_leading_tokens = self.is_decoder
+        """Decoders: leading tokens every row of a batch has alike run once, as a prefix (see `computed_once`)."""
         self.distill_weights = (1.0, 1.0, 1.0)
         """Distillation (set by training): the weights of the KL and the MSE, and the softmax temperature."""
 
@@ -183,8 +188,11 @@ class SoftPromptModel(nn.Module):
             return False
         if "token_type_ids" in tokenizer.model_input_names and _takes_token_types(self.base):
             return False
-        window = getattr(self.base.config.get_text_config(), "sliding_window", None)
+        window = self._sliding_window()
         return not window or method.num_virtual_tokens + max_length <= window
+
+    def _sliding_window(self) -> int | None:
+        return getattr(self.base.config.get_text_config(), "sliding_window", None)
 
     def _insert_position(self, tokenizer, prompt_position: str) -> int:
         """Virtual tokens go after a leading [CLS]/<s> in encoders, so that the model's own head still reads
@@ -243,13 +251,14 @@ class SoftPromptModel(nn.Module):
     def prompt_for(self, task_ids: torch.Tensor | None, rows: int) -> torch.Tensor:
         """The prompt of every row: one shared prompt, or (per-task methods) each row's task's prompt [rows, ...].
         `task_ids` of pairs encoded apart (pair_mean: 2B sequences) cover both halves; None: task 0."""
+        once = self.virtual_tokens_as_prefix and computing_once_pays(self.base.device, rows, self.num_virtual_tokens)
         if not self.per_task_prompt:
-            return self._as_encoded(self.prompt())
+            return self.virtual_token_prefix(self.prompt()) if once else self.prompt()
         if task_ids is None:
             task_ids = torch.zeros(rows, dtype=torch.long, device=self.base.device)
         elif len(task_ids) * 2 == rows:
             task_ids = torch.cat([task_ids, task_ids])
-        if self.virtual_tokens_as_prefix:  # each task's prompt through the model once, not once per row
+        if once:  # each task's prompt through the model once, not once per row
             tasks, row_task = task_ids.unique(return_inverse=True)
             return self.virtual_token_prefix(self.prompt(tasks))[:, :, row_task]
         return self.prompt(task_ids)
@@ -346,9 +355,9 @@ class SoftPromptModel(nn.Module):
     def _prompt_of_rows(self, prompt: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
         """Some rows' part of a batch's prompts (one per row: [B, n, d] or [layers, 2, B, ...]); a prompt shared
         by every row stays as it is."""
-        if prompt is not None and self.kind == "prefix" and prompt.shape[2] > 1:
+        if is_prefix(prompt) and prompt.shape[2] > 1:
             return prompt[:, :, rows]
-        if prompt is not None and self.kind == "input" and prompt.dim() == 3:
+        if prompt is not None and not is_prefix(prompt) and prompt.dim() == 3:
             return prompt[rows]
         return prompt
 
@@ -366,7 +375,7 @@ class SoftPromptModel(nn.Module):
         """(model inputs, real-token mask, attention mask, token type ids, position offset) with the prompt in."""
         if prompt is None:
             return {"input_ids": input_ids}, attention_mask, attention_mask, token_type_ids, 0
-        if self.kind == "prefix":  # real tokens come after the prefix, as with a cache of n positions
+        if is_prefix(prompt):  # real tokens come after the prefix, as with a cache of n positions
             return ({"input_ids": input_ids, "softprompt_prefix": prompt}, attention_mask, attention_mask,
                     token_type_ids, prompt.shape[-2])
         batch, n, at = input_ids.shape[0], prompt.shape[-2], self.insert_at
@@ -383,6 +392,54 @@ class SoftPromptModel(nn.Module):
         """Run the frozen model with a soft prompt: shared by all rows ([n, d] or [layers, 2, 1, ...]) or
         one per row ([B, n, d] or [layers, 2, B, ...]: several tasks in one batch); None: no prompt.
         With a `cache`, a decoder keeps the keys and values of the input (not of a prefix) for generation."""
+        shared = self._leading_tokens_to_share(input_ids, attention_mask, token_type_ids, prompt, cache)
+        if shared is not None:
+            return self._encode_sharing_leading_tokens(input_ids, attention_mask, prompt, *shared)
+        return self._encode_rows(input_ids, attention_mask, token_type_ids, prompt, cache)
+
+    def _leading_tokens_to_share(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                 token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any
+                                 ) -> tuple[torch.Tensor, int] | None:
+        """(each row's first real column, how many tokens from there all rows share) where a decoder can run
+        those tokens once: behind a prefix that every row sees alike (one prompt for the batch), without a cache
+        to fill, without token type ids, and where a sliding window could not hide them from any row."""
+        if not (self.share_leading_tokens and is_prefix(prompt) and prompt.shape[2] == 1 and cache is None
+                and token_type_ids is None):
+            return None
+        window = self._sliding_window()
+        if window and prompt.shape[-2] + input_ids.shape[1] > window:
+            return None
+        starts = computed_once.first_real_column(attention_mask)
+        count = computed_once.shared_leading_count(input_ids, attention_mask, starts)
+        return (starts, count) if count and computing_once_pays(input_ids.device, len(input_ids), count) else None
+
+    def _encode_sharing_leading_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                       prompt: torch.Tensor, starts: torch.Tensor, count: int) -> Encoded:
+        """`encode` with the `count` leading tokens all rows share (from `starts`) run once: their keys and values
+        lengthen the prefix, the rows run the rest, and the shared tokens' states go back into every row."""
+        first = int(starts[0])
+        prefix, leading_states = self._prefix_with_leading_tokens(input_ids[:1, first:first + count], prompt)
+        rest = self._encode_rows(computed_once.without_leading(input_ids, starts, count),
+                                 computed_once.without_leading(attention_mask, starts, count), None, prefix, None)
+        states = computed_once.with_leading(rest.states, leading_states, starts)
+        return Encoded(states, attention_mask, attention_mask, attention_mask.sum(-1) + prompt.shape[-2])
+
+    def _prefix_with_leading_tokens(self, leading_ids: torch.Tensor, prompt: torch.Tensor
+                                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the prefix lengthened by the keys and values of `leading_ids` ([1, count]) run after it, their last
+        hidden states [1, count, hidden])."""
+        n, count = prompt.shape[-2], leading_ids.shape[1]
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        states = self.base.base_model(
+            input_ids=leading_ids, attention_mask=torch.ones_like(leading_ids), use_cache=False,
+            position_ids=torch.arange(n, n + count, device=leading_ids.device)[None], softprompt_prefix=prompt,
+            softprompt_capture=captured).last_hidden_state
+        leading = torch.stack([torch.stack(captured[layer]) for layer in sorted(captured)])
+        return torch.cat([prompt, leading.to(prompt.dtype)], dim=-2), states
+
+    def _encode_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any) -> Encoded:
+        """`encode`, every row's every token through the model."""
         batch = input_ids.shape[0]
         inputs, real_tokens, attention_mask, token_type_ids, offset = self._inputs_with_prompt(
             input_ids, attention_mask, token_type_ids, prompt)

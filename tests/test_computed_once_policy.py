@@ -1,0 +1,31 @@
+"""When a decoder runs what its rows share once: only where the positions saved pay for the separate pass."""
+
+from __future__ import annotations
+
+import torch
+from test_virtual_tokens_once import _frozen, _model
+
+from softprompt_cli.model.computed_once import COMPUTED_ONCE_MIN_POSITIONS, computing_once_pays, is_prefix
+
+
+def test_computing_once_pays_on_a_cpu_from_enough_positions_saved():
+    cpu = torch.device("cpu")
+    assert computing_once_pays(cpu, 17, COMPUTED_ONCE_MIN_POSITIONS // 16)  # 16 other rows save 96 positions
+    assert not computing_once_pays(cpu, 16, 2)  # a 2-token template start in 16 rows: 30 positions
+    assert not computing_once_pays(cpu, 1, 500)  # a row alone saves nothing
+    # a GPU step of a small model is bound by launching kernels: the extra pass costs more than it saves
+    assert not computing_once_pays(torch.device("cuda"), 64, 50)
+
+
+def test_a_small_batch_keeps_its_virtual_tokens_a_large_one_runs_them_once(tiny_models):
+    """Training batches: the prompt's form follows the batch; a loaded prompt for inference is always a prefix."""
+    base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
+    model = _model(base, tokenizer, "prompt_tuning", {"num_virtual_tokens": 8}, "causal_lm", "model")
+    assert model.virtual_tokens_as_prefix and model.kind == "prefix"
+    assert not is_prefix(model.prompt_for(None, 4))  # 3 x 8 = 24 positions saved: not worth a pass
+    assert is_prefix(model.prompt_for(None, 32))  # 31 x 8 = 248
+    assert is_prefix(model.task_prompt(model.task_names[0]))
+    ids = torch.randint(5, 100, (2, 6))
+    small = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)["loss"]
+    model.virtual_tokens_as_prefix = False  # the oracle: the prompt in every row
+    torch.testing.assert_close(small, model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)["loss"])
