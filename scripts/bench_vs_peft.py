@@ -304,6 +304,8 @@ class MethodRuns:
 
     softprompt: list[dict] = field(default_factory=list)
     peft: list[dict] = field(default_factory=list)
+    sides_tried: set[str] = field(default_factory=set)
+    """The sides that had separate runs (none with --repeats 0)."""
     one_process: dict | None = None
     one_process_tried: bool = False
     failures: list[str] = field(default_factory=list)
@@ -318,6 +320,7 @@ def measure_method(method: str, args) -> MethodRuns:
             if kind in failed:
                 continue
             print(f"{method}: {kind} (repeat {repeat + 1})", file=sys.stderr, flush=True)
+            runs.sides_tried.add(kind)
             try:
                 getattr(runs, kind).append(run_worker(kind, method, args))
             except WorkerFailed as err:
@@ -338,9 +341,13 @@ def median(runs: list[dict], key: str) -> float | None:
 
 
 def both(runs: MethodRuns, key: str, form: str, scale: float = 1.0, unit: str = "") -> str:
-    """softprompt's and PEFT's medians of `key`, or "failed" for a side without runs."""
-    values = [median(side, key) for side in (runs.softprompt, runs.peft)]
-    return " / ".join("failed" if v is None else format(scale * v, form) + unit for v in values)
+    """softprompt's and PEFT's medians of `key`: "failed" for a side whose runs failed, "-" for one not run."""
+    cells = []
+    for side in ("softprompt", "peft"):
+        value = median(getattr(runs, side), key)
+        missing = "failed" if side in runs.sides_tried else "-"
+        cells.append(missing if value is None else format(scale * value, form) + unit)
+    return " / ".join(cells)
 
 
 def one_process_cells(runs: MethodRuns) -> list[str]:
@@ -352,9 +359,10 @@ def one_process_cells(runs: MethodRuns) -> list[str]:
     return [f"{result['own_batches_ratio']:.2f}x", identical]
 
 
-def floor_cell(ours: list[dict]) -> str:
+def floor_cell(runs: MethodRuns) -> str:
+    ours = runs.softprompt
     if not ours:
-        return "failed"
+        return "failed" if "softprompt" in runs.sides_tried else "-"
     step, floor = median(ours, "train_seconds") / median(ours, "steps"), median(ours, "floor_seconds_per_step")
     return f"{1000 * step:.0f} ms vs {1000 * floor:.0f} ms ({100 * (step / floor - 1):+.0f}%)"
 
@@ -370,7 +378,7 @@ def method_row(method: str, runs: MethodRuns) -> list[str]:
     return [method, both(runs, "train_examples_per_s", ".1f"), ratio,
             *one_process_cells(runs), both(runs, "real_tokens_per_s", ".0f"), both(runs, "padding", ".0%"),
             both(runs, "peak_rss_mb", ".2f", 1 / 1024, " GB"), both(runs, "eval_examples_per_s", ".0f"),
-            both(runs, "accuracy", ".1f", 100), both(runs, "last_epoch_loss", ".3f"), floor_cell(runs.softprompt)]
+            both(runs, "accuracy", ".1f", 100), both(runs, "last_epoch_loss", ".3f"), floor_cell(runs)]
 
 
 def parse_arguments() -> argparse.Namespace:

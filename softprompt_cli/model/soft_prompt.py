@@ -409,6 +409,8 @@ class SoftPromptModel(nn.Module):
         window = self._sliding_window()
         if window and prompt.shape[-2] + input_ids.shape[1] > window:
             return None
+        if not computing_once_pays(input_ids.device, len(input_ids), input_ids.shape[1]):  # not even all columns
+            return None
         starts = computed_once.first_real_column(attention_mask)
         count = computed_once.shared_leading_count(input_ids, attention_mask, starts)
         return (starts, count) if count and computing_once_pays(input_ids.device, len(input_ids), count) else None
