@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_virtual_tokens_once import _frozen, _model
 
@@ -17,15 +18,28 @@ def test_computing_once_pays_on_a_cpu_from_enough_positions_saved():
     assert not computing_once_pays(torch.device("cuda"), 64, 50)
 
 
+def _passes_and_loss(model, rows: int) -> tuple[int, float]:
+    """How many passes through the model one training forward makes, and its loss."""
+    calls = []
+    handle = model.base.base_model.register_forward_pre_hook(lambda *args: calls.append(1))
+    ids = torch.arange(rows * 6).reshape(rows, 6) % 90 + 5
+    try:
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)["loss"]
+    finally:
+        handle.remove()
+    return len(calls), loss.item()
+
+
 def test_a_small_batch_keeps_its_virtual_tokens_a_large_one_runs_them_once(tiny_models):
-    """Training batches: the prompt's form follows the batch; a loaded prompt for inference is always a prefix."""
+    """Training batches: the virtual tokens run apart only where that saves enough positions; a loaded prompt for
+    inference is always the prefix."""
     base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
     model = _model(base, tokenizer, "prompt_tuning", {"num_virtual_tokens": 8}, "causal_lm", "model")
     assert model.virtual_tokens_as_prefix and model.kind == "prefix"
-    assert not is_prefix(model.prompt_for(None, 4))  # 3 x 8 = 24 positions saved: not worth a pass
-    assert is_prefix(model.prompt_for(None, 32))  # 31 x 8 = 248
     assert is_prefix(model.task_prompt(model.task_names[0]))
-    ids = torch.randint(5, 100, (2, 6))
-    small = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)["loss"]
+    small, small_loss = _passes_and_loss(model, 4)  # 3 x 8 = 24 positions saved: not worth a pass
+    large, large_loss = _passes_and_loss(model, 32)  # 31 x 8 = 248
+    assert (small, large) == (1, 2)
     model.virtual_tokens_as_prefix = False  # the oracle: the prompt in every row
-    torch.testing.assert_close(small, model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)["loss"])
+    assert _passes_and_loss(model, 32) == (1, pytest.approx(large_loss, rel=1e-5))
+    assert _passes_and_loss(model, 4) == (1, pytest.approx(small_loss, rel=1e-5))

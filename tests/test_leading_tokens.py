@@ -54,9 +54,9 @@ def _assert_same_as_every_row(model: SoftPromptModel, batch: dict) -> None:
 
 def _shared_count(model: SoftPromptModel, batch: dict) -> int:
     model.share_leading_tokens = True
-    shared = model._leading_tokens_to_share(batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1], None,
-                                            model.prompt_for(None, len(batch["input_ids"])), None)
-    return 0 if shared is None else shared[1]
+    plan = model._computed_once_plan(batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1], None,
+                                     model.prompt_for(None, len(batch["input_ids"])), None)
+    return 0 if plan is None else plan[1]
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])

@@ -251,9 +251,9 @@ class SoftPromptModel(nn.Module):
     def prompt_for(self, task_ids: torch.Tensor | None, rows: int) -> torch.Tensor:
         """The prompt of every row: one shared prompt, or (per-task methods) each row's task's prompt [rows, ...].
         `task_ids` of pairs encoded apart (pair_mean: 2B sequences) cover both halves; None: task 0."""
+        if not self.per_task_prompt:  # `encode` runs a decoder's virtual tokens once, where that pays
+            return self.prompt()
         once = self.virtual_tokens_as_prefix and computing_once_pays(self.base.device, rows, self.num_virtual_tokens)
-        if not self.per_task_prompt:
-            return self.virtual_token_prefix(self.prompt()) if once else self.prompt()
         if task_ids is None:
             task_ids = torch.zeros(rows, dtype=torch.long, device=self.base.device)
         elif len(task_ids) * 2 == rows:
@@ -392,28 +392,40 @@ class SoftPromptModel(nn.Module):
         """Run the frozen model with a soft prompt: shared by all rows ([n, d] or [layers, 2, 1, ...]) or
         one per row ([B, n, d] or [layers, 2, B, ...]: several tasks in one batch); None: no prompt.
         With a `cache`, a decoder keeps the keys and values of the input (not of a prefix) for generation."""
-        shared = self._leading_tokens_to_share(input_ids, attention_mask, token_type_ids, prompt, cache)
-        if shared is not None:
-            return self._encode_sharing_leading_tokens(input_ids, attention_mask, prompt, *shared)
-        return self._encode_rows(input_ids, attention_mask, token_type_ids, prompt, cache)
+        plan = self._computed_once_plan(input_ids, attention_mask, token_type_ids, prompt, cache)
+        if plan is None:
+            return self._encode_rows(input_ids, attention_mask, token_type_ids, prompt, cache)
+        starts, count = plan
+        if not count:  # the virtual tokens alone
+            return self._encode_rows(input_ids, attention_mask, None, self.virtual_token_prefix(prompt), None)
+        return self._encode_sharing_leading_tokens(input_ids, attention_mask, prompt, starts, count)
 
-    def _leading_tokens_to_share(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                                 token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any
-                                 ) -> tuple[torch.Tensor, int] | None:
-        """(each row's first real column, how many tokens from there all rows share) where a decoder can run
-        those tokens once: behind a prefix that every row sees alike (one prompt for the batch), without a cache
-        to fill, without token type ids, and where a sliding window could not hide them from any row."""
-        if not (self.share_leading_tokens and is_prefix(prompt) and prompt.shape[2] == 1 and cache is None
-                and token_type_ids is None):
+    def _computed_once_plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any
+                            ) -> tuple[torch.Tensor | None, int] | None:
+        """What a decoder runs once for all rows, where that pays (`computing_once_pays`): (each row's first real
+        column, how many tokens from there all rows share). The virtual tokens of an input prompt that all rows share
+        run in that pass too. None: every row runs everything. Not with a cache to fill, nor with token type ids the
+        model reads."""
+        virtual = prompt is not None and prompt.dim() == 2 and self.virtual_tokens_as_prefix
+        shared_prefix = is_prefix(prompt) and prompt.shape[2] == 1
+        token_types = token_type_ids is not None and _takes_token_types(self.base)
+        if not (virtual or shared_prefix) or cache is not None or token_types:
             return None
+        starts, count = None, 0
+        if self._leading_tokens_may_pay(input_ids, prompt):
+            starts = computed_once.first_real_column(attention_mask)
+            count = computed_once.shared_leading_count(input_ids, attention_mask, starts)
+        once = count + (prompt.shape[-2] if virtual else 0)
+        return (starts, count) if once and computing_once_pays(input_ids.device, len(input_ids), once) else None
+
+    def _leading_tokens_may_pay(self, input_ids: torch.Tensor, prompt: torch.Tensor) -> bool:
+        """Whether leading tokens could run once: shared by as many rows as pay for it even if every column were
+        shared, and where a sliding window could not hide them from any row (a prefix never leaves the window)."""
         window = self._sliding_window()
-        if window and prompt.shape[-2] + input_ids.shape[1] > window:
-            return None
-        if not computing_once_pays(input_ids.device, len(input_ids), input_ids.shape[1]):  # not even all columns
-            return None
-        starts = computed_once.first_real_column(attention_mask)
-        count = computed_once.shared_leading_count(input_ids, attention_mask, starts)
-        return (starts, count) if count and computing_once_pays(input_ids.device, len(input_ids), count) else None
+        if not self.share_leading_tokens or (window and prompt.shape[-2] + input_ids.shape[1] > window):
+            return False
+        return computing_once_pays(input_ids.device, len(input_ids), input_ids.shape[1])
 
     def _encode_sharing_leading_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                        prompt: torch.Tensor, starts: torch.Tensor, count: int) -> Encoded:
@@ -428,16 +440,24 @@ class SoftPromptModel(nn.Module):
 
     def _prefix_with_leading_tokens(self, leading_ids: torch.Tensor, prompt: torch.Tensor
                                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the prefix lengthened by the keys and values of `leading_ids` ([1, count]) run after it, their last
-        hidden states [1, count, hidden])."""
-        n, count = prompt.shape[-2], leading_ids.shape[1]
+        """(the prefix lengthened by the keys and values of `leading_ids` ([1, count]) run after the prompt, their
+        last hidden states [1, count, hidden]). An input prompt's virtual tokens ([n, hidden]) run in the same pass,
+        first, and their keys and values start the prefix."""
+        count = leading_ids.shape[1]
+        if is_prefix(prompt):
+            inputs = {"input_ids": leading_ids, "softprompt_prefix": prompt}
+            start, length = prompt.shape[-2], count
+        else:
+            embeds = self.base.get_input_embeddings()(leading_ids)
+            inputs = {"inputs_embeds": torch.cat([prompt.to(embeds.dtype)[None], embeds], dim=1)}
+            start, length = 0, len(prompt) + count
         captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         states = self.base.base_model(
-            input_ids=leading_ids, attention_mask=torch.ones_like(leading_ids), use_cache=False,
-            position_ids=torch.arange(n, n + count, device=leading_ids.device)[None], softprompt_prefix=prompt,
-            softprompt_capture=captured).last_hidden_state
-        leading = torch.stack([torch.stack(captured[layer]) for layer in sorted(captured)])
-        return torch.cat([prompt, leading.to(prompt.dtype)], dim=-2), states
+            **inputs, attention_mask=leading_ids.new_ones(1, length), use_cache=False, softprompt_capture=captured,
+            position_ids=torch.arange(start, start + length, device=leading_ids.device)[None]).last_hidden_state
+        computed = torch.stack([torch.stack(captured[layer]) for layer in sorted(captured)])
+        prefix = torch.cat([prompt, computed.to(prompt.dtype)], dim=-2) if is_prefix(prompt) else computed
+        return prefix, states[:, -count:]
 
     def _encode_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any) -> Encoded:
