@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_virtual_tokens_once import _frozen, _model
+from test_virtual_tokens_once import _frozen, _model, assert_same_either_way
 
 from softprompt_cli.model import computed_once as leading_tokens
 from softprompt_cli.model.soft_prompt import SoftPromptModel
@@ -33,23 +33,8 @@ def _batch(tokenizer, side: str) -> dict[str, torch.Tensor]:
     return {**inputs, "labels": labels}
 
 
-def _run(model: SoftPromptModel, batch: dict, share: bool) -> tuple:
-    model.share_leading_tokens = share
-    model.zero_grad()
-    output = model(**batch)
-    output["loss"].backward()
-    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    return output["loss"].detach(), output["logits"].detach(), gradients
-
-
-def _assert_same_as_every_row(model: SoftPromptModel, batch: dict) -> None:
-    loss, logits, gradients = _run(model, batch, share=True)
-    oracle_loss, oracle_logits, oracle_gradients = _run(model, batch, share=False)
-    torch.testing.assert_close(loss, oracle_loss, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits, oracle_logits, atol=1e-5, rtol=1e-5)
-    assert gradients.keys() == oracle_gradients.keys() and any(k.startswith("prompt.") for k in gradients)
-    for name in gradients:
-        torch.testing.assert_close(gradients[name], oracle_gradients[name], atol=1e-5, rtol=1e-4, msg=name)
+def _leading_tokens_once(model: SoftPromptModel, on: bool) -> None:
+    model.share_leading_tokens = on
 
 
 def _shared_count(model: SoftPromptModel, batch: dict) -> int:
@@ -69,7 +54,7 @@ def test_causal_lm_loss_and_gradients_equal_every_row_running_every_token(tiny_m
     model = _model(base, tokenizer, method, values, "causal_lm", "model")
     batch = _batch(tokenizer, "left")
     assert _shared_count(model, batch) >= 5  # "review : the film was"
-    _assert_same_as_every_row(model, batch)
+    assert_same_either_way(model, batch, _leading_tokens_once)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -96,7 +81,7 @@ def test_decoder_classification_with_right_padding(tiny_models, pooling):
     batch = {**_batch(tokenizer, "right"), "labels": torch.tensor([0, 1, 1])}
     if pooling == "mean":  # its draws would fall at different points of the two runs
         model.head_dropout.p = 0.0
-    _assert_same_as_every_row(model, batch)
+    assert_same_either_way(model, batch, _leading_tokens_once)
 
 
 def test_not_shared_under_a_sliding_window_the_rows_could_outgrow(tiny_models):

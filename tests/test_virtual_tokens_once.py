@@ -7,6 +7,8 @@ the logits, the loss and every trainable parameter's gradient must be the same, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -58,9 +60,13 @@ def _batch(tokenizer, causal_lm: bool) -> dict[str, torch.Tensor]:
     return {**inputs, "labels": torch.tensor([0, 1, 1])}
 
 
-def _loss_logits_gradients(model: SoftPromptModel, batch: dict, as_prefix: bool):
-    model.virtual_tokens_as_prefix = as_prefix
-    model.kind = "prefix" if as_prefix else "input"
+def virtual_tokens_once(model: SoftPromptModel, on: bool) -> None:
+    model.virtual_tokens_as_prefix = on
+    model.kind = "prefix" if on else "input"
+
+
+def _loss_logits_gradients(model: SoftPromptModel, batch: dict, switch: Callable, on: bool):
+    switch(model, on)
     model.zero_grad()
     torch.manual_seed(0)  # the same dropout masks in the head (mean pooling) for both
     output = model(**batch)
@@ -69,9 +75,10 @@ def _loss_logits_gradients(model: SoftPromptModel, batch: dict, as_prefix: bool)
     return output["loss"].detach(), output["logits"].detach(), gradients
 
 
-def _assert_same(model: SoftPromptModel, batch: dict) -> None:
-    loss, logits, gradients = _loss_logits_gradients(model, batch, as_prefix=True)
-    oracle_loss, oracle_logits, oracle_gradients = _loss_logits_gradients(model, batch, as_prefix=False)
+def assert_same_either_way(model: SoftPromptModel, batch: dict, switch: Callable = virtual_tokens_once) -> None:
+    """The loss, logits and every trainable gradient with `switch(model, True)` equal those with the switch off."""
+    loss, logits, gradients = _loss_logits_gradients(model, batch, switch, on=True)
+    oracle_loss, oracle_logits, oracle_gradients = _loss_logits_gradients(model, batch, switch, on=False)
     torch.testing.assert_close(loss, oracle_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits, oracle_logits, atol=1e-5, rtol=1e-5)
     assert gradients.keys() == oracle_gradients.keys() and any(k.startswith("prompt.") for k in gradients)
@@ -91,7 +98,7 @@ def test_causal_lm_loss_and_gradients_equal_virtual_tokens_in_every_row(tiny_mod
     assert model.virtual_tokens_as_prefix and model.kind == "prefix"
     batch = _batch(tokenizer, causal_lm=True)
     assert not batch["attention_mask"].all()
-    _assert_same(model, batch)
+    assert_same_either_way(model, batch)
 
 
 @pytest.mark.parametrize("pooling", ["model", "mean"])
@@ -99,7 +106,7 @@ def test_decoder_classification_equals_virtual_tokens_in_every_row(tiny_models, 
     """A decoder with a classification head (right padding; the last real token, or mean pooling)."""
     base, tokenizer = _frozen(tiny_models["llama"], "sequence_classification", pooling)
     model = _model(base, tokenizer, "prompt_tuning", {"num_virtual_tokens": 3}, "sequence_classification", pooling)
-    _assert_same(model, _batch(tokenizer, causal_lm=False))
+    assert_same_either_way(model, _batch(tokenizer, causal_lm=False))
 
 
 def test_encoders_keep_virtual_tokens_in_the_input(tiny_models):
@@ -136,7 +143,7 @@ def test_several_tasks_prompts_in_one_batch(tiny_models):
         for parameter in model.prompt.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
     batch = {**_batch(tokenizer, causal_lm=True), "task_ids": torch.tensor([1, 0, 1])}
-    _assert_same(model, batch)
+    assert_same_either_way(model, batch)
     scores = []  # each row's own task's label words, the tasks' rows scored apart
     for as_prefix in (True, False):
         model.virtual_tokens_as_prefix, model.kind = as_prefix, "prefix" if as_prefix else "input"

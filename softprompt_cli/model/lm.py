@@ -54,7 +54,7 @@ def label_word_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     word_ids = torch.tensor([w + [pad] * (width - len(w)) for w in words], device=input_ids.device).repeat(batch, 1)
     word_mask = (torch.arange(width, device=input_ids.device)[None] < torch.tensor(
         [len(w) for w in words], device=input_ids.device)[:, None]).long().repeat(batch, 1)
-    if prompt is not None and not is_prefix(prompt) and prompt.dim() == 3:  # one prompt per row: per copy too
+    if prompt is not None and prompt.dim() == 3:  # one prompt per row: per copy too
         prompt = prompt.repeat_interleave(count, 0)
     elif is_prefix(prompt) and prompt.shape[2] > 1:
         prompt = prompt.repeat_interleave(count, 2)

@@ -278,14 +278,20 @@ class SoftPromptModel(nn.Module):
         every layer of a decoder: [layers, 2, prompts, kv_heads, n, head_dim]. Given as a prefix, they give every
         row the logits and gradients of the virtual tokens in its input, for one pass over n positions instead of
         one per row."""
-        tokens = virtual if virtual.dim() == 3 else virtual[None]
-        count, n = tokens.shape[:2]
-        dtype = self.base.get_input_embeddings().weight.dtype
-        positions = torch.arange(n, device=tokens.device).expand(count, -1)
+        tokens = (virtual if virtual.dim() == 3 else virtual[None]).to(self.base.get_input_embeddings().weight.dtype)
+        return self._capturing_pass(0, tokens, inputs_embeds=tokens)[0]
+
+    def _capturing_pass(self, start: int, like: torch.Tensor, **inputs: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of `inputs` (rows and length as `like`'s first two dimensions, positions from `start`) through
+        the decoder: (every layer's keys and values [layers, 2, rows, kv_heads, length, head_dim], last hidden
+        states)."""
+        rows, length = like.shape[:2]
+        positions = torch.arange(start, start + length, device=like.device).expand(rows, -1)
         captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.base.base_model(inputs_embeds=tokens.to(dtype), attention_mask=positions.new_ones(count, n),
-                             position_ids=positions, use_cache=False, softprompt_capture=captured)
-        return torch.stack([torch.stack(captured[layer]) for layer in sorted(captured)])
+        states = self.base.base_model(**inputs, attention_mask=positions.new_ones(rows, length), position_ids=positions,
+                                      use_cache=False, softprompt_capture=captured).last_hidden_state
+        return torch.stack([torch.stack(captured[layer]) for layer in sorted(captured)]), states
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
@@ -357,7 +363,7 @@ class SoftPromptModel(nn.Module):
         by every row stays as it is."""
         if is_prefix(prompt) and prompt.shape[2] > 1:
             return prompt[:, :, rows]
-        if prompt is not None and not is_prefix(prompt) and prompt.dim() == 3:
+        if prompt is not None and prompt.dim() == 3:
             return prompt[rows]
         return prompt
 
@@ -445,18 +451,13 @@ class SoftPromptModel(nn.Module):
         first, and their keys and values start the prefix."""
         count = leading_ids.shape[1]
         if is_prefix(prompt):
-            inputs = {"input_ids": leading_ids, "softprompt_prefix": prompt}
-            start, length = prompt.shape[-2], count
+            computed, states = self._capturing_pass(prompt.shape[-2], leading_ids, input_ids=leading_ids,
+                                                    softprompt_prefix=prompt)
+            prefix = torch.cat([prompt, computed.to(prompt.dtype)], dim=-2)
         else:
             embeds = self.base.get_input_embeddings()(leading_ids)
-            inputs = {"inputs_embeds": torch.cat([prompt.to(embeds.dtype)[None], embeds], dim=1)}
-            start, length = 0, len(prompt) + count
-        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        states = self.base.base_model(
-            **inputs, attention_mask=leading_ids.new_ones(1, length), use_cache=False, softprompt_capture=captured,
-            position_ids=torch.arange(start, start + length, device=leading_ids.device)[None]).last_hidden_state
-        computed = torch.stack([torch.stack(captured[layer]) for layer in sorted(captured)])
-        prefix = torch.cat([prompt, computed.to(prompt.dtype)], dim=-2) if is_prefix(prompt) else computed
+            embeds = torch.cat([prompt.to(embeds.dtype)[None], embeds], dim=1)
+            prefix, states = self._capturing_pass(0, embeds, inputs_embeds=embeds)
         return prefix, states[:, -count:]
 
     def _encode_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
