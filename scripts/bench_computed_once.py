@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -146,4 +147,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from softprompt_cli.errors import UserError
+
+    try:
+        main()
+    except UserError as err:  # a wrong recipe path or key: the message, as the CLI gives it
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
