@@ -46,7 +46,7 @@ def label_word_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Each label word's log-likelihood after each (left-padded) input: [rows, labels] (`words`: each label's
     token ids)."""
     if all(len(w) == 1 for w in words):  # one forward pass: the next-token distribution after the input
-        last = model.encode(input_ids, attention_mask, None, prompt).states[:, -1]
+        last = model.encode(input_ids, attention_mask, None, prompt, read_tail=1).states[:, -1]
         return model.lm_head(last).float().log_softmax(-1)[:, [w[0] for w in words]]
     # Multi-token words: each row once per label, the word appended (inputs are left-padded, words right-padded).
     batch, count, width = input_ids.shape[0], len(words), max(map(len, words))
@@ -60,7 +60,7 @@ def label_word_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         prompt = prompt.repeat_interleave(count, 2)
     ids = torch.cat([input_ids.repeat_interleave(count, 0), word_ids], 1)
     mask = torch.cat([attention_mask.repeat_interleave(count, 0), word_mask], 1)
-    states = model.encode(ids, mask, None, prompt).states[:, -width - 1:-1]
+    states = model.encode(ids, mask, None, prompt, read_tail=width + 1).states[:, :-1]
     log_probs = model.lm_head(states).float().log_softmax(-1).gather(-1, word_ids[..., None]).squeeze(-1)
     return (log_probs * word_mask).sum(-1).view(batch, count)
 
@@ -82,7 +82,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt
     """Run (left-padded) rows with their prompt through the model once, keeping a KV cache: the decoding state
     and the logits of each row's next token."""
     cache = DynamicCache(config=model.base.config)
-    encoded = model.encode(input_ids, attention_mask, None, prompt, cache=cache)
+    encoded = model.encode(input_ids, attention_mask, None, prompt, cache=cache, read_tail=1)
     prefix = prompt if is_prefix(prompt) else None
     state = Decoding(cache, encoded.attention_mask, encoded.next_position, prefix)
     return state, model.lm_head(encoded.states[:, -1])

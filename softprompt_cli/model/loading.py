@@ -30,6 +30,7 @@ from softprompt_cli.hub import gguf_file_path, hub_reachable, offline_model_erro
 from softprompt_cli.model import attention, dequantized
 from softprompt_cli.model.dropout import use_fast_dropout
 from softprompt_cli.model.first_token import enable_first_token_only
+from softprompt_cli.model.read_tail import enable_read_tail
 
 HEAD_MODULE_NAMES = ("pre_classifier", "classifier", "score")
 PREPARED_MARK = "softprompt_prepared"
@@ -299,6 +300,8 @@ def prepare_frozen(base: nn.Module, tokenizer, task_type: str = "sequence_classi
             head.register_forward_pre_hook(_keep_head_input)
             # the head reads [CLS] alone: the last layer need not compute the other tokens
             enable_first_token_only(base)
+    if is_decoder(base):
+        enable_read_tail(base)  # a decoder's loss and scores read the last columns alone
     if gradient_checkpointing:
         enable_checkpointing(base)
     setattr(base, PREPARED_MARK, True)

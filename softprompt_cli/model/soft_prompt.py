@@ -35,6 +35,7 @@ from softprompt_cli.model.loading import (
     model_head,
 )
 from softprompt_cli.model.prefix_capture import prefix_from_ids, text_token_ids
+from softprompt_cli.model.read_tail import read_tail_enabled
 
 PROMPT_PREFIX = "prompt."
 """Parameters and checkpoint tensors of the soft prompt start with this; the head's do not."""
@@ -169,6 +170,9 @@ class SoftPromptModel(nn.Module):
         self._attach_head(pooling, geometry, num_labels)
         self.first_token_only = self.head_reads_model_pooler and first_token_enabled(base)
         self.share_leading_tokens = self.is_decoder
+        self.read_tail_only = self.is_decoder and read_tail_enabled(base)
+        """Decoders: where only the last columns' states are read (`encode`'s read_tail), the last layer finishes
+        only those (see `read_tail`)."""
         """Decoders: leading tokens every row of a batch has alike run once, as a prefix (see `computed_once`)."""
         self.distill_weights = (1.0, 1.0, 1.0)
         """Distillation (set by training): the weights of the KL and the MSE, and the softmax temperature."""
@@ -324,9 +328,10 @@ class SoftPromptModel(nn.Module):
         changes no earlier state, so it is left out of the pass (one position in L fewer through every layer)."""
         columns = input_ids.shape[1] - 1
         token_type_ids = None if token_type_ids is None else token_type_ids[:, :columns]
-        states = self.encode(input_ids[:, :columns], attention_mask[:, :columns], token_type_ids, prompt).states
         keep = labels[:, 1:] != -100
-        states = states[:, states.shape[1] - columns:][keep]  # without leading virtual tokens
+        read = columns - int(keep.any(0).long().argmax())  # from the first column where some row predicts a target
+        states = self.encode(input_ids[:, :columns], attention_mask[:, :columns], token_type_ids, prompt,
+                             read_tail=read).states[keep[:, -read:]]
         return self.lm_head(states).float(), states, keep
 
     @property
@@ -394,17 +399,19 @@ class SoftPromptModel(nn.Module):
                 _insert(attention_mask, ones, at), token_type_ids, 0)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
-               prompt: torch.Tensor | None, cache: Any = None) -> Encoded:
+               prompt: torch.Tensor | None, cache: Any = None, read_tail: int | None = None) -> Encoded:
         """Run the frozen model with a soft prompt: shared by all rows ([n, d] or [layers, 2, 1, ...]) or
         one per row ([B, n, d] or [layers, 2, B, ...]: several tasks in one batch); None: no prompt.
-        With a `cache`, a decoder keeps the keys and values of the input (not of a prefix) for generation."""
+        With a `cache`, a decoder keeps the keys and values of the input (not of a prefix) for generation.
+        `read_tail=n`: only the last n columns' states are read, and `states` holds those alone ([B, n, hidden])."""
         plan = self._computed_once_plan(input_ids, attention_mask, token_type_ids, prompt, cache)
         if plan is None:
-            return self._encode_rows(input_ids, attention_mask, token_type_ids, prompt, cache)
+            return self._encode_rows(input_ids, attention_mask, token_type_ids, prompt, cache, read_tail)
         starts, count = plan
         if not count:  # the virtual tokens alone
-            return self._encode_rows(input_ids, attention_mask, None, self.virtual_token_prefix(prompt), None)
-        return self._encode_sharing_leading_tokens(input_ids, attention_mask, prompt, starts, count)
+            return self._encode_rows(input_ids, attention_mask, None, self.virtual_token_prefix(prompt), None,
+                                     read_tail)
+        return self._encode_sharing_leading_tokens(input_ids, attention_mask, prompt, starts, count, read_tail)
 
     def _computed_once_plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any
@@ -434,14 +441,19 @@ class SoftPromptModel(nn.Module):
         return computing_once_pays(input_ids.device, len(input_ids), input_ids.shape[1])
 
     def _encode_sharing_leading_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                                       prompt: torch.Tensor, starts: torch.Tensor, count: int) -> Encoded:
+                                       prompt: torch.Tensor, starts: torch.Tensor, count: int,
+                                       read_tail: int | None) -> Encoded:
         """`encode` with the `count` leading tokens all rows share (from `starts`) run once: their keys and values
-        lengthen the prefix, the rows run the rest, and the shared tokens' states go back into every row."""
+        lengthen the prefix, the rows run the rest, and the shared tokens' states go back into every row (unless
+        the columns read are all the rows' own tokens)."""
         first = int(starts[0])
         prefix, leading_states = self._prefix_with_leading_tokens(input_ids[:1, first:first + count], prompt)
+        own_tail = read_tail is not None and read_tail <= int(attention_mask.sum(-1).min()) - count
         rest = self._encode_rows(computed_once.without_leading(input_ids, starts, count),
-                                 computed_once.without_leading(attention_mask, starts, count), None, prefix, None)
-        states = computed_once.with_leading(rest.states, leading_states, starts)
+                                 computed_once.without_leading(attention_mask, starts, count), None, prefix, None,
+                                 read_tail if own_tail else None)
+        states = rest.states if own_tail else computed_once.with_leading(rest.states, leading_states, starts)
+        states = states[:, -read_tail:] if read_tail else states
         return Encoded(states, attention_mask, attention_mask, attention_mask.sum(-1) + prompt.shape[-2])
 
     def _prefix_with_leading_tokens(self, leading_ids: torch.Tensor, prompt: torch.Tensor
@@ -461,8 +473,9 @@ class SoftPromptModel(nn.Module):
         return prefix, states[:, -count:]
 
     def _encode_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any) -> Encoded:
-        """`encode`, every row's every token through the model."""
+                     token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any,
+                     read_tail: int | None = None) -> Encoded:
+        """`encode`, every row's every token through the model (but the last layer's, with `read_tail`)."""
         batch = input_ids.shape[0]
         inputs, real_tokens, attention_mask, token_type_ids, offset = self._inputs_with_prompt(
             input_ids, attention_mask, token_type_ids, prompt)
@@ -483,7 +496,10 @@ class SoftPromptModel(nn.Module):
             self.base(**inputs)
             states, self.head.softprompt_input = self.head.softprompt_input, None
             return Encoded(states, real_tokens, attention_mask, next_position)
-        return Encoded(self.base.base_model(**inputs).last_hidden_state, real_tokens, attention_mask, next_position)
+        if read_tail and self.read_tail_only:
+            inputs["softprompt_read_tail"] = read_tail
+        states = self.base.base_model(**inputs).last_hidden_state
+        return Encoded(states[:, -read_tail:] if read_tail else states, real_tokens, attention_mask, next_position)
 
     def features(self, encoded: Encoded) -> torch.Tensor:
         """What a head reads: the model's pooler output, a decoder's last real token, or pooled hidden states."""
