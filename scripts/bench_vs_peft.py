@@ -27,9 +27,10 @@ on softprompt's batch (the same tensors).
 "ratio, one process" (each tool on its own batches) is then a ratio that no drift of the machine between runs
 can touch, and "ratio, identical batches" shows the speed that comes from work softprompt avoids, not from
 padding. Where softprompt skips work on a given batch (BERT-family models: the last layer for [CLS] alone;
-decoders: leading tokens that all rows share, run once), its step also runs with those shortcuts off (in
-brackets). Besides dev accuracy, both report their mean training loss over the last
-epoch: a short budget can leave both at the majority class, and the loss still shows whether they learn alike.
+decoders: leading tokens that all rows share, run once, and the last layer's feed-forward half for the columns
+the loss reads alone), its step also runs with those shortcuts off (in brackets). Besides dev accuracy, both
+report their mean training loss over the last epoch: a short budget can leave both at the majority class, and
+the loss still shows whether they learn alike.
 
 Each method's row is printed as soon as the method is done. A side that fails shows "failed" in its cells (the
 reasons follow the table) and the rest of the row and the other methods are kept; the exit code is then 1.
@@ -54,6 +55,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft_baselines import (
+    PREDICTS_LABEL_WORD,
     PeftRun,
     build_peft_run,
     peft_epoch,
@@ -184,9 +186,9 @@ def worker_peft(args) -> dict:
             "steps": len(run.train_loader) * args.epochs, "peak_rss_mb": peak_rss_mb()}
 
 
-SHORTCUTS = ("first_token_only", "share_leading_tokens")
-"""softprompt's switches for work it skips on a given batch: the last BERT layer for [CLS] alone, and a decoder's
-leading tokens that all rows share, run once."""
+SHORTCUTS = ("first_token_only", "share_leading_tokens", "read_tail_only")
+"""softprompt's switches for work it skips on a given batch: the last BERT layer for [CLS] alone, a decoder's
+leading tokens that all rows share, run once, and a decoder's last layer finishing only the columns the loss reads."""
 
 
 def take_step(kind: str, ours: Run, theirs: PeftRun, batches: dict, shortcuts: dict[str, bool], step: int) -> None:
@@ -250,7 +252,7 @@ def floor_step(model: torch.nn.Module, batch: dict, virtual_tokens: int, causal_
         types = batch["token_type_ids"]
         inputs["token_type_ids"] = torch.cat([types.new_zeros(rows, virtual_tokens), types], 1)
     if causal_lm:  # only the label word's prediction goes through the LM head, and no KV cache, as in softprompt
-        logits = model(**inputs, logits_to_keep=2, use_cache=False).logits[:, 0]
+        logits = model(**inputs, logits_to_keep=PREDICTS_LABEL_WORD, use_cache=False).logits[:, 0]
         targets = batch["labels"][:, -1]
     else:
         logits, targets = model(**inputs).logits, batch["labels"]
