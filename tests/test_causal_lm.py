@@ -224,6 +224,21 @@ def test_single_token_label_words_score_in_one_pass(tiny_models):
         torch.testing.assert_close(scores[row], expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("words", [{"negative": " bad", "positive": " good"},
+                                   {"negative": " terrible film", "positive": " good"}], ids=["one-token", "multi"])
+def test_label_word_scores_under_bf16_autocast_come_from_float32_logits(tiny_models, words):
+    """Under bf16 autocast the model runs in bf16, but the LM head's logits are float32: the words' scores are
+    differences of log-probabilities, which bf16 logits round to steps of 1/16 or more."""
+    model, tokenizer = build(tiny_models["llama"], METHODS["prompt_tuning"], {**SST2_TASK, "label_words": words})
+    head_outputs = []
+    model.lm_head.register_forward_hook(lambda _module, _args, output: head_outputs.append(output.dtype))
+    batch = tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = model.scores(batch["input_ids"], batch["attention_mask"])
+    assert head_outputs == [torch.float32]
+    torch.testing.assert_close(scores, model.scores(batch["input_ids"], batch["attention_mask"]), atol=0.05, rtol=0)
+
+
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_gradient_checkpointing_gives_the_same_causal_lm_loss_and_gradients(tiny_models, decoder):
     model, tokenizer = build(tiny_models[decoder], METHODS["prefix_tuning"])

@@ -40,6 +40,16 @@ class Sampling:
         return chosen.to(logits.device)
 
 
+def float32_logits(model, states: torch.Tensor) -> torch.Tensor:
+    """The LM head's logits in float32 even under bf16/fp16 autocast (unless the model itself is in half
+    precision). Label-word scores are differences of log-probabilities, which half precision rounds to steps of
+    1/16 to 1/8 at the usual logit sizes: two different SmolLM2 rows both came out 0.880797 (a difference of
+    exactly 2), and two label words can tie."""
+    head = model.lm_head
+    with torch.autocast(states.device.type, enabled=False):
+        return head(states.to(next(head.parameters()).dtype)).float()
+
+
 @torch.no_grad()
 def label_word_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: torch.Tensor | None,
                       words: list[list[int]]) -> torch.Tensor:
@@ -47,7 +57,7 @@ def label_word_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     token ids)."""
     if all(len(w) == 1 for w in words):  # one forward pass: the next-token distribution after the input
         last = model.encode(input_ids, attention_mask, None, prompt, read_tail=1).states[:, -1]
-        return model.lm_head(last).float().log_softmax(-1)[:, [w[0] for w in words]]
+        return float32_logits(model, last).log_softmax(-1)[:, [w[0] for w in words]]
     # Multi-token words: each row once per label, the word appended (inputs are left-padded, words right-padded).
     batch, count, width = input_ids.shape[0], len(words), max(map(len, words))
     pad = model.base.config.pad_token_id or 0
@@ -61,7 +71,7 @@ def label_word_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     ids = torch.cat([input_ids.repeat_interleave(count, 0), word_ids], 1)
     mask = torch.cat([attention_mask.repeat_interleave(count, 0), word_mask], 1)
     states = model.encode(ids, mask, None, prompt, read_tail=width + 1).states[:, :-1]
-    log_probs = model.lm_head(states).float().log_softmax(-1).gather(-1, word_ids[..., None]).squeeze(-1)
+    log_probs = float32_logits(model, states).log_softmax(-1).gather(-1, word_ids[..., None]).squeeze(-1)
     return (log_probs * word_mask).sum(-1).view(batch, count)
 
 
