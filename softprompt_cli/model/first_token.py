@@ -13,11 +13,11 @@ first token, checked again on the layer's parts); any other model runs unchanged
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from softprompt_cli.model.layer_patch import forward_is, patch_forward
 
 # transformers' copies of BertLayer whose sequence-classification heads read the first token alone
 BERT_FAMILY = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "data2vec-text", "ernie"}
@@ -72,12 +72,10 @@ def enable_first_token_only(base: nn.Module) -> bool:
     layer = last_bert_layer(base)
     if layer is None:
         return False
-    layer.forward = types.MethodType(first_token_forward, layer)
+    patch_forward(layer, first_token_forward)
     return True
 
 
 def first_token_enabled(base: nn.Module) -> bool:
     """Whether `enable_first_token_only` patched this model's last layer."""
-    layer = last_bert_layer(base)
-    forward = getattr(layer, "__dict__", {}).get("forward")
-    return getattr(forward, "__func__", None) is first_token_forward
+    return forward_is(last_bert_layer(base), first_token_forward)

@@ -16,11 +16,12 @@ any other model runs unchanged.
 
 from __future__ import annotations
 
-import types
 from dataclasses import astuple, dataclass
 
 import torch
 from torch import nn
+
+from softprompt_cli.model.layer_patch import forward_is, patch_forward
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,10 @@ def enable_read_tail(base: nn.Module) -> bool:
     if layer is None:
         return False
     layer.softprompt_layout = _layout(base)
-    layer.forward = types.MethodType(read_tail_forward, layer)
+    patch_forward(layer, read_tail_forward)
     return True
 
 
 def read_tail_enabled(base: nn.Module) -> bool:
     """Whether `enable_read_tail` patched this model's last layer."""
-    layer = last_decoder_layer(base)
-    forward = getattr(layer, "__dict__", {}).get("forward")
-    return getattr(forward, "__func__", None) is read_tail_forward
+    return forward_is(last_decoder_layer(base), read_tail_forward)
