@@ -147,7 +147,7 @@ def bench_recipe(args, out: str | None) -> Recipe:
         "method": {"name": args.method, "num_virtual_tokens": settings.virtual_tokens, **settings.softprompt},
         "training": {"lr": settings.lr, "batch_size": BATCH_SIZE, "eval_batch_size": job.eval_batch_size,
                      "epochs": args.epochs, "seed": args.seed, "weight_decay": args.weight_decay,
-                     "max_grad_norm": args.max_grad_norm or None,
+                     "max_grad_norm": args.max_grad_norm or None, "group_by_length": args.group_by_length == "on",
                      "mixed_precision": "no",  # float32, as PEFT's side runs
                      # one log record per epoch: its mean training loss
                      "log_steps": math.ceil(training_rows(args) / BATCH_SIZE)},
@@ -289,7 +289,7 @@ def run_worker(kind: str, method: str, args) -> dict:
                "--max-eval-samples", str(args.max_eval_samples), "--seed", str(args.seed),
                "--glue-dir", str(args.glue_dir), "--weight-decay", str(args.weight_decay),
                "--max-grad-norm", str(args.max_grad_norm), "--one-process-batches", str(args.one_process_batches),
-               "--peft-loss", args.peft_loss]
+               "--peft-loss", args.peft_loss, "--group-by-length", args.group_by_length]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -401,6 +401,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--peft-loss", choices=["label-word", "labels"], default="label-word",
                         help="causal LM: PEFT's loss from the label word's logits alone (as softprompt), or from "
                              "`labels` passed to the model (PEFT's examples: logits at every position)")
+    parser.add_argument("--group-by-length", choices=["on", "off"], default="on",
+                        help="softprompt's training.group_by_length (off: shuffled batches, as PEFT's)")
     parser.add_argument("--glue-dir", type=Path, default=Path("../shared/data/glue"))
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -419,7 +421,8 @@ def main() -> None:
     span = f"the first {args.one_process_batches} batch(es) of one" if args.one_process_batches else "one"
     print(f"{JOBS[args.job].title} ({training_rows(args)} training rows, {args.epochs} epoch(s)), {args.threads} "
           f"threads, median of {args.repeats} alternating run(s); weight decay {args.weight_decay}, gradient "
-          f"clipping at {args.max_grad_norm or 'none'}; softprompt / PEFT. One process: both tools' steps in turn, "
+          f"clipping at {args.max_grad_norm or 'none'}; softprompt's batches grouped by length: "
+          f"{args.group_by_length}; softprompt / PEFT. One process: both tools' steps in turn, "
           f"batch by batch, through {span} epoch; identical batches: PEFT on softprompt's batches:\n")
     print("| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER), flush=True)
     failures = []
