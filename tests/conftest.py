@@ -51,7 +51,6 @@ def _tokenizer():
 
 
 def _save_tiny(kind: str, folder: Path) -> Path:
-    import torch
     from transformers import AutoModel, AutoModelForCausalLM, BertConfig, Gemma3TextConfig, GPT2Config, LlamaConfig
 
     tokenizer = _tokenizer()
@@ -72,10 +71,16 @@ def _save_tiny(kind: str, folder: Path) -> Path:
                                    bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
                                    pad_token_id=tokenizer.pad_token_id),
     }
-    torch.manual_seed(0)
     # Decoders are saved with their LM head (causal_lm loads it; AutoModel drops it).
-    model = (AutoModel if kind == "bert" else AutoModelForCausalLM).from_config(configs[kind])
-    model.save_pretrained(folder)
+    return save_random_model(folder, AutoModel if kind == "bert" else AutoModelForCausalLM, configs[kind], tokenizer)
+
+
+def save_random_model(folder: Path, auto_class, config, tokenizer) -> Path:
+    """A model of `config` with weights drawn from seed 0, saved with `tokenizer` into `folder`."""
+    import torch
+
+    torch.manual_seed(0)
+    auto_class.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import save_random_model
 
 from softprompt_cli.model.first_token import first_token_forward, last_bert_layer
 from softprompt_cli.model.loading import enable_checkpointing, load_base_model, load_tokenizer, prepare_frozen
@@ -49,11 +50,7 @@ def bert_family(tiny_models, tmp_path_factory) -> dict[str, object]:
     configs = (("roberta", RobertaConfig(**shape, pad_token_id=0)),
                ("electra", ElectraConfig(**shape, embedding_size=16)))
     for kind, config in configs:
-        folder = tmp_path_factory.mktemp(kind)
-        torch.manual_seed(0)
-        AutoModel.from_config(config).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        folders[kind] = folder
+        folders[kind] = save_random_model(tmp_path_factory.mktemp(kind), AutoModel, config, tokenizer)
     return folders
 
 

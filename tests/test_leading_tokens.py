@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_virtual_tokens_once import _frozen, _model, assert_same_either_way
+from test_virtual_tokens_once import _frozen, _model, assert_label_word_scores_same_either_way, assert_same_either_way
 
 from softprompt_cli.model import computed_once as leading_tokens
 from softprompt_cli.model.soft_prompt import SoftPromptModel
@@ -63,14 +63,7 @@ def test_label_word_scores_equal_every_row_running_every_token(tiny_models, kind
     base, tokenizer = _frozen(tiny_models[kind], "causal_lm", "model")
     model = _model(base, tokenizer, "prefix_tuning", {"num_virtual_tokens": 3, "init": "random"}, "causal_lm",
                    "model").eval()
-    batch = _batch(tokenizer, "left")
-    for words in (model.label_word_ids, [[5, 6], [7]]):
-        model.task_label_words = {name: words for name in model.task_names}
-        scores = []
-        for share in (True, False):
-            model.share_leading_tokens = share
-            scores.append(model.scores(batch["input_ids"], batch["attention_mask"]))
-        torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)
+    assert_label_word_scores_same_either_way(model, _batch(tokenizer, "left"), "share_leading_tokens")
 
 
 @pytest.mark.parametrize("pooling", ["model", "mean"])

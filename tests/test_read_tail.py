@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_virtual_tokens_once import _frozen, _model, assert_same_either_way
+from conftest import save_random_model
+from test_virtual_tokens_once import _frozen, _model, assert_label_word_scores_same_either_way, assert_same_either_way
 
 from softprompt_cli.model.read_tail import LAYOUTS, last_decoder_layer, read_tail_enabled
 from softprompt_cli.model.soft_prompt import SoftPromptModel
@@ -37,11 +38,7 @@ def decoders(tiny_models, tmp_path_factory) -> dict[str, object]:
     folders = {kind: tiny_models[kind] for kind in ("llama", "gemma3", "gpt2")}
     for kind, config in (("mistral", MistralConfig(**shape)), ("qwen2", Qwen2Config(**shape)),
                          ("qwen3", Qwen3Config(**shape))):
-        folder = tmp_path_factory.mktemp(kind)
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        folders[kind] = folder
+        folders[kind] = save_random_model(tmp_path_factory.mktemp(kind), AutoModelForCausalLM, config, tokenizer)
     return folders
 
 
@@ -121,13 +118,7 @@ def test_label_word_scores_and_generation_equal_the_full_last_layer(decoders, ki
     base, tokenizer = _frozen(decoders[kind], "causal_lm", "model")
     model = _model(base, tokenizer, "prompt_tuning", {"num_virtual_tokens": 3}, "causal_lm", "model").eval()
     batch = _batch(tokenizer, (1, 1, 1))
-    for words in (model.label_word_ids, [[5, 6], [7]]):
-        model.task_label_words = {name: words for name in model.task_names}
-        scores = []
-        for on in (True, False):
-            model.read_tail_only = on
-            scores.append(model.scores(batch["input_ids"], batch["attention_mask"]))
-        torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)
+    assert_label_word_scores_same_either_way(model, batch, "read_tail_only")
     generated = []
     for on in (True, False):
         model.read_tail_only = on

@@ -86,6 +86,18 @@ def assert_same_either_way(model: SoftPromptModel, batch: dict, switch: Callable
         torch.testing.assert_close(gradients[name], oracle_gradients[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def assert_label_word_scores_same_either_way(model: SoftPromptModel, batch: dict, shortcut: str) -> None:
+    """Label-word scores with the model's `shortcut` attribute on equal those with it off, for one-token words
+    (one pass) and multi-token words (appended to the rows)."""
+    for words in (model.label_word_ids, [[5, 6], [7]]):
+        model.task_label_words = {name: words for name in model.task_names}
+        scores = []
+        for on in (True, False):
+            setattr(model, shortcut, on)
+            scores.append(model.scores(batch["input_ids"], batch["attention_mask"]))
+        torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("method,values", METHODS, ids=[m for m, _ in METHODS])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
