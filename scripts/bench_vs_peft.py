@@ -27,8 +27,9 @@ on softprompt's batch (the same tensors).
 "ratio, one process" (each tool on its own batches) is then a ratio that no drift of the machine between runs
 can touch, and "ratio, identical batches" shows the speed that comes from work softprompt avoids, not from
 padding. Where softprompt skips work on a given batch (BERT-family models: the last layer for [CLS] alone;
-decoders: leading tokens that all rows share, run once, and the last layer's feed-forward half for the columns
-the loss reads alone), its step also runs with those shortcuts off (in brackets). Besides dev accuracy, both
+decoders: leading tokens that all rows share, run once, the last layer's feed-forward half for the columns the
+loss reads alone, and the rows packed without padding behind the prefix they share), its step also runs with those
+shortcuts off (in brackets). Besides dev accuracy, both
 report their mean training loss over the last epoch: a short budget can leave both at the majority class, and
 the loss still shows whether they learn alike.
 
@@ -186,9 +187,10 @@ def worker_peft(args) -> dict:
             "steps": len(run.train_loader) * args.epochs, "peak_rss_mb": peak_rss_mb()}
 
 
-SHORTCUTS = ("first_token_only", "share_leading_tokens", "read_tail_only")
+SHORTCUTS = ("first_token_only", "share_leading_tokens", "read_tail_only", "pack_rows")
 """softprompt's switches for work it skips on a given batch: the last BERT layer for [CLS] alone, a decoder's
-leading tokens that all rows share, run once, and a decoder's last layer finishing only the columns the loss reads."""
+leading tokens that all rows share, run once, a decoder's last layer finishing only the columns the loss reads, and
+a decoder's padding (its rows packed together behind the prefix they share)."""
 
 
 def take_step(kind: str, ours: Run, theirs: PeftRun, batches: dict, shortcuts: dict[str, bool], step: int) -> None:

@@ -96,6 +96,7 @@ def test_training_pass_leaves_out_the_last_column(tiny_models, method, computed_
     loss itself is checked against the full pass above)."""
     model, tokenizer = build(tiny_models["llama"], METHODS[method])
     model.share_leading_tokens = False  # both rows start with [CLS], which would run apart
+    model.pack_rows = False  # the padded rows' width (packed: tests/test_packing.py)
     rows = dict(tokenizer(["a fine film good", "dull good"], padding=True, return_tensors="pt"))
     widths = []
 

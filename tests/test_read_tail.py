@@ -93,6 +93,7 @@ def test_the_last_layer_finishes_only_the_columns_read(decoders):
                    "model")
     batch = _batch(tokenizer, (1, 3, 2))
     model.share_leading_tokens = False
+    model.pack_rows = False  # the padded batch's columns (packed rows: tests/test_packing.py)
     assert _feed_forward_columns(model, lambda: model(**batch)) == [3]
     model.read_tail_only = False
     assert _feed_forward_columns(model, lambda: model(**batch)) == [batch["input_ids"].shape[1] - 1]

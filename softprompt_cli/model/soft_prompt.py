@@ -23,7 +23,7 @@ from softprompt_cli.config.schema import SINGLE_TASK
 from softprompt_cli.errors import UserError
 from softprompt_cli.methods._layers import Vocabulary
 from softprompt_cli.methods.base import MethodOptions, ModelSpec
-from softprompt_cli.model import computed_once, heads, lm
+from softprompt_cli.model import computed_once, heads, lm, packing
 from softprompt_cli.model.computed_once import computing_once_pays, is_prefix
 from softprompt_cli.model.first_token import first_token_enabled
 from softprompt_cli.model.loading import (
@@ -170,10 +170,13 @@ class SoftPromptModel(nn.Module):
         self._attach_head(pooling, geometry, num_labels)
         self.first_token_only = self.head_reads_model_pooler and first_token_enabled(base)
         self.share_leading_tokens = self.is_decoder
+        """Decoders: leading tokens every row of a batch has alike run once, as a prefix (see `computed_once`)."""
         self.read_tail_only = self.is_decoder and read_tail_enabled(base)
         """Decoders: where only the last columns' states are read (`encode`'s read_tail), the last layer finishes
         only those (see `read_tail`)."""
-        """Decoders: leading tokens every row of a batch has alike run once, as a prefix (see `computed_once`)."""
+        self.pack_rows = self.is_decoder and base.config.model_type in packing.PACKED_MODEL_TYPES
+        """Decoders: rows behind a prefix they all share run packed, without padding, where that pays (see
+        `packing`)."""
         self.distill_weights = (1.0, 1.0, 1.0)
         """Distillation (set by training): the weights of the KL and the MSE, and the softmax temperature."""
 
@@ -476,6 +479,8 @@ class SoftPromptModel(nn.Module):
                      token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any,
                      read_tail: int | None = None) -> Encoded:
         """`encode`, every row's every token through the model (but the last layer's, with `read_tail`)."""
+        if self._packing_pays(attention_mask, token_type_ids, prompt, cache):
+            return self._encode_packed(input_ids, attention_mask, prompt, read_tail)
         batch = input_ids.shape[0]
         inputs, real_tokens, attention_mask, token_type_ids, offset = self._inputs_with_prompt(
             input_ids, attention_mask, token_type_ids, prompt)
@@ -500,6 +505,34 @@ class SoftPromptModel(nn.Module):
             inputs["softprompt_read_tail"] = read_tail
         states = self.base.base_model(**inputs).last_hidden_state
         return Encoded(states[:, -read_tail:] if read_tail else states, real_tokens, attention_mask, next_position)
+
+    def _packing_pays(self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
+                      prompt: torch.Tensor | None, cache: Any) -> bool:
+        """Whether rows run packed (see `packing`): behind a prefix they all share, with no cache to fill, no token
+        type ids the model reads, where a sliding window could not hide the prefix from any row, and where packing
+        saves enough positions."""
+        shared_prefix = is_prefix(prompt) and prompt.shape[2] == 1
+        if not (self.pack_rows and shared_prefix) or cache is not None or attention_mask.all():
+            return False
+        window = self._sliding_window()
+        if (window and prompt.shape[-2] + attention_mask.shape[1] > window) or (
+                token_type_ids is not None and _takes_token_types(self.base)):
+            return False
+        return packing.packing_pays(attention_mask)
+
+    def _encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: torch.Tensor,
+                       read_tail: int | None) -> Encoded:
+        """`_encode_rows` with the rows packed, without padding (see `packing`): the same states."""
+        offset = prompt.shape[-2]
+        packed = packing.pack(input_ids, attention_mask, offset, read_tail)
+        inputs = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
+                  "position_ids": packed.position_ids, "softprompt_prefix": prompt, "use_cache": False,
+                  self.cache_argument: None}
+        if read_tail and self.read_tail_only:
+            inputs["softprompt_read_tail"] = packed.read
+        states = self.base.base_model(**inputs).last_hidden_state[:, -packed.read:]
+        return Encoded(packing.unpack(states, packed), attention_mask, attention_mask,
+                       attention_mask.sum(-1) + offset)
 
     def features(self, encoded: Encoded) -> torch.Tensor:
         """What a head reads: the model's pooler output, a decoder's last real token, or pooled hidden states."""

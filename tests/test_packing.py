@@ -1,0 +1,143 @@
+"""Decoders run the rows of a batch packed, without padding, behind the prefix they all share.
+
+The oracle is the same model with packing off (`pack_rows`), every row padded to the longest: the loss, logits,
+label-word scores and every trainable parameter's gradient must be the same, for left-padded (causal LM) and
+right-padded (classification) rows, for each method, under gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_virtual_tokens_once import _frozen, _model, assert_label_word_scores_same_either_way, assert_same_either_way
+
+from softprompt_cli.model import packing
+from softprompt_cli.model.soft_prompt import SoftPromptModel
+
+TEXTS = ["fine", "a long and winding mess of scenes that never ends", "good fun", "bad"]
+METHODS = [
+    ("prompt_tuning", {"num_virtual_tokens": 5}),
+    ("p_tuning", {"num_virtual_tokens": 4, "encoder": "mlp", "encoder_hidden_size": 16}),
+    ("prefix_tuning", {"num_virtual_tokens": 3, "init": "random"}),
+]
+pytestmark = pytest.mark.usefixtures("computed_once_at_any_size")
+
+
+@pytest.fixture
+def packed_rows_small(monkeypatch):
+    """Packed rows of 8 tokens (or the longest row's length): a batch of a few short rows packs into more than one."""
+    monkeypatch.setattr(packing, "PACKED_ROW_TOKENS", 8)
+
+
+def _batch(tokenizer, side: str) -> dict[str, torch.Tensor]:
+    tokenizer.padding_side = side
+    inputs = dict(tokenizer(TEXTS, padding=True, return_tensors="pt"))
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    if side == "left":
+        labels[:, :-2] = -100  # loss on the last two tokens (each predicted by a real one), as on label words
+    return {**inputs, "labels": labels}
+
+
+def _packing(model: SoftPromptModel, on: bool) -> None:
+    model.pack_rows = on
+
+
+def _packed_calls(monkeypatch) -> list[packing.Packing]:
+    calls = []
+    pack = packing.pack
+
+    def recording(*args, **kwargs):
+        calls.append(pack(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(packing, "pack", recording)
+    return calls
+
+
+def test_first_fit_puts_the_longest_rows_first():
+    assert packing.first_fit([3, 7, 2, 5, 1], capacity=8) == [1, 0, 2, 1, 0]
+
+
+def test_packing_keeps_each_tokens_id_and_position():
+    """Left-padded rows, positions from 3 (a prefix of 3): every real token once, at its unpadded position, seeing
+    its own row's earlier tokens only; the read columns (the last two) at the end of their packed rows."""
+    ids = torch.tensor([[0, 0, 11, 12], [21, 22, 23, 24], [0, 0, 0, 31]])
+    mask = (ids > 0).long()
+    packed = packing.pack(ids, mask, first_position=3, read_tail=2)
+    assert sorted(packed.input_ids[packed.input_ids > 0].tolist()) == sorted(ids[ids > 0].tolist())
+    for token in ids[ids > 0].tolist():
+        row, column = (ids == token).nonzero()[0].tolist()
+        at = (packed.input_ids == token).nonzero()[0].tolist()
+        assert packed.position_ids[at[0], at[1]] == 3 + column - int((mask[row] == 0).sum())
+        seen = packed.input_ids[at[0]][packed.attention_mask[at[0], 0, at[1]]]
+        assert sorted(seen.tolist()) == [t for t in ids[row].tolist() if 0 < t <= token]
+    states = packed.input_ids[..., None].float()[:, -packed.read:]  # a token's "state": its id
+    read = packing.unpack(states, packed)[..., 0]
+    assert read.tolist() == [[11, 12], [23, 24], [0, 31]]
+
+
+@pytest.mark.usefixtures("packed_rows_small")
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("method,values", METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_causal_lm_loss_and_gradients_equal_padded_rows(tiny_models, monkeypatch, kind, method, values,
+                                                        checkpointing):
+    """Tiny Llama (grouped-query attention, the last layer finishing only the columns read) and GPT-2 (learned
+    positions). The rows' shared [CLS] runs once, with the prefix; the rest of them (10, 1, 2 and 1 tokens, the
+    last token left out) pack into two rows of at most 10."""
+    base, tokenizer = _frozen(tiny_models[kind], "causal_lm", "model", checkpointing)
+    model = _model(base, tokenizer, method, values, "causal_lm", "model")
+    assert model.pack_rows
+    calls = _packed_calls(monkeypatch)
+    assert_same_either_way(model, _batch(tokenizer, "left"), _packing)
+    assert len(calls) == 1 and len(calls[0].input_ids) == 2
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_label_word_scores_equal_padded_rows(tiny_models, monkeypatch, kind):
+    """Evaluation and predict: one-token words (one pass) and multi-token words (appended to the rows, the words
+    padded on the right inside left-padded rows)."""
+    base, tokenizer = _frozen(tiny_models[kind], "causal_lm", "model")
+    model = _model(base, tokenizer, "prefix_tuning", {"num_virtual_tokens": 3, "init": "random"}, "causal_lm",
+                   "model").eval()
+    calls = _packed_calls(monkeypatch)
+    assert_label_word_scores_same_either_way(model, _batch(tokenizer, "left"), "pack_rows")
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("pooling", ["model", "mean"])
+def test_decoder_classification_with_right_padding(tiny_models, monkeypatch, pooling):
+    """A decoder with a classification head: right padding, the last real token or the mean of all."""
+    base, tokenizer = _frozen(tiny_models["llama"], "sequence_classification", pooling)
+    model = _model(base, tokenizer, "prompt_tuning", {"num_virtual_tokens": 3}, "sequence_classification", pooling)
+    if pooling == "mean":
+        model.head_dropout.p = 0.0
+    calls = _packed_calls(monkeypatch)
+    assert_same_either_way(model, {**_batch(tokenizer, "right"), "labels": torch.tensor([0, 1, 1, 0])}, _packing)
+    assert calls
+
+
+def test_sliding_window_the_rows_could_outgrow_keeps_them_padded(tiny_models, monkeypatch):
+    """Gemma 3's window (12 tokens in the tiny model) could hide the prefix from a long row's last tokens: packed,
+    the mask would have to say so, so such rows run padded; short rows run packed, with the same scores."""
+    base, tokenizer = _frozen(tiny_models["gemma3"], "causal_lm", "model")
+    model = _model(base, tokenizer, "prefix_tuning", {"num_virtual_tokens": 3, "init": "random"}, "causal_lm",
+                   "model").eval()
+    calls = _packed_calls(monkeypatch)
+    model.scores(**{k: v for k, v in _batch(tokenizer, "left").items() if k != "labels"})
+    assert not calls
+    tokenizer.padding_side = "left"
+    short = tokenizer(["fine", "good fun to watch", "bad"], padding=True, return_tensors="pt")
+    assert_label_word_scores_same_either_way(model, {**short}, "pack_rows")
+    assert calls
+
+
+def test_rows_with_little_padding_run_padded(tiny_models, monkeypatch):
+    base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
+    model = _model(base, tokenizer, "prefix_tuning", {"num_virtual_tokens": 3, "init": "random"}, "causal_lm",
+                   "model")
+    calls = _packed_calls(monkeypatch)
+    tokenizer.padding_side = "left"
+    alike = dict(tokenizer(["good fun", "bad fun", "a mess"], padding=True, return_tensors="pt"))
+    model(**alike, labels=alike["input_ids"])
+    assert not calls
