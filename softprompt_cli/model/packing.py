@@ -4,10 +4,10 @@ Shuffled batches of sentences are mostly padding: on SST-2 with SmolLM2 (batch 1
 batch's positions are, and each costs what a real token costs. Length-grouped batches avoid that but cost accuracy
 (README: the SmolLM2 grouping table). Behind a causal mask, after a prefix every row sees alike (a prompt's virtual
 tokens computed once, prefix tuning's keys and values, shared template tokens), a row's states depend on nothing but
-its own tokens and their positions. So the rows of a batch are packed into a few rows of at most
-`PACKED_ROW_TOKENS` tokens (first fit, longest first), each token keeping its own position id, under a mask that lets
-a token attend to the prefix and to the earlier tokens of its own row only: every row's states, loss and gradients
-are those it has alone, for the real tokens' positions alone.
+its own tokens and their positions. So the rows of a batch are packed into a few rows of about `PACKED_ROW_TOKENS`
+tokens (longest first, each into the shortest), each token keeping its own position id, under a mask that lets a
+token attend to the prefix and to the earlier tokens of its own row only: every row's states, loss and gradients are
+those it has alone, for the real tokens' positions alone.
 
 The order of the tokens inside a packed row does not matter to the model (the mask and the position ids say
 everything), so the tokens whose states are read (`read_tail`'s columns: the positions that predict a label word)
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 
 PACKED_ROW_TOKENS = 256
-"""The tokens a packed row holds at most (one row longer than that is a packed row of its own). Attention over a
-packed row costs its length squared: at 256 the extra attention stays under a tenth of a SmolLM2 step."""
+"""About how many tokens a packed row holds: a batch's rows go into as few packed rows as hold their tokens at this
+many each, balanced (a packed row can come out a little longer). Attention over a packed row costs its length
+squared: at 256 the extra attention stays under a tenth of a SmolLM2 step."""
 PACKING_MIN_SAVED_SHARE = 0.2
 """Rows are packed where that saves at least this share of the padded batch's positions; below it, building the
 mask and the longer attention rows are not worth it (length-grouped batches, evaluation's longest-first order)."""
@@ -47,25 +48,23 @@ class Packing:
     ([packed rows * read]); -1 for padding."""
 
 
-def first_fit(lengths: list[int], capacity: int) -> list[int]:
-    """The packed row of each row: first fit, longest rows first, into packed rows of `capacity` tokens."""
-    free: list[int] = []
+def balanced(lengths: list[int], count: int) -> list[int]:
+    """The packed row of each row, `count` packed rows: longest rows first, each into the packed row that holds the
+    fewest tokens so far, so that packed rows come out of about equal length and pad little."""
+    loads = [0] * count
     packed_row = [0] * len(lengths)
     for row in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        fits = next((index for index, room in enumerate(free) if room >= lengths[row]), None)
-        if fits is None:
-            free.append(capacity)
-            fits = len(free) - 1
-        free[fits] -= lengths[row]
-        packed_row[row] = fits
+        packed_row[row] = loads.index(min(loads))
+        loads[packed_row[row]] += lengths[row]
     return packed_row
 
 
 def packed_width(attention_mask: torch.Tensor) -> tuple[list[int], int, int]:
-    """(each row's packed row, how many packed rows, their width) of a padded batch's rows."""
+    """(each row's packed row, how many packed rows, their width) of a padded batch's rows: as few packed rows as
+    hold their tokens at PACKED_ROW_TOKENS each."""
     lengths = attention_mask.sum(-1).tolist()
-    packed_row = first_fit(lengths, max(PACKED_ROW_TOKENS, max(lengths)))
-    count = max(packed_row) + 1
+    count = max(1, -(-sum(lengths) // PACKED_ROW_TOKENS))
+    packed_row = balanced(lengths, count)
     totals = [0] * count
     for row, length in zip(packed_row, lengths):
         totals[row] += length
