@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_virtual_tokens_once import _frozen, _model, assert_label_word_scores_same_either_way, assert_same_either_way
 
+from softprompt_cli.methods.base import registry
 from softprompt_cli.model import packing
 from softprompt_cli.model.soft_prompt import SoftPromptModel
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("computed_once_at_any_size")
 
 @pytest.fixture
 def packed_rows_small(monkeypatch):
-    """Packed rows of 8 tokens (or the longest row's length): a batch of a few short rows packs into more than one."""
+    """Packed rows of about 8 tokens: a batch of a few short rows packs into more than one."""
     monkeypatch.setattr(packing, "PACKED_ROW_TOKENS", 8)
 
 
@@ -54,8 +55,8 @@ def _packed_calls(monkeypatch) -> list[packing.Packing]:
     return calls
 
 
-def test_first_fit_puts_the_longest_rows_first():
-    assert packing.first_fit([3, 7, 2, 5, 1], capacity=8) == [1, 0, 2, 1, 0]
+def test_rows_go_longest_first_into_the_shortest_packed_row():
+    assert packing.balanced([3, 7, 2, 5, 1], count=2) == [1, 0, 0, 1, 1]  # 7 + 2 and 5 + 3 + 1
 
 
 def test_packing_keeps_each_tokens_id_and_position():
@@ -84,13 +85,29 @@ def test_causal_lm_loss_and_gradients_equal_padded_rows(tiny_models, monkeypatch
                                                         checkpointing):
     """Tiny Llama (grouped-query attention, the last layer finishing only the columns read) and GPT-2 (learned
     positions). The rows' shared [CLS] runs once, with the prefix; the rest of them (10, 1, 2 and 1 tokens, the
-    last token left out) pack into two rows of at most 10."""
+    last token left out) pack into two rows: 10 tokens, and 2 + 1 + 1."""
     base, tokenizer = _frozen(tiny_models[kind], "causal_lm", "model", checkpointing)
     model = _model(base, tokenizer, method, values, "causal_lm", "model")
     assert model.pack_rows
     calls = _packed_calls(monkeypatch)
     assert_same_either_way(model, _batch(tokenizer, "left"), _packing)
     assert len(calls) == 1 and len(calls[0].input_ids) == 2
+
+
+def test_a_batch_of_one_tasks_rows_in_a_multi_task_model(tiny_models, monkeypatch):
+    """Multitask prompt tuning: rows of one task share that task's prompt, so they run packed; rows of several
+    tasks have different prompts, and run padded."""
+    base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
+    torch.manual_seed(3)
+    options = registry()["multitask_prompt_tuning"](name="multitask_prompt_tuning", num_virtual_tokens=4)
+    words = {task: [[tokenizer.convert_tokens_to_ids(w)] for w in ("yes", "no")] for task in ("t1", "t2")}
+    model = SoftPromptModel(base, options, tokenizer, "model", {"t1": 2, "t2": 2}, max_length=64,
+                            task_type="causal_lm", label_word_ids=words).train()
+    calls = _packed_calls(monkeypatch)
+    assert_same_either_way(model, {**_batch(tokenizer, "left"), "task_ids": torch.tensor([1, 1, 1, 1])}, _packing)
+    assert len(calls) == 1
+    model(**_batch(tokenizer, "left"), task_ids=torch.tensor([1, 0, 1, 1]))
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

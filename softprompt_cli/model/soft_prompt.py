@@ -267,7 +267,9 @@ class SoftPromptModel(nn.Module):
             task_ids = torch.cat([task_ids, task_ids])
         if once:  # each task's prompt through the model once, not once per row
             tasks, row_task = task_ids.unique(return_inverse=True)
-            return self.virtual_token_prefix(self.prompt(tasks))[:, :, row_task]
+            prefix = self.virtual_token_prefix(self.prompt(tasks))
+            # rows of one task share its prefix, as a single-task model's rows do (leading tokens, packing)
+            return prefix if len(tasks) == 1 else prefix[:, :, row_task]
         return self.prompt(task_ids)
 
     @torch.no_grad()
