@@ -14,7 +14,8 @@ Jobs (--job):
   " positive" after recipes/sst2_smollm2_prompt_tuning.yaml's template (batch 16, max length 96, 10 virtual
   tokens). The loss is on the label word alone, rows are padded on the left, and dev accuracy ranks the two
   words. PEFT's CAUSAL_LM methods run a plain PyTorch loop (scripts/peft_baselines.py) with shuffled batches.
-softprompt runs `softprompt train` with its defaults (batches of similar lengths). Both tools train on the same
+softprompt runs `softprompt train` with the settings of its shipped recipes: batches of similar lengths for MiniLM,
+shuffled batches (as PEFT's) for SmolLM2, whose rows softprompt packs without padding. Both tools train on the same
 examples (softprompt's tokenization) with the same AdamW settings: learning rate, --weight-decay, linear warmup
 over 6% of the steps, and gradient clipping at --max-grad-norm.
 
@@ -93,6 +94,8 @@ class Job:
     default_rows: int
     eval_batch_size: int
     methods: dict[str, MethodSettings]
+    group_by_length: str
+    """softprompt's training.group_by_length, as its shipped recipes for the model set it (on / off)."""
 
 
 SST2_INIT_TEXT = "Classify the sentiment of the movie review as positive or negative."
@@ -103,7 +106,7 @@ JOBS = {
         split_rows=3668, default_rows=800, eval_batch_size=64,
         methods={"prompt_tuning": MethodSettings(10, 1e-2),  # PEFT's examples: tokens, learning rate, encoder
                  "p_tuning": MethodSettings(20, 1e-2, {"encoder_hidden_size": 128}, {"encoder_hidden_size": 128}),
-                 "prefix_tuning": MethodSettings(20, 1e-2)}),
+                 "prefix_tuning": MethodSettings(20, 1e-2)}, group_by_length="on"),
     "smollm2-sst2": Job(
         "SmolLM2-135M-Instruct (causal LM) on SST-2",
         {"model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -119,7 +122,9 @@ JOBS = {
                  "p_tuning": MethodSettings(10, 1e-2, {"encoder_hidden_size": 128}, {"encoder_hidden_size": 128}),
                  # from zero keys and values (both tools offer it): random ones, their default, start at loss 7
                  # against 5 from zero
-                 "prefix_tuning": MethodSettings(10, 1e-2, {"init": "zero"}, {"init_weights": "zero"})}),
+                 "prefix_tuning": MethodSettings(10, 1e-2, {"init": "zero"}, {"init_weights": "zero"})},
+        # shuffled batches, as recipes/sst2_smollm2_prompt_tuning.yaml (softprompt packs their rows)
+        group_by_length="off"),
 }
 BATCH_SIZE = 16
 SHORTCUT_OFF = "softprompt, shortcut off"
@@ -403,14 +408,16 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--peft-loss", choices=["label-word", "labels"], default="label-word",
                         help="causal LM: PEFT's loss from the label word's logits alone (as softprompt), or from "
                              "`labels` passed to the model (PEFT's examples: logits at every position)")
-    parser.add_argument("--group-by-length", choices=["on", "off"], default="on",
-                        help="softprompt's training.group_by_length (off: shuffled batches, as PEFT's)")
+    parser.add_argument("--group-by-length", choices=["on", "off"],
+                        help="softprompt's training.group_by_length (off: shuffled batches, as PEFT's); default: "
+                             "as the job's shipped recipes (MiniLM: on, SmolLM2: off)")
     parser.add_argument("--glue-dir", type=Path, default=Path("../shared/data/glue"))
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.max_train_samples is None:
         args.max_train_samples = JOBS[args.job].default_rows
+    args.group_by_length = args.group_by_length or JOBS[args.job].group_by_length
     return args
 
 
