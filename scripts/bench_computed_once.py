@@ -1,11 +1,14 @@
 """Training step time of a decoder with what every row shares computed once per step, against every row computing
 it, on the same batches: the virtual tokens of an input prompt (given to every row as keys and values), or the
-leading tokens that every row of a batch has alike (a template's start, run once after the prompt).
+leading tokens that every row of a batch has alike (a template's start, run once after the prompt). With
+--packing: the rows packed without padding behind that prefix, against padded rows.
 
     python scripts/bench_computed_once.py recipes/sst2_smollm2_prompt_tuning.yaml [key=value ...] \
         [--steps 12] [--virtual-tokens 10 20 50]
     python scripts/bench_computed_once.py recipes/sst2_smollm2_prompt_tuning.yaml --steps 12 \
         --templates "Review: {sentence}\nSentiment:" "Classify the review as positive or negative.\n{sentence}\n..."
+    python scripts/bench_computed_once.py recipes/sst2_smollm2_prompt_tuning.yaml method.name=prefix_tuning \
+        --steps 8 --packing
 
 Each step: forward, backward and AdamW step, the two ways alternating batch by batch (so that machine drift falls
 on both), after one warm-up step each. Prints the median step time of each and their ratio, one row per prompt
@@ -29,6 +32,10 @@ def virtual_tokens_once(model, on: bool) -> None:
 
 def leading_tokens_once(model, on: bool) -> None:
     model.share_leading_tokens = on
+
+
+def rows_packed(model, on: bool) -> None:
+    model.pack_rows = on
 
 
 def step_seconds(model, optimizer, batch: dict) -> float:
@@ -95,7 +102,7 @@ def compare_virtual_tokens(recipe, tasks, base, tokenizer, batches: list[dict], 
         if not model.virtual_tokens_as_prefix:
             raise SystemExit(f"{recipe.model.name_or_path} with {recipe.method.name} keeps its virtual tokens in "
                              "the input (an encoder, a prefix method or a sliding window): nothing to compare.")
-        model.share_leading_tokens = False
+        model.share_leading_tokens = model.pack_rows = False  # each measured on its own
         print(row(str(n), measure(model, recipe.training.lr, batches, virtual_tokens_once)), flush=True)
 
 
@@ -109,9 +116,21 @@ def compare_templates(recipe, base, tokenizer, steps: int, templates: list[str],
         tasks = load_task_data(recipe)  # the template is filled in as the rows are read
         batches = recipe_batches(recipe, tasks, tokenizer, steps, device)
         model, _ = build_model(recipe, tasks[0].label_names, base=base, tokenizer=tokenizer)
+        model.pack_rows = False  # measured on its own (--packing)
         shared = shared_leading_tokens(model, batches)
         label = f"`{template}` | {shared:.1f}"
         print(row(label, measure(model, recipe.training.lr, batches, leading_tokens_once)), flush=True)
+
+
+def compare_packing(recipe, tasks, base, tokenizer, batches: list[dict]) -> None:
+    from softprompt_cli.assemble import build_model
+
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    padding = 1 - real / sum(b["attention_mask"].numel() for b in batches)
+    print("| batches | padding | padded | packed | speed-up |\n|---|---|---|---|---|")
+    model, _ = build_model(recipe, tasks[0].label_names, base=base, tokenizer=tokenizer)
+    grouping = "grouped by length" if recipe.training.group_by_length else "shuffled"
+    print(row(f"{grouping} | {padding:.0%}", measure(model, recipe.training.lr, batches, rows_packed)), flush=True)
 
 
 def main() -> None:
@@ -121,6 +140,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--virtual-tokens", type=int, nargs="+", default=[10, 20, 50])
     parser.add_argument("--templates", nargs="+", help="compare leading tokens run once, for each template")
+    parser.add_argument("--packing", action="store_true", help="compare rows packed without padding with padded rows")
     parser.add_argument("--device", help="default: cuda where there is one, else cpu")
     args = parser.parse_args()
 
@@ -140,7 +160,9 @@ def main() -> None:
           f"{recipe.training.batch_size} ({tokens / len(batches) / recipe.training.batch_size:.1f} real tokens a row "
           f"with the recipe's template), {device}, {torch.get_num_threads()} threads; median step time (forward, "
           "backward, AdamW):")
-    if args.templates:
+    if args.packing:
+        compare_packing(recipe, tasks, base, tokenizer, batches)
+    elif args.templates:
         compare_templates(recipe, base, tokenizer, args.steps, args.templates, device)
     else:
         compare_virtual_tokens(recipe, tasks, base, tokenizer, batches, args.virtual_tokens)
