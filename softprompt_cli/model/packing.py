@@ -24,13 +24,14 @@ import torch
 PACKED_ROW_TOKENS = 256
 """About how many tokens a packed row holds: a batch's rows go into as few packed rows as hold their tokens at this
 many each, balanced (a packed row can come out a little longer). Attention over a packed row costs its length
-squared: at 256 the extra attention stays under a tenth of a SmolLM2 step."""
+squared: at 256, counting the products, the extra attention is under a tenth of a SmolLM2 step."""
 PACKING_MIN_SAVED_SHARE = 0.2
 """Rows are packed where that saves at least this share of the padded batch's positions; below it, building the
 mask and the longer attention rows are not worth it (length-grouped batches, evaluation's longest-first order)."""
 PACKED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2"}
-"""Decoders known to take a 4D attention mask as it is (transformers' masking_utils), tested against their rows run
-apart."""
+"""Decoders whose models take a 4D attention mask as it is (transformers' masking_utils) and place tokens by their
+position ids alone: Llama, GPT-2 and Gemma 3 are tested against their padded rows; Mistral's and Qwen's code is
+Llama's."""
 
 
 @dataclass
