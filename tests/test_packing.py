@@ -158,3 +158,4 @@ def test_rows_with_little_padding_run_padded(tiny_models, monkeypatch):
     alike = dict(tokenizer(["good fun", "bad fun", "a mess"], padding=True, return_tensors="pt"))
     model(**alike, labels=alike["input_ids"])
     assert not calls
+

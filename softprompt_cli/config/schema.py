@@ -213,7 +213,9 @@ class TrainingSection(Section):
     log_steps: int = Field(10, ge=1)
     save_state_steps: int | None = Field(
         None, ge=1, description="also save the resumable state every N steps (it is saved every epoch and on Ctrl-C)")
-    group_by_length: bool = Field(True, description="batches of similar length (shuffled buckets): less padding")
+    group_by_length: bool | Literal["auto"] = Field(
+        "auto", description="batches of similar length (shuffled buckets): less padding, at some cost in accuracy on "
+        "short runs; auto: on, but off where a decoder's rows run packed (no padding to save)")
     tensorboard: bool = False
 
     @field_validator("mixed_precision", mode="before")

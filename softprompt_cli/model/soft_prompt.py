@@ -177,6 +177,7 @@ class SoftPromptModel(nn.Module):
         self.pack_rows = self.is_decoder and base.config.model_type in packing.PACKED_MODEL_TYPES
         """Decoders: rows behind a prefix they all share run packed, without padding, where that pays (see
         `packing`)."""
+        self.max_length = max_length
         self.distill_weights = (1.0, 1.0, 1.0)
         """Distillation (set by training): the weights of the KL and the MSE, and the softmax temperature."""
 
@@ -197,6 +198,17 @@ class SoftPromptModel(nn.Module):
             return False
         window = self._sliding_window()
         return not window or method.num_virtual_tokens + max_length <= window
+
+    def packs_training_rows(self, device: torch.device, batch_size: int) -> bool:
+        """Whether training batches of `batch_size` rows run packed wherever padding would cost (see `packing`):
+        behind a prefix that every row of a batch shares (prefix tuning's, or virtual tokens run once) and no sliding
+        window could hide, on a CPU. Not with a prompt per task and several tasks, whose batches mix prompts."""
+        shared = not (self.per_task_prompt and len(self.task_names) > 1)
+        runs_as_prefix = self.kind == "prefix" and (
+            not self.virtual_tokens_as_prefix or computing_once_pays(device, batch_size, self.num_virtual_tokens))
+        window = self._sliding_window()
+        unhidden = not window or self.num_virtual_tokens + self.max_length <= window
+        return self.pack_rows and shared and runs_as_prefix and unhidden and device.type == "cpu"
 
     def _sliding_window(self) -> int | None:
         return getattr(self.base.config.get_text_config(), "sliding_window", None)

@@ -212,7 +212,8 @@ def set_up(recipe: Recipe, accelerator: Accelerator) -> Run:
     labels = task_labels(tasks) if recipe.is_multitask else tasks[0].label_names
     model, tokenizer = build_model(recipe, labels)
     teachers = load_teachers(recipe, model, tokenizer, task_labels(tasks))
-    train_loader = training_loader(recipe, tasks, tokenizer)
+    train_loader = training_loader(recipe, tasks, tokenizer,
+                                   model.packs_training_rows(accelerator.device, cfg.batch_size))
     eval_loader = evaluation_loader(recipe, tasks, tokenizer)
     optimizer = make_optimizer(model, recipe)
     prepared, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)

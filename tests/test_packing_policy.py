@@ -1,0 +1,66 @@
+"""When a model's training rows run packed, and which batches `training.group_by_length: auto` then gives: shuffled
+where the rows run packed (grouping would save no padding and costs accuracy), grouped otherwise.
+
+Under the real rules for computing what rows share once (no `computed_once_at_any_size` here).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_virtual_tokens_once import _frozen
+
+from softprompt_cli.methods.base import registry
+from softprompt_cli.model.soft_prompt import SoftPromptModel
+
+
+def _causal_recipe(tmp_path, tiny_models, kind: str, method: dict, **training):
+    from conftest import write_recipe
+
+    from softprompt_cli.config.load import load_recipe
+
+    task = {"type": "causal_lm", "template": "{sentence1} / {sentence2} =", "label_words": {"0": " no", "1": " yes"}}
+    return load_recipe(write_recipe(tmp_path, str(tiny_models[kind]), method, task=task,
+                                    training={"batch_size": 16, **training}))
+
+
+@pytest.mark.parametrize("kind,method,batch_size,packs", [
+    ("llama", {"name": "prompt_tuning", "num_virtual_tokens": 10}, 16, True),
+    ("gpt2", {"name": "prefix_tuning"}, 4, True),
+    ("llama", {"name": "prompt_tuning", "num_virtual_tokens": 10}, 4, False),  # its virtual tokens stay in the rows
+    ("gemma3", {"name": "prefix_tuning"}, 16, False),  # a 12-token window the rows could outgrow
+])
+def test_which_models_pack_training_rows(tmp_path, tiny_models, kind, method, batch_size, packs):
+    from softprompt_cli.assemble import build_model
+
+    recipe = _causal_recipe(tmp_path, tiny_models, kind, method)
+    model, _ = build_model(recipe, ["0", "1"])
+    assert model.packs_training_rows(torch.device("cpu"), batch_size) is packs
+    assert not model.packs_training_rows(torch.device("meta"), batch_size)  # not a CPU
+
+
+def test_a_multi_task_prompt_per_task_does_not_pack(tiny_models):
+    base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
+    options = registry()["multitask_prompt_tuning"](name="multitask_prompt_tuning", num_virtual_tokens=10)
+    words = {task: [[5], [6]] for task in ("t1", "t2")}
+    two = SoftPromptModel(base, options, tokenizer, "model", {"t1": 2, "t2": 2}, max_length=64,
+                          task_type="causal_lm", label_word_ids=words)
+    one = SoftPromptModel(base, options, tokenizer, "model", {"t1": 2}, max_length=64, task_type="causal_lm",
+                          label_word_ids={"t1": words["t1"]})
+    assert not two.packs_training_rows(torch.device("cpu"), 16) and one.packs_training_rows(torch.device("cpu"), 16)
+
+
+@pytest.mark.parametrize("setting,packed,grouped", [
+    ("auto", True, False), ("auto", False, True), (True, True, True), (False, False, False)])
+def test_group_by_length_auto_groups_unless_rows_run_packed(tmp_path, tiny_models, setting, packed, grouped):
+    from softprompt_cli.data.batching import training_loader
+    from softprompt_cli.data.tasks import load_task_data
+    from softprompt_cli.model.loading import load_tokenizer
+
+    recipe = _causal_recipe(tmp_path, tiny_models, "llama", {"name": "prefix_tuning"}, group_by_length=setting)
+    loader = training_loader(recipe, load_task_data(recipe), load_tokenizer(str(tiny_models["llama"])), packed)
+    assert loader.sampler.group is grouped
+
+
+def test_group_by_length_defaults_to_auto(tmp_path, tiny_models):
+    assert _causal_recipe(tmp_path, tiny_models, "llama", {"name": "prefix_tuning"}).training.group_by_length == "auto"
