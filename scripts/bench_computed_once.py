@@ -8,7 +8,7 @@ leading tokens that every row of a batch has alike (a template's start, run once
     python scripts/bench_computed_once.py recipes/sst2_smollm2_prompt_tuning.yaml --steps 12 \
         --templates "Review: {sentence}\nSentiment:" "Classify the review as positive or negative.\n{sentence}\n..."
     python scripts/bench_computed_once.py recipes/sst2_smollm2_prompt_tuning.yaml method.name=prefix_tuning \
-        --steps 8 --packing
+        training.group_by_length=false --steps 8 --packing
 
 Each step: forward, backward and AdamW step, the two ways alternating batch by batch (so that machine drift falls
 on both), after one warm-up step each. Prints the median step time of each and their ratio, one row per prompt

@@ -14,10 +14,10 @@ Jobs (--job):
   " positive" after recipes/sst2_smollm2_prompt_tuning.yaml's template (batch 16, max length 96, 10 virtual
   tokens). The loss is on the label word alone, rows are padded on the left, and dev accuracy ranks the two
   words. PEFT's CAUSAL_LM methods run a plain PyTorch loop (scripts/peft_baselines.py) with shuffled batches.
-softprompt runs `softprompt train` with the settings of its shipped recipes: batches of similar lengths for MiniLM,
-shuffled batches (as PEFT's) for SmolLM2, whose rows softprompt packs without padding. Both tools train on the same
-examples (softprompt's tokenization) with the same AdamW settings: learning rate, --weight-decay, linear warmup
-over 6% of the steps, and gradient clipping at --max-grad-norm.
+softprompt runs `softprompt train` with the batches its default (`group_by_length: auto`) gives on a CPU: batches of
+similar lengths for MiniLM, shuffled batches (as PEFT's) for SmolLM2, whose rows softprompt packs without padding.
+Both tools train on the same examples (softprompt's tokenization) with the same AdamW settings: learning rate,
+--weight-decay, linear warmup over 6% of the steps, and gradient clipping at --max-grad-norm.
 
 Every run is a fresh process with the same number of threads; runs alternate A B B A so that drift of the
 machine hits both. Right after training, each softprompt process measures the floor: forward + backward through
@@ -95,7 +95,7 @@ class Job:
     eval_batch_size: int
     methods: dict[str, MethodSettings]
     group_by_length: str
-    """softprompt's training.group_by_length, as its shipped recipes for the model set it (on / off)."""
+    """softprompt's training.group_by_length (on / off), as `auto` sets it for the model on a CPU."""
 
 
 SST2_INIT_TEXT = "Classify the sentiment of the movie review as positive or negative."
@@ -123,7 +123,7 @@ JOBS = {
                  # from zero keys and values (both tools offer it): random ones, their default, start at loss 7
                  # against 5 from zero
                  "prefix_tuning": MethodSettings(10, 1e-2, {"init": "zero"}, {"init_weights": "zero"})},
-        # shuffled batches, as recipes/sst2_smollm2_prompt_tuning.yaml (softprompt packs their rows)
+        # shuffled batches, as group_by_length: auto gives SmolLM2 on a CPU (softprompt packs their rows)
         group_by_length="off"),
 }
 BATCH_SIZE = 16
@@ -410,7 +410,7 @@ def parse_arguments() -> argparse.Namespace:
                              "`labels` passed to the model (PEFT's examples: logits at every position)")
     parser.add_argument("--group-by-length", choices=["on", "off"],
                         help="softprompt's training.group_by_length (off: shuffled batches, as PEFT's); default: "
-                             "as the job's shipped recipes (MiniLM: on, SmolLM2: off)")
+                             "as auto sets it on a CPU (MiniLM: on, SmolLM2: off)")
     parser.add_argument("--glue-dir", type=Path, default=Path("../shared/data/glue"))
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)

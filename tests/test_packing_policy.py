@@ -64,3 +64,13 @@ def test_group_by_length_auto_groups_unless_rows_run_packed(tmp_path, tiny_model
 
 def test_group_by_length_defaults_to_auto(tmp_path, tiny_models):
     assert _causal_recipe(tmp_path, tiny_models, "llama", {"name": "prefix_tuning"}).training.group_by_length == "auto"
+
+
+def test_a_wrong_group_by_length_gets_one_message(tmp_path, tiny_models):
+    from softprompt_cli.config.load import RecipeError
+
+    with pytest.raises(RecipeError) as refused:
+        _causal_recipe(tmp_path, tiny_models, "llama", {"name": "prefix_tuning"}, group_by_length="atuo")
+    message = str(refused.value)
+    assert "has 1 problem(s)" in message
+    assert "training.group_by_length: 'atuo' is not one of true, false, auto" in message

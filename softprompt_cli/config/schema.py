@@ -224,6 +224,14 @@ class TrainingSection(Section):
         """YAML reads a bare `no` (mixed_precision: no, or training.mixed_precision=no) as false."""
         return "no" if value is False else value
 
+    @field_validator("group_by_length", mode="before")
+    @classmethod
+    def _true_false_or_auto(cls, value: Any) -> Any:
+        """One message for a wrong value, not one per type of the union."""
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError(f"{value!r} is not one of true, false, auto")
+
 
 class OutputSection(Section):
     dir: str | None = Field(None, description="default: runs/<recipe file name>")
