@@ -14,12 +14,15 @@ from softprompt_cli.methods.base import registry
 from softprompt_cli.model.soft_prompt import SoftPromptModel
 
 
-def _causal_recipe(tmp_path, tiny_models, kind: str, method: dict, **training):
+def _causal_recipe(tmp_path, tiny_models, kind: str, method: dict, task: dict | None = None, **training):
+    """A recipe on MRPC slices: causal_lm with label words (unless `task` says otherwise), batches of 16."""
     from conftest import write_recipe
 
     from softprompt_cli.config.load import load_recipe
 
-    task = {"type": "causal_lm", "template": "{sentence1} / {sentence2} =", "label_words": {"0": " no", "1": " yes"}}
+    if task is None:
+        task = {"type": "causal_lm", "template": "{sentence1} / {sentence2} =",
+                "label_words": {"0": " no", "1": " yes"}}
     return load_recipe(write_recipe(tmp_path, str(tiny_models[kind]), method, task=task,
                                     training={"batch_size": 16, **training}))
 
@@ -50,15 +53,33 @@ def test_a_multi_task_prompt_per_task_does_not_pack(tiny_models):
     assert not two.packs_training_rows(torch.device("cpu"), 16) and one.packs_training_rows(torch.device("cpu"), 16)
 
 
-@pytest.mark.parametrize("setting,packed,grouped", [
-    ("auto", True, False), ("auto", False, True), (True, True, True), (False, False, False)])
-def test_group_by_length_auto_groups_unless_rows_run_packed(tmp_path, tiny_models, setting, packed, grouped):
+@pytest.mark.parametrize("kind,method,setting,grouped", [
+    ("llama", {"name": "prefix_tuning"}, "auto", False),  # its rows run packed
+    ("bert", {"name": "prefix_tuning"}, "auto", True),  # an encoder: padded rows
+    ("llama", {"name": "prefix_tuning"}, True, True),
+    ("bert", {"name": "prefix_tuning"}, False, False),
+])
+def test_auto_is_decided_for_the_model_and_kept_in_the_runs_recipe(tmp_path, tiny_models, kind, method, setting,
+                                                                  grouped):
+    from accelerate import Accelerator
+
+    from softprompt_cli.training.loop import set_up
+
+    task = {} if kind == "bert" else None
+    recipe = _causal_recipe(tmp_path, tiny_models, kind, method, task=task, group_by_length=setting)
+    run = set_up(recipe, Accelerator(cpu=True))
+    assert run.recipe.training.group_by_length is grouped  # what the saved state will hold
+
+
+@pytest.mark.parametrize("setting,grouped", [(True, True), (False, False), ("auto", True)])
+def test_the_training_loader_groups_as_the_recipe_says(tmp_path, tiny_models, setting, grouped):
+    """`auto` left undecided (a script's recipe, not set up for a model) gives grouped batches."""
     from softprompt_cli.data.batching import training_loader
     from softprompt_cli.data.tasks import load_task_data
     from softprompt_cli.model.loading import load_tokenizer
 
     recipe = _causal_recipe(tmp_path, tiny_models, "llama", {"name": "prefix_tuning"}, group_by_length=setting)
-    loader = training_loader(recipe, load_task_data(recipe), load_tokenizer(str(tiny_models["llama"])), packed)
+    loader = training_loader(recipe, load_task_data(recipe), load_tokenizer(str(tiny_models["llama"])))
     assert loader.sampler.group is grouped
 
 
@@ -74,3 +95,15 @@ def test_a_wrong_group_by_length_gets_one_message(tmp_path, tiny_models):
     message = str(refused.value)
     assert "has 1 problem(s)" in message
     assert "training.group_by_length: 'atuo' is not one of true, false, auto" in message
+
+
+@pytest.mark.parametrize("saved,setting,resumed", [(True, "auto", True), (False, "auto", False), (True, True, True)])
+def test_a_resumed_run_keeps_the_saved_runs_batching(tmp_path, tiny_models, saved, setting, resumed):
+    """A run saved on another device (or before `auto`: the old default, true) resumes with the batches it drew."""
+    from softprompt_cli.training.resume import check_resumable, with_saved_batching
+
+    recipe = _causal_recipe(tmp_path, tiny_models, "llama", {"name": "prefix_tuning"}, group_by_length=setting)
+    state = recipe.model_dump(mode="json")
+    state["training"]["group_by_length"] = saved
+    check_resumable(state, recipe, tmp_path)
+    assert with_saved_batching(recipe, state).training.group_by_length is resumed

@@ -253,12 +253,12 @@ def task_mix(sampling: TaskSampling, tasks: list[TaskData]) -> TaskMix:
     return TaskMix(tuple(len(task.train) for task in tasks), sampling.rule, sampling.temperature)
 
 
-def training_loader(recipe: Recipe, tasks: list[TaskData], tokenizer, rows_run_packed: bool = False) -> DataLoader:
+def training_loader(recipe: Recipe, tasks: list[TaskData], tokenizer) -> DataLoader:
     """Every task's examples -> tokens -> shuffled batches, mixing the tasks as task_sampling says, seeded. Batches of
-    similar lengths with training.group_by_length (`auto`: unless the model runs the rows packed, where grouping
-    saves no padding)."""
+    similar lengths with training.group_by_length (training's set-up decides `auto` for the model first; left to
+    `auto`, as by a script, they are grouped)."""
     cfg = recipe.training
-    grouped = not rows_run_packed if cfg.group_by_length == "auto" else cfg.group_by_length
+    grouped = cfg.group_by_length is not False
     rows = task_rows(recipe, tasks, tokenizer, training=True)
     return loader(rows, tokenizer, cfg.batch_size, True, grouped, cfg.seed, task_mix(recipe.task_sampling, tasks))
 

@@ -51,7 +51,14 @@ from softprompt_cli.training.control import (
 from softprompt_cli.training.distill import Teacher, load_teachers, teacher_outputs
 from softprompt_cli.training.evaluate import evaluate
 from softprompt_cli.training.metrics_log import MetricsLog
-from softprompt_cli.training.resume import capture_rng, check_resumable, load_state, restore_rng, save_state
+from softprompt_cli.training.resume import (
+    capture_rng,
+    check_resumable,
+    load_state,
+    restore_rng,
+    save_state,
+    with_saved_batching,
+)
 
 console = Console(soft_wrap=True)  # logs stay one line per event when piped
 RUN_FILES = ("best", "final", "metrics.jsonl", "state")
@@ -205,6 +212,17 @@ def make_optimizer(model: SoftPromptModel, recipe: Recipe) -> torch.optim.AdamW:
     )
 
 
+def with_batching_decided(recipe: Recipe, model: SoftPromptModel, device: torch.device) -> Recipe:
+    """training.group_by_length: auto decided for this model and device: shuffled batches where their rows run
+    packed (grouping would save no padding, and costs accuracy), grouped elsewhere. The run keeps the decision in its
+    recipe, which its saved state holds."""
+    cfg = recipe.training
+    if cfg.group_by_length != "auto":
+        return recipe
+    grouped = not model.packs_training_rows(device, cfg.batch_size)
+    return recipe.model_copy(update={"training": cfg.model_copy(update={"group_by_length": grouped})})
+
+
 def set_up(recipe: Recipe, accelerator: Accelerator) -> Run:
     """Data, model, optimizer, schedule and loaders, prepared for the processes (seeded before this)."""
     cfg = recipe.training
@@ -212,8 +230,8 @@ def set_up(recipe: Recipe, accelerator: Accelerator) -> Run:
     labels = task_labels(tasks) if recipe.is_multitask else tasks[0].label_names
     model, tokenizer = build_model(recipe, labels)
     teachers = load_teachers(recipe, model, tokenizer, task_labels(tasks))
-    train_loader = training_loader(recipe, tasks, tokenizer,
-                                   model.packs_training_rows(accelerator.device, cfg.batch_size))
+    recipe = with_batching_decided(recipe, model, accelerator.device)
+    train_loader = training_loader(recipe, tasks, tokenizer)
     eval_loader = evaluation_loader(recipe, tasks, tokenizer)
     optimizer = make_optimizer(model, recipe)
     prepared, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
@@ -497,6 +515,8 @@ def claimed_output(recipe: Recipe, accelerator: Accelerator) -> Iterator[None]:
 def train_claimed(recipe: Recipe, accelerator: Accelerator, resume: Path | None) -> dict[str, Any]:
     """`train` once the output folder is this run's."""
     saved = claim_output(recipe, accelerator, resume)
+    if saved is not None:
+        recipe = with_saved_batching(recipe, saved["progress"]["recipe"])
     set_seed(recipe.training.seed)
     run = set_up(recipe, accelerator)
     progress = restore(run, saved) if saved is not None else Progress()

@@ -119,8 +119,18 @@ def _read_state(directory: Path) -> dict[str, Any]:
     }
 
 
+def with_saved_batching(recipe: Recipe, saved: dict) -> Recipe:
+    """A resumed run's recipe: where it leaves training.group_by_length to `auto`, the saved run's decision (the
+    rest of an interrupted epoch must be the batches it would have drawn, whatever device it resumes on; a run saved
+    before `auto` existed holds the old default, true)."""
+    decided = saved.get("training", {}).get("group_by_length")
+    if recipe.training.group_by_length != "auto" or not isinstance(decided, bool):
+        return recipe
+    return recipe.model_copy(update={"training": recipe.training.model_copy(update={"group_by_length": decided})})
+
+
 def check_resumable(saved: dict, recipe: Recipe, directory: Path) -> None:
-    current = recipe.model_dump(mode="json")
+    current = with_saved_batching(recipe, saved).model_dump(mode="json")
     changed = [f"{section}.{key}" for section, values in current.items() if isinstance(values, dict)
                for key, value in values.items()
                if (section, key) not in RESUMABLE_CHANGES and saved.get(section, {}).get(key) != value]
