@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_virtual_tokens_once import _frozen, _model, assert_label_word_scores_same_either_way, assert_same_either_way
+from test_virtual_tokens_once import (
+    _frozen,
+    _model,
+    assert_label_word_scores_same_either_way,
+    assert_same_either_way,
+    multitask_model,
+)
 
-from softprompt_cli.methods.base import registry
 from softprompt_cli.model import packing
 from softprompt_cli.model.soft_prompt import SoftPromptModel
 
@@ -98,11 +103,7 @@ def test_a_batch_of_one_tasks_rows_in_a_multi_task_model(tiny_models, monkeypatc
     """Multitask prompt tuning: rows of one task share that task's prompt, so they run packed; rows of several
     tasks have different prompts, and run padded."""
     base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
-    torch.manual_seed(3)
-    options = registry()["multitask_prompt_tuning"](name="multitask_prompt_tuning", num_virtual_tokens=4)
-    words = {task: [[tokenizer.convert_tokens_to_ids(w)] for w in ("yes", "no")] for task in ("t1", "t2")}
-    model = SoftPromptModel(base, options, tokenizer, "model", {"t1": 2, "t2": 2}, max_length=64,
-                            task_type="causal_lm", label_word_ids=words).train()
+    model = multitask_model(base, tokenizer)
     calls = _packed_calls(monkeypatch)
     assert_same_either_way(model, {**_batch(tokenizer, "left"), "task_ids": torch.tensor([1, 1, 1, 1])}, _packing)
     assert len(calls) == 1

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_virtual_tokens_once import _frozen
-
-from softprompt_cli.methods.base import registry
-from softprompt_cli.model.soft_prompt import SoftPromptModel
+from test_virtual_tokens_once import _frozen, multitask_model
 
 
 def _causal_recipe(tmp_path, tiny_models, kind: str, method: dict, task: dict | None = None, **training):
@@ -44,12 +41,8 @@ def test_which_models_pack_training_rows(tmp_path, tiny_models, kind, method, ba
 
 def test_a_multi_task_prompt_per_task_does_not_pack(tiny_models):
     base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
-    options = registry()["multitask_prompt_tuning"](name="multitask_prompt_tuning", num_virtual_tokens=10)
-    words = {task: [[5], [6]] for task in ("t1", "t2")}
-    two = SoftPromptModel(base, options, tokenizer, "model", {"t1": 2, "t2": 2}, max_length=64,
-                          task_type="causal_lm", label_word_ids=words)
-    one = SoftPromptModel(base, options, tokenizer, "model", {"t1": 2}, max_length=64, task_type="causal_lm",
-                          label_word_ids={"t1": words["t1"]})
+    two = multitask_model(base, tokenizer, num_virtual_tokens=10)
+    one = multitask_model(base, tokenizer, ("t1",), num_virtual_tokens=10)
     assert not two.packs_training_rows(torch.device("cpu"), 16) and one.packs_training_rows(torch.device("cpu"), 16)
 
 

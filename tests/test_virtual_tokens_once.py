@@ -143,14 +143,21 @@ def test_sliding_window_shorter_than_the_input_keeps_virtual_tokens_in_the_input
     assert not model.virtual_tokens_as_prefix and model.kind == "input"
 
 
+def multitask_model(base, tokenizer, tasks: tuple[str, ...] = ("t1", "t2"), num_virtual_tokens: int = 4
+                    ) -> SoftPromptModel:
+    """Multitask prompt tuning on a causal LM (seed 3): two labels a task, the label words "yes" and "no"."""
+    torch.manual_seed(3)
+    options = registry()["multitask_prompt_tuning"](name="multitask_prompt_tuning",
+                                                    num_virtual_tokens=num_virtual_tokens)
+    words = {task: [[tokenizer.convert_tokens_to_ids(w)] for w in ("yes", "no")] for task in tasks}
+    return SoftPromptModel(base, options, tokenizer, "model", dict.fromkeys(tasks, 2), max_length=64,
+                           task_type="causal_lm", label_word_ids=words).train()
+
+
 def test_several_tasks_prompts_in_one_batch(tiny_models):
     """Multitask prompt tuning: each task's prompt runs once, and each row gets its own task's."""
     base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
-    torch.manual_seed(3)
-    options = registry()["multitask_prompt_tuning"](name="multitask_prompt_tuning", num_virtual_tokens=4)
-    words = {task: [[tokenizer.convert_tokens_to_ids(w)] for w in ("yes", "no")] for task in ("t1", "t2")}
-    model = SoftPromptModel(base, options, tokenizer, "model", {"t1": 2, "t2": 2}, max_length=64,
-                            task_type="causal_lm", label_word_ids=words).train()
+    model = multitask_model(base, tokenizer)
     with torch.no_grad():  # tasks' prompts differ (they start out equal)
         for parameter in model.prompt.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)

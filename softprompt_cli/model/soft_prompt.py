@@ -196,8 +196,7 @@ class SoftPromptModel(nn.Module):
             return False
         if "token_type_ids" in tokenizer.model_input_names and _takes_token_types(self.base):
             return False
-        window = self._sliding_window()
-        return not window or method.num_virtual_tokens + max_length <= window
+        return self._within_window(method.num_virtual_tokens + max_length)
 
     def packs_training_rows(self, device: torch.device, batch_size: int) -> bool:
         """Whether training batches of `batch_size` rows run packed wherever padding would cost (see `packing`):
@@ -206,12 +205,14 @@ class SoftPromptModel(nn.Module):
         shared = not (self.per_task_prompt and len(self.task_names) > 1)
         runs_as_prefix = self.kind == "prefix" and (
             not self.virtual_tokens_as_prefix or computing_once_pays(device, batch_size, self.num_virtual_tokens))
-        window = self._sliding_window()
-        unhidden = not window or self.num_virtual_tokens + self.max_length <= window
+        unhidden = self._within_window(self.num_virtual_tokens + self.max_length)
         return self.pack_rows and shared and runs_as_prefix and unhidden and device.type == "cpu"
 
-    def _sliding_window(self) -> int | None:
-        return getattr(self.base.config.get_text_config(), "sliding_window", None)
+    def _within_window(self, positions: int) -> bool:
+        """Whether `positions` (a prefix and the longest row) fit in the model's sliding window, if it has one: then
+        the window hides no position from any row."""
+        window = getattr(self.base.config.get_text_config(), "sliding_window", None)
+        return not window or positions <= window
 
     def _insert_position(self, tokenizer, prompt_position: str) -> int:
         """Virtual tokens go after a leading [CLS]/<s> in encoders, so that the model's own head still reads
@@ -452,8 +453,7 @@ class SoftPromptModel(nn.Module):
     def _leading_tokens_may_pay(self, input_ids: torch.Tensor, prompt: torch.Tensor) -> bool:
         """Whether leading tokens could run once: shared by as many rows as pay for it even if every column were
         shared, and where a sliding window could not hide them from any row (a prefix never leaves the window)."""
-        window = self._sliding_window()
-        if not self.share_leading_tokens or (window and prompt.shape[-2] + input_ids.shape[1] > window):
+        if not self.share_leading_tokens or not self._within_window(prompt.shape[-2] + input_ids.shape[1]):
             return False
         return computing_once_pays(input_ids.device, len(input_ids), input_ids.shape[1])
 
@@ -528,8 +528,7 @@ class SoftPromptModel(nn.Module):
         shared_prefix = is_prefix(prompt) and prompt.shape[2] == 1
         if not (self.pack_rows and shared_prefix) or cache is not None or attention_mask.all():
             return False
-        window = self._sliding_window()
-        if (window and prompt.shape[-2] + attention_mask.shape[1] > window) or (
+        if not self._within_window(prompt.shape[-2] + attention_mask.shape[1]) or (
                 token_type_ids is not None and _takes_token_types(self.base)):
             return False
         return packing.packing_pays(attention_mask)
