@@ -30,7 +30,8 @@ can touch, and "ratio, identical batches" shows the speed that comes from work s
 padding. Where softprompt skips work on a given batch (BERT-family models: the last layer for [CLS] alone;
 decoders: leading tokens that all rows share, run once, the last layer's feed-forward half for the columns the
 loss reads alone, and the rows packed without padding behind the prefix they share), its step also runs with those
-shortcuts off (in brackets). Besides dev accuracy, both
+shortcuts off (in brackets); where it packs rows, also with packing alone off ("rows padded": PEFT's step on the
+same padded rows against softprompt's, the speed that does not come from padding). Besides dev accuracy, both
 report their mean training loss over the last epoch: a short budget can leave both at the majority class, and
 the loss still shows whether they learn alike.
 
@@ -128,9 +129,11 @@ JOBS = {
 }
 BATCH_SIZE = 16
 SHORTCUT_OFF = "softprompt, shortcut off"
+ROWS_PADDED = "softprompt, rows padded"
 PEFT_ON_OUR_BATCH = "peft, softprompt's batch"
-STEP_KINDS = ("softprompt", "peft", PEFT_ON_OUR_BATCH, SHORTCUT_OFF)
-"""What the one-process worker times, batch by batch (the last only where softprompt has a shortcut)."""
+STEP_KINDS = ("softprompt", "peft", PEFT_ON_OUR_BATCH, SHORTCUT_OFF, ROWS_PADDED)
+"""What the one-process worker times, batch by batch: the last two only where softprompt has shortcuts (every one
+off) and packs rows (packing alone off: the work it avoids on the same batches that is not padding)."""
 
 
 def peak_rss_mb() -> float:
@@ -205,7 +208,8 @@ def take_step(kind: str, ours: Run, theirs: PeftRun, batches: dict, shortcuts: d
         peft_train_step(theirs, batches["peft" if kind == "peft" else "softprompt"])
         return
     for name, on in shortcuts.items():
-        setattr(ours.unwrapped, name, on and kind != SHORTCUT_OFF)
+        off = kind == SHORTCUT_OFF or (kind == ROWS_PADDED and name == "pack_rows")
+        setattr(ours.unwrapped, name, on and not off)
     train_step(ours, batches["softprompt"], step)
 
 
@@ -214,7 +218,8 @@ def seconds_per_step_kind(ours: Run, theirs: PeftRun, batch_limit: int) -> dict[
     batch, the first place rotating from batch to batch: the seconds each kind took in all, with no drift of the
     machine between them."""
     shortcuts = {name: getattr(ours.unwrapped, name) for name in SHORTCUTS}
-    kinds = [kind for kind in STEP_KINDS if any(shortcuts.values()) or kind != SHORTCUT_OFF]
+    kinds = [kind for kind in STEP_KINDS if (kind != SHORTCUT_OFF or any(shortcuts.values()))
+             and (kind != ROWS_PADDED or shortcuts["pack_rows"])]
     seconds = dict.fromkeys(kinds, 0.0)
     ours.model.train()
     theirs.model.train()
@@ -240,10 +245,12 @@ def worker_one_process(args) -> dict:
         theirs = build_peft_run(recipe, load_task_data(recipe), JOBS[args.job].methods[args.method].peft,
                                 args.peft_loss == "labels")
         seconds = seconds_per_step_kind(ours, theirs, args.one_process_batches)
+    identical = {kind: seconds[PEFT_ON_OUR_BATCH] / seconds[kind] if kind in seconds else None
+                 for kind in ("softprompt", ROWS_PADDED, SHORTCUT_OFF)}
     return {"own_batches_ratio": seconds["peft"] / seconds["softprompt"],
-            "identical_batches_ratio": seconds[PEFT_ON_OUR_BATCH] / seconds["softprompt"],
-            "identical_batches_ratio_shortcut_off": (seconds[PEFT_ON_OUR_BATCH] / seconds[SHORTCUT_OFF]
-                                                     if SHORTCUT_OFF in seconds else None)}
+            "identical_batches_ratio": identical["softprompt"],
+            "identical_batches_ratio_rows_padded": identical[ROWS_PADDED],
+            "identical_batches_ratio_shortcut_off": identical[SHORTCUT_OFF]}
 
 
 def floor_step(model: torch.nn.Module, batch: dict, virtual_tokens: int, causal_lm: bool) -> None:
@@ -363,9 +370,10 @@ def one_process_cells(runs: MethodRuns) -> list[str]:
     if runs.one_process is None:
         missing = "failed" if runs.one_process_tried else "-"
         return [missing, missing]
-    result, off = runs.one_process, runs.one_process["identical_batches_ratio_shortcut_off"]
-    identical = f"{result['identical_batches_ratio']:.2f}x" + ("" if off is None else f" ({off:.2f}x)")
-    return [f"{result['own_batches_ratio']:.2f}x", identical]
+    result = runs.one_process
+    padded, off = (result.get(f"identical_batches_ratio_{kind}") for kind in ("rows_padded", "shortcut_off"))
+    identical = f"{result['identical_batches_ratio']:.2f}x" + ("" if padded is None else f", padded {padded:.2f}x")
+    return [f"{result['own_batches_ratio']:.2f}x", identical + ("" if off is None else f" ({off:.2f}x)")]
 
 
 def floor_cell(runs: MethodRuns) -> str:
@@ -376,7 +384,8 @@ def floor_cell(runs: MethodRuns) -> str:
     return f"{1000 * step:.0f} ms vs {1000 * floor:.0f} ms ({100 * (step / floor - 1):+.0f}%)"
 
 
-HEADER = ["method", "train ex/s", "ratio", "ratio, one process", "ratio, identical batches (shortcut off)",
+HEADER = ["method", "train ex/s", "ratio", "ratio, one process",
+          "ratio, identical batches[, rows padded] (shortcuts off)",
           "real tokens/s", "padding", "peak RSS", "eval ex/s", "dev acc", "train loss, last epoch",
           "step time vs bare-model floor"]
 
