@@ -60,6 +60,16 @@ def _packed_calls(monkeypatch) -> list[packing.Packing]:
     return calls
 
 
+def test_packing_saves_positions_where_it_leaves_out_a_fifth():
+    def mask(*lengths):
+        return (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long()
+
+    assert packing.positions_saved(mask(10, 1, 2, 1)) == 40 - 14  # one packed row of 14 tokens
+    assert packing.positions_saved(mask(3, 3, 2)) == 0  # 1 of 9 positions
+    assert packing.positions_saved(mask(10)) == 0  # a row alone
+    assert packing.positions_saved(mask(10, 1, 2, 1).to("meta")) == 0  # not measured off a CPU
+
+
 def test_rows_go_longest_first_into_the_shortest_packed_row():
     assert packing.balanced([3, 7, 2, 5, 1], count=2) == [1, 0, 0, 1, 1]  # 7 + 2 and 5 + 3 + 1
 

@@ -30,10 +30,11 @@ def is_prefix(prompt: torch.Tensor | None) -> bool:
     return prompt is not None and prompt.dim() > 3
 
 
-def computing_once_pays(device: torch.device, rows: int, tokens: int) -> bool:
+def computing_once_pays(device: torch.device, rows: int, tokens: int, also_saved: int = 0) -> bool:
     """Whether running `tokens` that all `rows` share once, apart from the rows, is worth its separate pass (see
-    COMPUTED_ONCE_MIN_POSITIONS)."""
-    return device.type == "cpu" and (rows - 1) * tokens >= COMPUTED_ONCE_MIN_POSITIONS
+    COMPUTED_ONCE_MIN_POSITIONS); `also_saved`: positions the pass saves besides (padding that rows behind it leave
+    out when packed)."""
+    return device.type == "cpu" and (rows - 1) * tokens + also_saved >= COMPUTED_ONCE_MIN_POSITIONS
 
 
 def first_real_column(attention_mask: torch.Tensor) -> torch.Tensor:

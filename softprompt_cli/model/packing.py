@@ -72,14 +72,15 @@ def packed_width(attention_mask: torch.Tensor) -> tuple[list[int], int, int]:
     return packed_row, count, max(totals)
 
 
-def packing_pays(attention_mask: torch.Tensor) -> bool:
-    """Whether packing these (padded) rows saves at least PACKING_MIN_SAVED_SHARE of their positions, on a CPU.
-    On a GPU, where a small model's step is bound by launching kernels rather than by positions, it is not
-    measured; rows run padded there."""
+def positions_saved(attention_mask: torch.Tensor) -> int:
+    """How many of these padded rows' positions packing them leaves out, where that is at least
+    PACKING_MIN_SAVED_SHARE of them, on a CPU; else 0 (the rows run padded). On a GPU, where a small model's step is
+    bound by launching kernels rather than by positions, packing is not measured."""
     if attention_mask.device.type != "cpu" or len(attention_mask) < 2:
-        return False
+        return 0
     _, count, width = packed_width(attention_mask)
-    return count * width <= (1 - PACKING_MIN_SAVED_SHARE) * attention_mask.numel()
+    saved = attention_mask.numel() - count * width
+    return saved if saved >= PACKING_MIN_SAVED_SHARE * attention_mask.numel() else 0
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: int, read_tail: int | None

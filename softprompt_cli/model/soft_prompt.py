@@ -203,8 +203,10 @@ class SoftPromptModel(nn.Module):
         behind a prefix that every row of a batch shares (prefix tuning's, or virtual tokens run once) and no sliding
         window could hide, on a CPU. Not with a prompt per task and several tasks, whose batches mix prompts."""
         shared = not (self.per_task_prompt and len(self.task_names) > 1)
-        runs_as_prefix = self.kind == "prefix" and (
-            not self.virtual_tokens_as_prefix or computing_once_pays(device, batch_size, self.num_virtual_tokens))
+        # what packing would leave out of a batch that it packs at all, its rows as long as they may be
+        packed_away = int(packing.PACKING_MIN_SAVED_SHARE * batch_size * self.max_length)
+        runs_as_prefix = self.kind == "prefix" and (not self.virtual_tokens_as_prefix or computing_once_pays(
+            device, batch_size, self.num_virtual_tokens, packed_away if self.pack_rows else 0))
         unhidden = self._within_window(self.num_virtual_tokens + self.max_length)
         return self.pack_rows and shared and runs_as_prefix and unhidden and device.type == "cpu"
 
@@ -448,7 +450,10 @@ class SoftPromptModel(nn.Module):
             starts = computed_once.first_real_column(attention_mask)
             count = computed_once.shared_leading_count(input_ids, attention_mask, starts)
         once = count + (prompt.shape[-2] if virtual else 0)
-        return (starts, count) if once and computing_once_pays(input_ids.device, len(input_ids), once) else None
+        # virtual tokens run once let the rows pack behind them, which rows holding their own cannot
+        packed_away = self._positions_packing_saves(attention_mask, None, prompt.shape[-2]) if virtual else 0
+        return (starts, count) if once and computing_once_pays(input_ids.device, len(input_ids), once,
+                                                               packed_away) else None
 
     def _leading_tokens_may_pay(self, input_ids: torch.Tensor, prompt: torch.Tensor) -> bool:
         """Whether leading tokens could run once: shared by as many rows as pay for it even if every column were
@@ -522,16 +527,24 @@ class SoftPromptModel(nn.Module):
 
     def _packing_pays(self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
                       prompt: torch.Tensor | None, cache: Any) -> bool:
-        """Whether rows run packed (see `packing`): behind a prefix they all share, with no cache to fill, no token
-        type ids the model reads, where a sliding window could not hide the prefix from any row, and where packing
-        saves enough positions."""
+        """Whether rows run packed (see `packing`): behind a prefix they all share, with no cache to fill, where
+        packing saves enough positions (`_positions_packing_saves`)."""
         shared_prefix = is_prefix(prompt) and prompt.shape[2] == 1
-        if not (self.pack_rows and shared_prefix) or cache is not None or attention_mask.all():
+        if not shared_prefix or cache is not None:
             return False
-        if not self._within_window(prompt.shape[-2] + attention_mask.shape[1]) or (
-                token_type_ids is not None and _takes_token_types(self.base)):
-            return False
-        return packing.packing_pays(attention_mask)
+        return self._positions_packing_saves(attention_mask, token_type_ids, prompt.shape[-2]) > 0
+
+    def _positions_packing_saves(self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
+                                 prefix_length: int) -> int:
+        """The padded positions that rows packed behind a shared prefix of `prefix_length` would leave out
+        (`packing.positions_saved`): 0 where packing is off, with token type ids the model reads, or where a sliding
+        window could hide the prefix from a row."""
+        unhidden = self._within_window(prefix_length + attention_mask.shape[1])
+        if not (self.pack_rows and unhidden) or attention_mask.all():
+            return 0
+        if token_type_ids is not None and _takes_token_types(self.base):
+            return 0
+        return packing.positions_saved(attention_mask)
 
     def _encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: torch.Tensor,
                        read_tail: int | None) -> Encoded:
