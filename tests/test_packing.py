@@ -17,10 +17,12 @@ from test_virtual_tokens_once import (
     multitask_model,
 )
 
-from softprompt_cli.model import packing
+from softprompt_cli.model import computed_once, packing
 from softprompt_cli.model.soft_prompt import SoftPromptModel
 
 TEXTS = ["fine", "a long and winding mess of scenes that never ends", "good fun", "bad"]
+SHARED_START = [f"review : {text}" for text in TEXTS]
+"""After a template's start that every row has alike ([CLS] "review :")."""
 METHODS = [
     ("prompt_tuning", {"num_virtual_tokens": 5}),
     ("p_tuning", {"num_virtual_tokens": 4, "encoder": "mlp", "encoder_hidden_size": 16}),
@@ -35,9 +37,9 @@ def packed_rows_small(monkeypatch):
     monkeypatch.setattr(packing, "PACKED_ROW_TOKENS", 8)
 
 
-def _batch(tokenizer, side: str) -> dict[str, torch.Tensor]:
+def _batch(tokenizer, side: str, texts: list[str] = TEXTS) -> dict[str, torch.Tensor]:
     tokenizer.padding_side = side
-    inputs = dict(tokenizer(TEXTS, padding=True, return_tensors="pt"))
+    inputs = dict(tokenizer(texts, padding=True, return_tensors="pt"))
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     if side == "left":
         labels[:, :-2] = -100  # loss on the last two tokens (each predicted by a real one), as on label words
@@ -158,6 +160,40 @@ def test_sliding_window_the_rows_could_outgrow_keeps_them_padded(tiny_models, mo
     short = tokenizer(["fine", "good fun to watch", "bad"], padding=True, return_tensors="pt")
     assert_label_word_scores_same_either_way(model, {**short}, "pack_rows")
     assert calls
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_shared_leading_tokens_run_once_in_each_packed_row(tiny_models, monkeypatch, kind):
+    """Prefix tuning, where a pass of their own would not pay for the leading tokens all rows share: they run first
+    in each of the two packed rows (of about 16 tokens), and the rows' own tokens attend to them there."""
+    monkeypatch.setattr(computed_once, "COMPUTED_ONCE_MIN_POSITIONS", 10**6)
+    monkeypatch.setattr(packing, "PACKED_ROW_TOKENS", 16)
+    base, tokenizer = _frozen(tiny_models[kind], "causal_lm", "model")
+    model = _model(base, tokenizer, "prefix_tuning", {"num_virtual_tokens": 3, "init": "random"}, "causal_lm",
+                   "model")
+    calls = _packed_calls(monkeypatch)
+    batch = _batch(tokenizer, "left", SHARED_START)
+    assert_same_either_way(model, batch, _packing)
+    assert len(calls) == 1 and len(calls[0].input_ids) == 2
+    # [CLS] "review"; ":" is in a column the shortest row reads ("review : bad", its last column left out)
+    shared = batch["input_ids"][0, -int(batch["attention_mask"][0].sum()):][:2]
+    assert (calls[0].input_ids[:, :2] == shared).all() and (calls[0].input_ids[:, 2] != shared[0]).all()
+    assert_label_word_scores_same_either_way(model.eval(), batch, "pack_rows")
+
+
+@pytest.mark.parametrize("pooling", ["model", "mean"])
+def test_shared_leading_tokens_in_packed_rows_with_right_padding(tiny_models, monkeypatch, pooling):
+    """Every column read (mean pooling): the shared tokens' states from the row's packed row."""
+    monkeypatch.setattr(computed_once, "COMPUTED_ONCE_MIN_POSITIONS", 10**6)
+    base, tokenizer = _frozen(tiny_models["llama"], "sequence_classification", pooling)
+    model = _model(base, tokenizer, "prefix_tuning", {"num_virtual_tokens": 3, "init": "random"},
+                   "sequence_classification", pooling)
+    if pooling == "mean":
+        model.head_dropout.p = 0.0
+    calls = _packed_calls(monkeypatch)
+    batch = {**_batch(tokenizer, "right", SHARED_START), "labels": torch.tensor([0, 1, 1, 0])}
+    assert_same_either_way(model, batch, _packing)
+    assert calls and (calls[0].input_ids[:, 1:3] == batch["input_ids"][0, 1:3]).all()
 
 
 def test_rows_with_little_padding_run_padded(tiny_models, monkeypatch):

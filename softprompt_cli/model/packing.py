@@ -12,7 +12,9 @@ those it has alone, for the real tokens' positions alone.
 The order of the tokens inside a packed row does not matter to the model (the mask and the position ids say
 everything), so the tokens whose states are read (`read_tail`'s columns: the positions that predict a label word)
 go last, where the last layer can finish only them (see `read_tail`). `unpack` puts the states read back where the
-padded batch had them.
+padded batch had them. Leading tokens that every row has alike (a template's start) run once in each packed row,
+before its rows' own tokens, which all attend to them: one copy a packed row instead of one a row, in the same
+pass (run once in a pass of their own, `computed_once`, they would cost a whole model's pass more).
 """
 
 from __future__ import annotations
@@ -83,15 +85,19 @@ def positions_saved(attention_mask: torch.Tensor) -> int:
     return saved if saved >= PACKING_MIN_SAVED_SHARE * attention_mask.numel() else 0
 
 
-def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: int, read_tail: int | None
-         ) -> Packing:
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: int, read_tail: int | None,
+         shared: int = 0) -> Packing:
     """The real tokens of padded rows (any padding side) packed, positions counted from `first_position` (the
     prefix's length) in each row, as `SoftPromptModel` counts them unpacked. `read_tail=n`: the states of each
-    padded row's last n columns are read (None: every column's)."""
+    padded row's last n columns are read (None: every column's). `shared`: how many leading tokens every row has
+    alike; they run once, first in each packed row, where all its rows attend to them (the columns read must be
+    the rows' own tokens)."""
     rows, length = input_ids.shape
-    real = attention_mask.bool()
-    packed_row, count, width = packed_width(attention_mask)
-    row, column = real.nonzero(as_tuple=True)  # row by row, column by column
+    positions = (attention_mask.cumsum(-1) - 1) + first_position
+    own = attention_mask.bool() & (positions >= first_position + shared)
+    packed_row, count, width = packed_width(own)
+    width += shared
+    row, column = own.nonzero(as_tuple=True)  # row by row, column by column
     into = torch.tensor(packed_row, device=input_ids.device)[row]
     is_read = column >= length - read_tail if read_tail else torch.ones_like(column, dtype=torch.bool)
     # inside a packed row, tokens not read first, then those read; row by row, column by column in each part
@@ -100,16 +106,36 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: 
     per_packed_row = torch.bincount(into, minlength=count)
     first_of_packed_row = per_packed_row.cumsum(0) - per_packed_row
     slot = torch.arange(len(row), device=row.device) - first_of_packed_row[into] + (width - per_packed_row[into])
-    positions = (attention_mask.cumsum(-1) - 1)[row, column] + first_position
     input_ids_packed, position_ids, owner = (input_ids.new_zeros(count, width) for _ in range(3))
-    input_ids_packed[into, slot], position_ids[into, slot] = input_ids[row, column], positions
+    input_ids_packed[into, slot], position_ids[into, slot] = input_ids[row, column], positions[row, column]
     owner[into, slot] = row + 1
+    shared_columns = _put_shared(input_ids, attention_mask, first_position, shared, input_ids_packed, position_ids,
+                                 owner)
     # padding (owner 0) attends to padding: no query is left with nothing to attend to
     mask = (owner[:, :, None] == owner[:, None, :]) & (position_ids[:, None, :] <= position_ids[:, :, None])
+    is_row = (owner > 0) & (owner <= rows)
+    mask |= is_row[:, :, None] & (owner[:, None, :] == rows + 1)  # every row's tokens see all shared ones
     read = max(1, int(torch.bincount(into[is_read], minlength=count).max())) if read_tail else width
     source = torch.full((rows, length), -1, dtype=torch.long, device=input_ids.device)
     source[row[is_read], column[is_read]] = into[is_read] * read + slot[is_read] - (width - read)
+    if not read_tail and shared:  # every column read: the shared tokens' too, from the row's packed row
+        everyone = torch.arange(rows, device=input_ids.device)[:, None]
+        source[everyone, shared_columns] = torch.tensor(packed_row, device=input_ids.device)[:, None] * width + (
+            torch.arange(shared, device=input_ids.device))
     return Packing(input_ids_packed, position_ids, mask[:, None], read, source[:, length - (read_tail or length):])
+
+
+def _put_shared(input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: int, shared: int,
+                input_ids_packed: torch.Tensor, position_ids: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """The `shared` leading tokens into the first columns of every packed row (their owner: one past the last row);
+    returns where each row has them ([rows, shared] columns)."""
+    rows = len(input_ids)
+    columns = attention_mask.int().argmax(-1)[:, None] + torch.arange(shared, device=input_ids.device)
+    if shared:
+        input_ids_packed[:, :shared] = input_ids[0, columns[0]]
+        position_ids[:, :shared] = first_position + torch.arange(shared, device=input_ids.device)
+        owner[:, :shared] = rows + 1
+    return columns
 
 
 def unpack(states: torch.Tensor, packing: Packing) -> torch.Tensor:

@@ -550,7 +550,8 @@ class SoftPromptModel(nn.Module):
                        read_tail: int | None) -> Encoded:
         """`_encode_rows` with the rows packed, without padding (see `packing`): the same states."""
         offset = prompt.shape[-2]
-        packed = packing.pack(input_ids, attention_mask, offset, read_tail)
+        shared = self._leading_tokens_in_packed_rows(input_ids, attention_mask, read_tail)
+        packed = packing.pack(input_ids, attention_mask, offset, read_tail, shared)
         inputs = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
                   "position_ids": packed.position_ids, "softprompt_prefix": prompt, "use_cache": False,
                   self.cache_argument: None}
@@ -559,6 +560,17 @@ class SoftPromptModel(nn.Module):
         states = self.base.base_model(**inputs).last_hidden_state[:, -packed.read:]
         return Encoded(packing.unpack(states, packed), attention_mask, attention_mask,
                        attention_mask.sum(-1) + offset)
+
+    def _leading_tokens_in_packed_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                       read_tail: int | None) -> int:
+        """How many of the leading tokens that all rows have alike run once in each packed row (see `packing`):
+        all of them (`computed_once.shared_leading_count`), but those in a column read."""
+        if not self.share_leading_tokens:
+            return 0
+        starts = computed_once.first_real_column(attention_mask)
+        count = computed_once.shared_leading_count(input_ids, attention_mask, starts)
+        unread = input_ids.shape[1] - int(starts.max()) - (read_tail or 0)
+        return max(0, min(count, unread)) if read_tail else count
 
     def features(self, encoded: Encoded) -> torch.Tensor:
         """What a head reads: the model's pooler output, a decoder's last real token, or pooled hidden states."""
