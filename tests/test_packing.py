@@ -181,10 +181,26 @@ def test_shared_leading_tokens_run_once_in_each_packed_row(tiny_models, monkeypa
     assert_label_word_scores_same_either_way(model.eval(), batch, "pack_rows")
 
 
+def test_packed_rows_run_shared_tokens_a_separate_pass_would_pay_for(tiny_models, monkeypatch):
+    """16 rows sharing 9 leading tokens (135 positions) would pay for a pass of their own; their rows pack into one,
+    which runs them once in the same pass instead."""
+    monkeypatch.setattr(computed_once, "COMPUTED_ONCE_MIN_POSITIONS", 96)
+    base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
+    model = _model(base, tokenizer, "prefix_tuning", {"num_virtual_tokens": 3, "init": "random"}, "causal_lm",
+                   "model")
+    calls, passes = _packed_calls(monkeypatch), []
+    model.base.base_model.register_forward_pre_hook(lambda *args: passes.append(1))
+    batch = _batch(tokenizer, "left", [f"the review of the film , in short : {text}" for text in TEXTS * 4])
+    assert_same_either_way(model, batch, _packing)
+    assert (len(passes), len(calls)) == (3, 1)  # packed: one pass; padded: the shared tokens' and the rows'
+    assert (calls[0].input_ids[0, :9] == batch["input_ids"][0, -int(batch["attention_mask"][0].sum()):][:9]).all()
+
+
 @pytest.mark.parametrize("pooling", ["model", "mean"])
 def test_shared_leading_tokens_in_packed_rows_with_right_padding(tiny_models, monkeypatch, pooling):
-    """Every column read (mean pooling): the shared tokens' states from the row's packed row."""
+    """Every column read (mean pooling): the shared tokens' states from the row's own packed row (of two)."""
     monkeypatch.setattr(computed_once, "COMPUTED_ONCE_MIN_POSITIONS", 10**6)
+    monkeypatch.setattr(packing, "PACKED_ROW_TOKENS", 16)
     base, tokenizer = _frozen(tiny_models["llama"], "sequence_classification", pooling)
     model = _model(base, tokenizer, "prefix_tuning", {"num_virtual_tokens": 3, "init": "random"},
                    "sequence_classification", pooling)
@@ -193,7 +209,7 @@ def test_shared_leading_tokens_in_packed_rows_with_right_padding(tiny_models, mo
     calls = _packed_calls(monkeypatch)
     batch = {**_batch(tokenizer, "right", SHARED_START), "labels": torch.tensor([0, 1, 1, 0])}
     assert_same_either_way(model, batch, _packing)
-    assert calls and (calls[0].input_ids[:, 1:3] == batch["input_ids"][0, 1:3]).all()
+    assert len(calls[0].input_ids) == 2 and (calls[0].input_ids[:, :3] == batch["input_ids"][0, :3]).all()
 
 
 def test_rows_with_little_padding_run_padded(tiny_models, monkeypatch):

@@ -27,9 +27,9 @@ def _causal_recipe(tmp_path, tiny_models, kind: str, method: dict, task: dict | 
 @pytest.mark.parametrize("kind,method,batch_size,packs", [
     ("llama", {"name": "prompt_tuning", "num_virtual_tokens": 10}, 16, True),
     ("gpt2", {"name": "prefix_tuning"}, 4, True),
-    # 4 rows: 30 positions saved by the virtual tokens' pass, and rows of up to 128 tokens that pack at all save 102
-    ("llama", {"name": "prompt_tuning", "num_virtual_tokens": 10}, 4, True),
-    ("llama", {"name": "prompt_tuning", "num_virtual_tokens": 10}, 2, False),  # 10 + 51: the virtual tokens stay in
+    # 8 rows: 70 positions saved by the virtual tokens' pass, and at least 102 by packing rows of up to 64 tokens
+    ("llama", {"name": "prompt_tuning", "num_virtual_tokens": 10}, 8, True),
+    ("llama", {"name": "prompt_tuning", "num_virtual_tokens": 10}, 4, False),  # 30 + 51: the virtual tokens stay in
     ("gemma3", {"name": "prefix_tuning"}, 16, False),  # a 12-token window the rows could outgrow
 ])
 def test_which_models_pack_training_rows(tmp_path, tiny_models, kind, method, batch_size, packs):

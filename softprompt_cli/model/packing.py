@@ -43,7 +43,8 @@ class Packing:
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: torch.Tensor
-    """[packed rows, 1, width, width], True where a query may attend to a key: its own row's earlier tokens."""
+    """[packed rows, 1, width, width], True where a query may attend to a key: its own row's earlier tokens, and
+    the shared leading tokens run first in its packed row (`pack`'s `shared`)."""
     read: int
     """How many of each packed row's last columns hold the states to read."""
     source: torch.Tensor
@@ -118,9 +119,11 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: 
     read = max(1, int(torch.bincount(into[is_read], minlength=count).max())) if read_tail else width
     source = torch.full((rows, length), -1, dtype=torch.long, device=input_ids.device)
     source[row[is_read], column[is_read]] = into[is_read] * read + slot[is_read] - (width - read)
-    if not read_tail and shared:  # every column read: the shared tokens' too, from the row's packed row
-        everyone = torch.arange(rows, device=input_ids.device)[:, None]
-        source[everyone, shared_columns] = torch.tensor(packed_row, device=input_ids.device)[:, None] * width + (
+    if shared and read_tail:
+        assert int(shared_columns.max()) < length - read_tail, "a shared token is in a column read"
+    elif shared:  # every column read: the shared tokens' too, from the row's packed row
+        each_row = torch.arange(rows, device=input_ids.device)[:, None]
+        source[each_row, shared_columns] = torch.tensor(packed_row, device=input_ids.device)[:, None] * width + (
             torch.arange(shared, device=input_ids.device))
     return Packing(input_ids_packed, position_ids, mask[:, None], read, source[:, length - (read_tail or length):])
 
@@ -129,12 +132,10 @@ def _put_shared(input_ids: torch.Tensor, attention_mask: torch.Tensor, first_pos
                 input_ids_packed: torch.Tensor, position_ids: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
     """The `shared` leading tokens into the first columns of every packed row (their owner: one past the last row);
     returns where each row has them ([rows, shared] columns)."""
-    rows = len(input_ids)
     columns = attention_mask.int().argmax(-1)[:, None] + torch.arange(shared, device=input_ids.device)
-    if shared:
-        input_ids_packed[:, :shared] = input_ids[0, columns[0]]
-        position_ids[:, :shared] = first_position + torch.arange(shared, device=input_ids.device)
-        owner[:, :shared] = rows + 1
+    input_ids_packed[:, :shared] = input_ids[0, columns[0]]
+    position_ids[:, :shared] = first_position + torch.arange(shared, device=input_ids.device)
+    owner[:, :shared] = len(input_ids) + 1
     return columns
 
 

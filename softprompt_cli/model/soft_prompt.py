@@ -203,8 +203,9 @@ class SoftPromptModel(nn.Module):
         behind a prefix that every row of a batch shares (prefix tuning's, or virtual tokens run once) and no sliding
         window could hide, on a CPU. Not with a prompt per task and several tasks, whose batches mix prompts."""
         shared = not (self.per_task_prompt and len(self.task_names) > 1)
-        # what packing would leave out of a batch that it packs at all, its rows as long as they may be
-        packed_away = int(packing.PACKING_MIN_SAVED_SHARE * batch_size * self.max_length)
+        # the least that packing leaves out of a batch it packs at all, its longest row half of max_length: smaller
+        # batches of shorter rows mostly keep their virtual tokens, and are better grouped
+        packed_away = int(packing.PACKING_MIN_SAVED_SHARE * batch_size * self.max_length / 2)
         runs_as_prefix = self.kind == "prefix" and (not self.virtual_tokens_as_prefix or computing_once_pays(
             device, batch_size, self.num_virtual_tokens, packed_away if self.pack_rows else 0))
         unhidden = self._within_window(self.num_virtual_tokens + self.max_length)
@@ -449,11 +450,23 @@ class SoftPromptModel(nn.Module):
         if self._leading_tokens_may_pay(input_ids, prompt):
             starts = computed_once.first_real_column(attention_mask)
             count = computed_once.shared_leading_count(input_ids, attention_mask, starts)
-        once = count + (prompt.shape[-2] if virtual else 0)
+        if not virtual:  # prefix tuning: the leading tokens alone, unless packed rows run them in the same pass
+            pays = count > 0 and computing_once_pays(input_ids.device, len(input_ids), count) and not (
+                self._packed_rows_run_leading_tokens(attention_mask, prompt.shape[-2], count))
+            return (starts, count) if pays else None
+        once = count + prompt.shape[-2]
         # virtual tokens run once let the rows pack behind them, which rows holding their own cannot
-        packed_away = self._positions_packing_saves(attention_mask, None, prompt.shape[-2]) if virtual else 0
-        return (starts, count) if once and computing_once_pays(input_ids.device, len(input_ids), once,
-                                                               packed_away) else None
+        packed_away = self._positions_packing_saves(attention_mask, None, prompt.shape[-2])
+        return (starts, count) if computing_once_pays(input_ids.device, len(input_ids), once, packed_away) else None
+
+    def _packed_rows_run_leading_tokens(self, attention_mask: torch.Tensor, prefix_length: int, count: int) -> bool:
+        """Whether the rows will run packed (`_encode_packed`), with the `count` leading tokens they share first in
+        each packed row, at a cost under a separate pass's: a copy in each packed row but one, against
+        COMPUTED_ONCE_MIN_POSITIONS."""
+        if not self._positions_packing_saves(attention_mask, None, prefix_length):
+            return False
+        _, packed_rows, _ = packing.packed_width(attention_mask)
+        return count * (packed_rows - 1) < computed_once.COMPUTED_ONCE_MIN_POSITIONS
 
     def _leading_tokens_may_pay(self, input_ids: torch.Tensor, prompt: torch.Tensor) -> bool:
         """Whether leading tokens could run once: shared by as many rows as pay for it even if every column were
