@@ -112,15 +112,31 @@ def test_causal_lm_loss_and_gradients_equal_padded_rows(tiny_models, monkeypatch
 
 
 def test_a_batch_of_one_tasks_rows_in_a_multi_task_model(tiny_models, monkeypatch):
-    """Multitask prompt tuning: rows of one task share that task's prompt, so they run packed; rows of several
-    tasks have different prompts, and run padded."""
+    """Multitask prompt tuning: rows of one task share that task's prompt, so they run packed behind it."""
     base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
     model = multitask_model(base, tokenizer)
     calls = _packed_calls(monkeypatch)
     assert_same_either_way(model, {**_batch(tokenizer, "left"), "task_ids": torch.tensor([1, 1, 1, 1])}, _packing)
     assert len(calls) == 1
-    model(**_batch(tokenizer, "left"), task_ids=torch.tensor([1, 0, 1, 1]))
+
+
+@pytest.mark.usefixtures("packed_rows_small")
+def test_rows_of_several_tasks_pack_each_behind_its_tasks_prompt(tiny_models, monkeypatch):
+    """Rows of two tasks: no packed row mixes them, and each packed row has its task's prompt; the loss,
+    gradients (of both tasks' prompts) and label-word scores are the padded rows'."""
+    base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
+    model = multitask_model(base, tokenizer)
+    calls = _packed_calls(monkeypatch)
+    task_ids = torch.tensor([1, 0, 1, 0])
+    assert_same_either_way(model, {**_batch(tokenizer, "left"), "task_ids": task_ids}, _packing)
     assert len(calls) == 1
+    packed_row = calls[0].source[:, -1] // calls[0].read  # where each row's last (read) column went
+    for packed, representative in enumerate(calls[0].representative.tolist()):
+        assert set(task_ids[packed_row == packed].tolist()) == {int(task_ids[representative])}
+    scores = [model.eval().scores(**{k: v for k, v in _batch(tokenizer, "left").items() if k != "labels"},
+                                  task_ids=task_ids) for model.pack_rows in (True, False)]
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2  # scores: each task's rows apart; task 0's ("a long ...", "bad") pack
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

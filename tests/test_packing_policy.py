@@ -41,7 +41,8 @@ def test_which_models_pack_training_rows(tmp_path, tiny_models, kind, method, ba
     assert not model.packs_training_rows(torch.device("meta"), batch_size)  # not a CPU
 
 
-def test_a_multi_task_prompt_per_task_does_not_pack(tiny_models):
+def test_a_multi_task_prompt_per_task_is_grouped(tiny_models):
+    """Rows of several tasks' prompts pack each task's apart, slower than grouped batches: auto groups them."""
     base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
     two = multitask_model(base, tokenizer, num_virtual_tokens=10)
     one = multitask_model(base, tokenizer, ("t1",), num_virtual_tokens=10)

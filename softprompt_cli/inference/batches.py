@@ -121,7 +121,9 @@ def predict_batch(items: list[Item], collate) -> list[torch.Tensor]:
     batch = collate(sequences)
     model = blocks[0][0].model
     per_row = torch.stack(prompts) if model.kind == "input" else torch.cat(prompts, dim=2)
-    encoded = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), per_row)
+    groups = [block for block, (_, _, rows) in enumerate(blocks) for _ in range(rows.start, rows.stop)]
+    encoded = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), per_row,
+                           prompt_groups=groups)
     probabilities: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
     for task, members, rows in blocks:
         part = Encoded(encoded.states[rows], encoded.real_tokens[rows], encoded.attention_mask[rows])

@@ -50,6 +50,8 @@ class Packing:
     source: torch.Tensor
     """[rows, columns read]: where each of the padded batch's read columns is among the read states, flattened
     ([packed rows * read]); -1 for padding."""
+    representative: torch.Tensor
+    """[packed rows]: a row in each packed row, whose prompt is its packed row's (all its rows share one)."""
 
 
 def balanced(lengths: list[int], count: int) -> list[int]:
@@ -63,40 +65,48 @@ def balanced(lengths: list[int], count: int) -> list[int]:
     return packed_row
 
 
-def packed_width(attention_mask: torch.Tensor) -> tuple[list[int], int, int]:
+def packed_width(attention_mask: torch.Tensor, groups: list[int] | None = None) -> tuple[list[int], int, int]:
     """(each row's packed row, how many packed rows, their width) of a padded batch's rows: as few packed rows as
-    hold their tokens at PACKED_ROW_TOKENS each."""
+    hold their tokens at PACKED_ROW_TOKENS each, for each group of rows apart (`groups`: each row's; rows with
+    different prompts never share a packed row)."""
     lengths = attention_mask.sum(-1).tolist()
-    count = max(1, -(-sum(lengths) // PACKED_ROW_TOKENS))
-    packed_row = balanced(lengths, count)
+    groups = groups or [0] * len(lengths)
+    packed_row, count = [0] * len(lengths), 0
+    for group in dict.fromkeys(groups):
+        members = [row for row, its in enumerate(groups) if its == group]
+        group_count = max(1, -(-sum(lengths[row] for row in members) // PACKED_ROW_TOKENS))
+        for row, packed in zip(members, balanced([lengths[row] for row in members], group_count)):
+            packed_row[row] = count + packed
+        count += group_count
     totals = [0] * count
     for row, length in zip(packed_row, lengths):
         totals[row] += length
     return packed_row, count, max(totals)
 
 
-def positions_saved(attention_mask: torch.Tensor) -> int:
+def positions_saved(attention_mask: torch.Tensor, groups: list[int] | None = None) -> int:
     """How many of these padded rows' positions packing them leaves out, where that is at least
     PACKING_MIN_SAVED_SHARE of them, on a CPU; else 0 (the rows run padded). On a GPU, where a small model's step is
     bound by launching kernels rather than by positions, packing is not measured."""
     if attention_mask.device.type != "cpu" or len(attention_mask) < 2:
         return 0
-    _, count, width = packed_width(attention_mask)
+    _, count, width = packed_width(attention_mask, groups)
     saved = attention_mask.numel() - count * width
     return saved if saved >= PACKING_MIN_SAVED_SHARE * attention_mask.numel() else 0
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: int, read_tail: int | None,
-         shared: int = 0) -> Packing:
+         shared: int = 0, groups: list[int] | None = None) -> Packing:
     """The real tokens of padded rows (any padding side) packed, positions counted from `first_position` (the
     prefix's length) in each row, as `SoftPromptModel` counts them unpacked. `read_tail=n`: the states of each
     padded row's last n columns are read (None: every column's). `shared`: how many leading tokens every row has
     alike; they run once, first in each packed row, where all its rows attend to them (the columns read must be
-    the rows' own tokens)."""
+    the rows' own tokens). `groups`: which prompt each row has, where rows have different ones (see
+    `packed_width`)."""
     rows, length = input_ids.shape
     positions = (attention_mask.cumsum(-1) - 1) + first_position
     own = attention_mask.bool() & (positions >= first_position + shared)
-    packed_row, count, width = packed_width(own)
+    packed_row, count, width = packed_width(own, groups)
     width += shared
     row, column = own.nonzero(as_tuple=True)  # row by row, column by column
     into = torch.tensor(packed_row, device=input_ids.device)[row]
@@ -125,7 +135,10 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: 
         each_row = torch.arange(rows, device=input_ids.device)[:, None]
         source[each_row, shared_columns] = torch.tensor(packed_row, device=input_ids.device)[:, None] * width + (
             torch.arange(shared, device=input_ids.device))
-    return Packing(input_ids_packed, position_ids, mask[:, None], read, source[:, length - (read_tail or length):])
+    representative = into.new_zeros(count)
+    representative[into] = row
+    return Packing(input_ids_packed, position_ids, mask[:, None], read, source[:, length - (read_tail or length):],
+                   representative)
 
 
 def _put_shared(input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: int, shared: int,

@@ -201,15 +201,17 @@ class SoftPromptModel(nn.Module):
     def packs_training_rows(self, device: torch.device, batch_size: int) -> bool:
         """Whether training batches of `batch_size` rows run packed wherever padding would cost (see `packing`):
         behind a prefix that every row of a batch shares (prefix tuning's, or virtual tokens run once) and no sliding
-        window could hide, on a CPU. Not with a prompt per task and several tasks, whose batches mix prompts."""
-        shared = not (self.per_task_prompt and len(self.task_names) > 1)
+        window could hide, on a CPU. Not with a prompt per task and several tasks: their rows pack each task's apart,
+        into more and less even packed rows, which measured slower than grouped batches (README: packing)."""
+        if self.prompts_differ_by_row:
+            return False
         # the least that packing leaves out of a batch it packs at all, its longest row half of max_length: smaller
         # batches of shorter rows mostly keep their virtual tokens, and are better grouped
         packed_away = int(packing.PACKING_MIN_SAVED_SHARE * batch_size * self.max_length / 2)
         runs_as_prefix = self.kind == "prefix" and (not self.virtual_tokens_as_prefix or computing_once_pays(
             device, batch_size, self.num_virtual_tokens, packed_away if self.pack_rows else 0))
         unhidden = self._within_window(self.num_virtual_tokens + self.max_length)
-        return self.pack_rows and shared and runs_as_prefix and unhidden and device.type == "cpu"
+        return self.pack_rows and runs_as_prefix and unhidden and device.type == "cpu"
 
     def _within_window(self, positions: int) -> bool:
         """Whether `positions` (a prefix and the longest row) fit in the model's sliding window, if it has one: then
@@ -277,16 +279,29 @@ class SoftPromptModel(nn.Module):
         if not self.per_task_prompt:  # `encode` runs a decoder's virtual tokens once, where that pays
             return self.prompt()
         once = self.virtual_tokens_as_prefix and computing_once_pays(self.base.device, rows, self.num_virtual_tokens)
-        if task_ids is None:
-            task_ids = torch.zeros(rows, dtype=torch.long, device=self.base.device)
-        elif len(task_ids) * 2 == rows:
-            task_ids = torch.cat([task_ids, task_ids])
+        task_ids = self.row_tasks(task_ids, rows)
         if once:  # each task's prompt through the model once, not once per row
             tasks, row_task = task_ids.unique(return_inverse=True)
             prefix = self.virtual_token_prefix(self.prompt(tasks))
             # rows of one task share its prefix, as a single-task model's rows do (leading tokens, packing)
             return prefix if len(tasks) == 1 else prefix[:, :, row_task]
         return self.prompt(task_ids)
+
+    def row_tasks(self, task_ids: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """Each of `rows` sequences' task: `task_ids` (None: task 0), given once for pairs encoded apart."""
+        if task_ids is None:
+            return torch.zeros(rows, dtype=torch.long, device=self.base.device)
+        return torch.cat([task_ids, task_ids]) if len(task_ids) * 2 == rows else task_ids
+
+    def prompt_groups(self, task_ids: torch.Tensor | None, rows: int) -> list[int] | None:
+        """Which prompt each row has where rows of a batch may have different ones (a prompt per task, several
+        tasks), for rows to pack with their own prompt's (`packing`); None: one prompt for all rows."""
+        return self.row_tasks(task_ids, rows).tolist() if self.prompts_differ_by_row else None
+
+    @property
+    def prompts_differ_by_row(self) -> bool:
+        """Whether the rows of a batch may have different prompts: a prompt per task, and several tasks."""
+        return self.per_task_prompt and len(self.task_names) > 1
 
     @torch.no_grad()
     def task_prompt(self, task: str) -> torch.Tensor:
@@ -324,13 +339,14 @@ class SoftPromptModel(nn.Module):
         """Classification: logits (and the loss, given label ids). causal_lm: the loss on the target tokens
         (labels: token ids, -100 where nothing is to be predicted). `teacher` (distillation): the teacher's
         `teacher_logits` and `teacher_states` for these rows, weighed by `distill_weights`."""
-        prompt = self.prompt_for(task_ids, len(input_ids))
+        prompt, groups = self.prompt_for(task_ids, len(input_ids)), self.prompt_groups(task_ids, len(input_ids))
         if self.causal_lm:
-            logits, states, keep = self.target_predictions(input_ids, attention_mask, token_type_ids, prompt, labels)
+            logits, states, keep = self.target_predictions(input_ids, attention_mask, token_type_ids, prompt, labels,
+                                                           groups)
             output = {"loss": F.cross_entropy(logits, labels[:, 1:][keep]), "logits": logits}
             student_states = states if teacher else None
         else:
-            encoded = self.encode(input_ids, attention_mask, token_type_ids, prompt)
+            encoded = self.encode(input_ids, attention_mask, token_type_ids, prompt, prompt_groups=groups)
             output = {"logits": self.task_logits(encoded, task_ids)}
             if labels is not None:
                 output["loss"] = F.cross_entropy(output["logits"].float(), labels)
@@ -341,8 +357,8 @@ class SoftPromptModel(nn.Module):
         return output
 
     def target_predictions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, labels: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, labels: torch.Tensor,
+                           prompt_groups: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A decoder's (logits, hidden states) at the positions that predict a target token, and where those are
         (`keep`: [B, L - 1], labels[:, 1:] != -100): state t predicts token t + 1. Only those positions go through
         the (large) LM head. The last position predicts nothing that is scored and, behind the causal mask,
@@ -352,7 +368,7 @@ class SoftPromptModel(nn.Module):
         keep = labels[:, 1:] != -100
         read = columns - int(keep.any(0).long().argmax())  # from the first column where some row predicts a target
         states = self.encode(input_ids[:, :columns], attention_mask[:, :columns], token_type_ids, prompt,
-                             read_tail=read).states[keep[:, -read:]]
+                             read_tail=read, prompt_groups=prompt_groups).states[keep[:, -read:]]
         return self.lm_head(states).float(), states, keep
 
     @property
@@ -379,6 +395,8 @@ class SoftPromptModel(nn.Module):
         for index in task_ids.unique().tolist():
             rows = task_ids == index
             rows_prompt = self._prompt_of_rows(prompt, rows)
+            if is_prefix(rows_prompt) and rows_prompt.shape[2] > 1:  # one task's prompt, for its rows to pack behind
+                rows_prompt = rows_prompt[:, :, :1]
             words = self.task_label_words[self.task_names[index]]
             scores[rows, :len(words)] = lm.label_word_scores(self, input_ids[rows], attention_mask[rows],
                                                              rows_prompt, words)
@@ -420,14 +438,17 @@ class SoftPromptModel(nn.Module):
                 _insert(attention_mask, ones, at), token_type_ids, 0)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
-               prompt: torch.Tensor | None, cache: Any = None, read_tail: int | None = None) -> Encoded:
+               prompt: torch.Tensor | None, cache: Any = None, read_tail: int | None = None,
+               prompt_groups: list[int] | None = None) -> Encoded:
         """Run the frozen model with a soft prompt: shared by all rows ([n, d] or [layers, 2, 1, ...]) or
         one per row ([B, n, d] or [layers, 2, B, ...]: several tasks in one batch); None: no prompt.
         With a `cache`, a decoder keeps the keys and values of the input (not of a prefix) for generation.
-        `read_tail=n`: only the last n columns' states are read, and `states` holds those alone ([B, n, hidden])."""
+        `read_tail=n`: only the last n columns' states are read, and `states` holds those alone ([B, n, hidden]).
+        `prompt_groups` (one prompt per row): which rows' prompts are the same one (`prompt_groups`)."""
         plan = self._computed_once_plan(input_ids, attention_mask, token_type_ids, prompt, cache)
         if plan is None:
-            return self._encode_rows(input_ids, attention_mask, token_type_ids, prompt, cache, read_tail)
+            return self._encode_rows(input_ids, attention_mask, token_type_ids, prompt, cache, read_tail,
+                                     prompt_groups)
         starts, count = plan
         if not count:  # the virtual tokens alone
             return self._encode_rows(input_ids, attention_mask, None, self.virtual_token_prefix(prompt), None,
@@ -509,10 +530,10 @@ class SoftPromptModel(nn.Module):
 
     def _encode_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any,
-                     read_tail: int | None = None) -> Encoded:
+                     read_tail: int | None = None, prompt_groups: list[int] | None = None) -> Encoded:
         """`encode`, every row's every token through the model (but the last layer's, with `read_tail`)."""
-        if self._packing_pays(attention_mask, token_type_ids, prompt, cache):
-            return self._encode_packed(input_ids, attention_mask, prompt, read_tail)
+        if self._packing_pays(attention_mask, token_type_ids, prompt, cache, prompt_groups):
+            return self._encode_packed(input_ids, attention_mask, prompt, read_tail, prompt_groups)
         batch = input_ids.shape[0]
         inputs, real_tokens, attention_mask, token_type_ids, offset = self._inputs_with_prompt(
             input_ids, attention_mask, token_type_ids, prompt)
@@ -539,16 +560,19 @@ class SoftPromptModel(nn.Module):
         return Encoded(states[:, -read_tail:] if read_tail else states, real_tokens, attention_mask, next_position)
 
     def _packing_pays(self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
-                      prompt: torch.Tensor | None, cache: Any) -> bool:
-        """Whether rows run packed (see `packing`): behind a prefix they all share, with no cache to fill, where
-        packing saves enough positions (`_positions_packing_saves`)."""
-        shared_prefix = is_prefix(prompt) and prompt.shape[2] == 1
-        if not shared_prefix or cache is not None:
+                      prompt: torch.Tensor | None, cache: Any, prompt_groups: list[int] | None = None) -> bool:
+        """Whether rows run packed (see `packing`): behind a prefix they all share (or, given `prompt_groups`, that
+        each group of rows shares), with no cache to fill, where packing saves enough positions
+        (`_positions_packing_saves`)."""
+        if not is_prefix(prompt) or cache is not None:
             return False
-        return self._positions_packing_saves(attention_mask, token_type_ids, prompt.shape[-2]) > 0
+        groups = None if prompt.shape[2] == 1 else prompt_groups
+        if prompt.shape[2] > 1 and groups is None:
+            return False
+        return self._positions_packing_saves(attention_mask, token_type_ids, prompt.shape[-2], groups) > 0
 
     def _positions_packing_saves(self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
-                                 prefix_length: int) -> int:
+                                 prefix_length: int, groups: list[int] | None = None) -> int:
         """The padded positions that rows packed behind a shared prefix of `prefix_length` would leave out
         (`packing.positions_saved`): 0 where packing is off, with token type ids the model reads, or where a sliding
         window could hide the prefix from a row."""
@@ -557,16 +581,19 @@ class SoftPromptModel(nn.Module):
             return 0
         if token_type_ids is not None and _takes_token_types(self.base):
             return 0
-        return packing.positions_saved(attention_mask)
+        return packing.positions_saved(attention_mask, groups)
 
     def _encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: torch.Tensor,
-                       read_tail: int | None) -> Encoded:
-        """`_encode_rows` with the rows packed, without padding (see `packing`): the same states."""
+                       read_tail: int | None, prompt_groups: list[int] | None = None) -> Encoded:
+        """`_encode_rows` with the rows packed, without padding (see `packing`): the same states. A prompt per row
+        (`prompt_groups` saying which are the same): each packed row holds rows of one prompt, and has it."""
         offset = prompt.shape[-2]
         shared = self._leading_tokens_in_packed_rows(input_ids, attention_mask, read_tail)
-        packed = packing.pack(input_ids, attention_mask, offset, read_tail, shared)
+        groups = None if prompt.shape[2] == 1 else prompt_groups
+        packed = packing.pack(input_ids, attention_mask, offset, read_tail, shared, groups)
+        prefix = prompt if groups is None else prompt[:, :, packed.representative]
         inputs = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
-                  "position_ids": packed.position_ids, "softprompt_prefix": prompt, "use_cache": False,
+                  "position_ids": packed.position_ids, "softprompt_prefix": prefix, "use_cache": False,
                   self.cache_argument: None}
         if read_tail and self.read_tail_only:
             inputs["softprompt_read_tail"] = packed.read
