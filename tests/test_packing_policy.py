@@ -24,21 +24,26 @@ def _causal_recipe(tmp_path, tiny_models, kind: str, method: dict, task: dict | 
                                     training={"batch_size": 16, **training}))
 
 
-@pytest.mark.parametrize("kind,method,batch_size,packs", [
-    ("llama", {"name": "prompt_tuning", "num_virtual_tokens": 10}, 16, True),
-    ("gpt2", {"name": "prefix_tuning"}, 4, True),
-    # 8 rows: 70 positions saved by the virtual tokens' pass, and at least 102 by packing rows of up to 64 tokens
-    ("llama", {"name": "prompt_tuning", "num_virtual_tokens": 10}, 8, True),
-    ("llama", {"name": "prompt_tuning", "num_virtual_tokens": 10}, 4, False),  # 30 + 51: the virtual tokens stay in
-    ("gemma3", {"name": "prefix_tuning"}, 16, False),  # a 12-token window the rows could outgrow
+SENTENCES = [5 + (7 * row) % 40 for row in range(200)]
+"""Rows of 5 to 44 tokens, as SST-2's sentences after a template (about 19 tokens a row on average there)."""
+
+
+@pytest.mark.parametrize("kind,method,batch_size,lengths,packs", [
+    ("llama", {"name": "prompt_tuning", "num_virtual_tokens": 10}, 16, SENTENCES, True),
+    ("gpt2", {"name": "prefix_tuning"}, 4, SENTENCES, True),
+    # 8 rows: 70 positions saved by the virtual tokens' pass, and packing the rows saves the rest
+    ("llama", {"name": "prompt_tuning", "num_virtual_tokens": 10}, 8, SENTENCES, True),
+    ("llama", {"name": "prompt_tuning", "num_virtual_tokens": 10}, 2, SENTENCES, False),  # the prompt stays in rows
+    ("gpt2", {"name": "prefix_tuning"}, 16, [20] * 100 + [21] * 100, False),  # no padding to pack away
+    ("gemma3", {"name": "prefix_tuning"}, 16, SENTENCES, False),  # a 12-token window the rows could outgrow
 ])
-def test_which_models_pack_training_rows(tmp_path, tiny_models, kind, method, batch_size, packs):
+def test_which_models_pack_training_rows(tmp_path, tiny_models, kind, method, batch_size, lengths, packs):
     from softprompt_cli.assemble import build_model
 
     recipe = _causal_recipe(tmp_path, tiny_models, kind, method)
     model, _ = build_model(recipe, ["0", "1"])
-    assert model.packs_training_rows(torch.device("cpu"), batch_size) is packs
-    assert not model.packs_training_rows(torch.device("meta"), batch_size)  # not a CPU
+    assert model.packs_training_rows(torch.device("cpu"), batch_size, lengths) is packs
+    assert not model.packs_training_rows(torch.device("meta"), batch_size, lengths)  # not a CPU
 
 
 def test_a_multi_task_prompt_per_task_is_grouped(tiny_models):
@@ -46,7 +51,8 @@ def test_a_multi_task_prompt_per_task_is_grouped(tiny_models):
     base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
     two = multitask_model(base, tokenizer, num_virtual_tokens=10)
     one = multitask_model(base, tokenizer, ("t1",), num_virtual_tokens=10)
-    assert not two.packs_training_rows(torch.device("cpu"), 16) and one.packs_training_rows(torch.device("cpu"), 16)
+    cpu = torch.device("cpu")
+    assert not two.packs_training_rows(cpu, 16, SENTENCES) and one.packs_training_rows(cpu, 16, SENTENCES)
 
 
 @pytest.mark.parametrize("kind,method,setting,grouped", [

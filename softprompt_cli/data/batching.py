@@ -253,13 +253,15 @@ def task_mix(sampling: TaskSampling, tasks: list[TaskData]) -> TaskMix:
     return TaskMix(tuple(len(task.train) for task in tasks), sampling.rule, sampling.temperature)
 
 
-def training_loader(recipe: Recipe, tasks: list[TaskData], tokenizer) -> DataLoader:
-    """Every task's examples -> tokens -> shuffled batches, mixing the tasks as task_sampling says, seeded. Batches of
-    similar lengths with training.group_by_length (training's set-up decides `auto` for the model first; left to
-    `auto`, as by a script, they are grouped)."""
+def training_loader(recipe: Recipe, tasks: list[TaskData], tokenizer, rows: TokenizedRows | None = None
+                    ) -> DataLoader:
+    """Every task's examples -> tokens (`rows`, where they are tokenized already) -> shuffled batches, mixing the
+    tasks as task_sampling says, seeded. Batches of similar lengths with training.group_by_length (training's set-up
+    decides `auto` for the model first; left to `auto`, as by a script, they are grouped)."""
     cfg = recipe.training
     grouped = cfg.group_by_length is not False
-    rows = task_rows(recipe, tasks, tokenizer, training=True)
+    if rows is None:
+        rows = task_rows(recipe, tasks, tokenizer, training=True)
     return loader(rows, tokenizer, cfg.batch_size, True, grouped, cfg.seed, task_mix(recipe.task_sampling, tasks))
 
 

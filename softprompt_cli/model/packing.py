@@ -95,6 +95,15 @@ def positions_saved(attention_mask: torch.Tensor, groups: list[int] | None = Non
     return saved if saved >= PACKING_MIN_SAVED_SHARE * attention_mask.numel() else 0
 
 
+def sampled_batch_masks(lengths: list[int], batch_size: int, count: int = 32) -> list[torch.Tensor]:
+    """The attention masks of `count` batches of rows of these `lengths` drawn at random, as shuffled batches are
+    (seeded: the same draw every time)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.tensor(lengths)
+    draws = [rows[torch.randperm(len(rows), generator=generator)[:batch_size]] for _ in range(count)]
+    return [(torch.arange(int(drawn.max())) < drawn[:, None]).long() for drawn in draws]
+
+
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: int, read_tail: int | None,
          shared: int = 0, groups: list[int] | None = None) -> Packing:
     """The real tokens of padded rows (any padding side) packed, positions counted from `first_position` (the

@@ -198,20 +198,23 @@ class SoftPromptModel(nn.Module):
             return False
         return self._within_window(method.num_virtual_tokens + max_length)
 
-    def packs_training_rows(self, device: torch.device, batch_size: int) -> bool:
-        """Whether training batches of `batch_size` rows run packed wherever padding would cost (see `packing`):
-        behind a prefix that every row of a batch shares (prefix tuning's, or virtual tokens run once) and no sliding
-        window could hide, on a CPU. Not with a prompt per task and several tasks: their rows pack each task's apart,
-        into more and less even packed rows, which measured slower than grouped batches (README: packing)."""
-        if self.prompts_differ_by_row:
+    def packs_training_rows(self, device: torch.device, batch_size: int, lengths: list[int]) -> bool:
+        """Whether most shuffled training batches of `batch_size` rows of these `lengths` (tokens a row) would run
+        packed (see `packing`): behind a prefix that every row of a batch shares (prefix tuning's, or virtual tokens
+        run once where that pays), no sliding window could hide, on a CPU, where packing saves enough. Not with a
+        prompt per task and several tasks: their rows pack each task's apart, into more and less even packed rows,
+        which measured slower than grouped batches (README: packing)."""
+        if self.prompts_differ_by_row or not (self.pack_rows and self.kind == "prefix" and device.type == "cpu"):
             return False
-        # the least that packing leaves out of a batch it packs at all, its longest row half of max_length: smaller
-        # batches of shorter rows mostly keep their virtual tokens, and are better grouped
-        packed_away = int(packing.PACKING_MIN_SAVED_SHARE * batch_size * self.max_length / 2)
-        runs_as_prefix = self.kind == "prefix" and (not self.virtual_tokens_as_prefix or computing_once_pays(
-            device, batch_size, self.num_virtual_tokens, packed_away if self.pack_rows else 0))
-        unhidden = self._within_window(self.num_virtual_tokens + self.max_length)
-        return self.pack_rows and runs_as_prefix and unhidden and device.type == "cpu"
+        if not lengths or not self._within_window(self.num_virtual_tokens + self.max_length):
+            return False
+        masks = packing.sampled_batch_masks(lengths, batch_size)
+        return 2 * sum(self._batch_would_pack(device, mask) for mask in masks) > len(masks)
+
+    def _batch_would_pack(self, device: torch.device, attention_mask: torch.Tensor) -> bool:
+        saved = packing.positions_saved(attention_mask)
+        return saved > 0 and (not self.virtual_tokens_as_prefix or computing_once_pays(
+            device, len(attention_mask), self.num_virtual_tokens, saved))
 
     def _within_window(self, positions: int) -> bool:
         """Whether `positions` (a prefix and the longest row) fit in the model's sliding window, if it has one: then

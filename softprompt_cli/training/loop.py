@@ -34,7 +34,7 @@ from softprompt_cli.artifacts.checkpoint import (
 )
 from softprompt_cli.assemble import build_model
 from softprompt_cli.config.schema import DataSection, Recipe
-from softprompt_cli.data.batching import evaluation_loader, training_loader
+from softprompt_cli.data.batching import evaluation_loader, task_rows, training_loader
 from softprompt_cli.data.sources import glue_dir
 from softprompt_cli.data.tasks import all_targets, load_task_data, task_labels
 from softprompt_cli.errors import UserError
@@ -212,14 +212,15 @@ def make_optimizer(model: SoftPromptModel, recipe: Recipe) -> torch.optim.AdamW:
     )
 
 
-def with_batching_decided(recipe: Recipe, model: SoftPromptModel, device: torch.device) -> Recipe:
-    """training.group_by_length: auto decided for this model and device: shuffled batches where their rows run
-    packed (grouping would save no padding, and costs accuracy), grouped elsewhere. The run keeps the decision in its
-    recipe, which its saved state holds."""
+def with_batching_decided(recipe: Recipe, model: SoftPromptModel, device: torch.device, lengths: list[int]
+                          ) -> Recipe:
+    """training.group_by_length: auto decided for this model, device and training rows (their `lengths`): shuffled
+    batches where their rows run packed (grouping would save no padding, and costs accuracy), grouped elsewhere. The
+    run keeps the decision in its recipe, which its saved state holds."""
     cfg = recipe.training
     if cfg.group_by_length != "auto":
         return recipe
-    grouped = not model.packs_training_rows(device, cfg.batch_size)
+    grouped = not model.packs_training_rows(device, cfg.batch_size, lengths)
     return recipe.model_copy(update={"training": cfg.model_copy(update={"group_by_length": grouped})})
 
 
@@ -230,8 +231,9 @@ def set_up(recipe: Recipe, accelerator: Accelerator) -> Run:
     labels = task_labels(tasks) if recipe.is_multitask else tasks[0].label_names
     model, tokenizer = build_model(recipe, labels)
     teachers = load_teachers(recipe, model, tokenizer, task_labels(tasks))
-    recipe = with_batching_decided(recipe, model, accelerator.device)
-    train_loader = training_loader(recipe, tasks, tokenizer)
+    rows = task_rows(recipe, tasks, tokenizer, training=True)
+    recipe = with_batching_decided(recipe, model, accelerator.device, rows["length"])
+    train_loader = training_loader(recipe, tasks, tokenizer, rows)
     eval_loader = evaluation_loader(recipe, tasks, tokenizer)
     optimizer = make_optimizer(model, recipe)
     prepared, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
