@@ -212,6 +212,19 @@ def test_packed_rows_run_shared_tokens_a_separate_pass_would_pay_for(tiny_models
     assert (calls[0].input_ids[0, :9] == batch["input_ids"][0, -int(batch["attention_mask"][0].sum()):][:9]).all()
 
 
+def test_shared_leading_tokens_in_packed_rows_inside_a_sliding_window(tiny_models, monkeypatch):
+    """Gemma 3 (a 12-token window): rows short enough to pack share their leading tokens there too."""
+    monkeypatch.setattr(computed_once, "COMPUTED_ONCE_MIN_POSITIONS", 10**6)
+    base, tokenizer = _frozen(tiny_models["gemma3"], "causal_lm", "model")
+    model = _model(base, tokenizer, "prefix_tuning", {"num_virtual_tokens": 3, "init": "random"}, "causal_lm",
+                   "model").eval()
+    calls = _packed_calls(monkeypatch)
+    tokenizer.padding_side = "left"
+    rows = tokenizer(["review : good fun to see", "review :", "review :"], padding=True, return_tensors="pt")
+    assert_label_word_scores_same_either_way(model, {**rows}, "pack_rows")
+    assert calls and (calls[0].input_ids[:, :2] == rows["input_ids"][-1, -4:-2]).all()  # [CLS] "review"
+
+
 @pytest.mark.parametrize("pooling", ["model", "mean"])
 def test_shared_leading_tokens_in_packed_rows_with_right_padding(tiny_models, monkeypatch, pooling):
     """Every column read (mean pooling): the shared tokens' states from the row's own packed row (of two)."""
