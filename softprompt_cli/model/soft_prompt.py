@@ -535,8 +535,9 @@ class SoftPromptModel(nn.Module):
                      token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any,
                      read_tail: int | None = None, prompt_groups: list[int] | None = None) -> Encoded:
         """`encode`, every row's every token through the model (but the last layer's, with `read_tail`)."""
-        if self._packing_pays(attention_mask, token_type_ids, prompt, cache, prompt_groups):
-            return self._encode_packed(input_ids, attention_mask, prompt, read_tail, prompt_groups)
+        groups = prompt_groups if is_prefix(prompt) and prompt.shape[2] > 1 else None  # a shared prompt: one group
+        if self._packing_pays(attention_mask, token_type_ids, prompt, cache, groups):
+            return self._encode_packed(input_ids, attention_mask, prompt, read_tail, groups)
         batch = input_ids.shape[0]
         inputs, real_tokens, attention_mask, token_type_ids, offset = self._inputs_with_prompt(
             input_ids, attention_mask, token_type_ids, prompt)
@@ -563,14 +564,11 @@ class SoftPromptModel(nn.Module):
         return Encoded(states[:, -read_tail:] if read_tail else states, real_tokens, attention_mask, next_position)
 
     def _packing_pays(self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
-                      prompt: torch.Tensor | None, cache: Any, prompt_groups: list[int] | None = None) -> bool:
-        """Whether rows run packed (see `packing`): behind a prefix they all share (or, given `prompt_groups`, that
-        each group of rows shares), with no cache to fill, where packing saves enough positions
+                      prompt: torch.Tensor | None, cache: Any, groups: list[int] | None) -> bool:
+        """Whether rows run packed (see `packing`): behind a prefix they all share (or, a prefix per row, that each
+        of the `groups` of rows shares), with no cache to fill, where packing saves enough positions
         (`_positions_packing_saves`)."""
-        if not is_prefix(prompt) or cache is not None:
-            return False
-        groups = None if prompt.shape[2] == 1 else prompt_groups
-        if prompt.shape[2] > 1 and groups is None:
+        if not is_prefix(prompt) or cache is not None or (prompt.shape[2] > 1 and groups is None):
             return False
         return self._positions_packing_saves(attention_mask, token_type_ids, prompt.shape[-2], groups) > 0
 
@@ -587,12 +585,11 @@ class SoftPromptModel(nn.Module):
         return packing.positions_saved(attention_mask, groups)
 
     def _encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: torch.Tensor,
-                       read_tail: int | None, prompt_groups: list[int] | None = None) -> Encoded:
+                       read_tail: int | None, groups: list[int] | None) -> Encoded:
         """`_encode_rows` with the rows packed, without padding (see `packing`): the same states. A prompt per row
-        (`prompt_groups` saying which are the same): each packed row holds rows of one prompt, and has it."""
+        (`groups` saying which are the same): each packed row holds rows of one prompt, and has it."""
         offset = prompt.shape[-2]
         shared = self._leading_tokens_in_packed_rows(input_ids, attention_mask, read_tail)
-        groups = None if prompt.shape[2] == 1 else prompt_groups
         packed = packing.pack(input_ids, attention_mask, offset, read_tail, shared, groups)
         prefix = prompt if groups is None else prompt[:, :, packed.representative]
         inputs = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,

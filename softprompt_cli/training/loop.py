@@ -57,6 +57,7 @@ from softprompt_cli.training.resume import (
     load_state,
     restore_rng,
     save_state,
+    with_group_by_length,
     with_saved_batching,
 )
 
@@ -220,8 +221,7 @@ def with_batching_decided(recipe: Recipe, model: SoftPromptModel, device: torch.
     cfg = recipe.training
     if cfg.group_by_length != "auto":
         return recipe
-    grouped = not model.packs_training_rows(device, cfg.batch_size, lengths)
-    return recipe.model_copy(update={"training": cfg.model_copy(update={"group_by_length": grouped})})
+    return with_group_by_length(recipe, not model.packs_training_rows(device, cfg.batch_size, lengths))
 
 
 def set_up(recipe: Recipe, accelerator: Accelerator) -> Run:

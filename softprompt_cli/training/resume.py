@@ -126,7 +126,12 @@ def with_saved_batching(recipe: Recipe, saved: dict) -> Recipe:
     decided = saved.get("training", {}).get("group_by_length")
     if recipe.training.group_by_length != "auto" or not isinstance(decided, bool):
         return recipe
-    return recipe.model_copy(update={"training": recipe.training.model_copy(update={"group_by_length": decided})})
+    return with_group_by_length(recipe, decided)
+
+
+def with_group_by_length(recipe: Recipe, grouped: bool) -> Recipe:
+    """`recipe` with training.group_by_length decided (a copy: the caller's recipe stays as it was)."""
+    return recipe.model_copy(update={"training": recipe.training.model_copy(update={"group_by_length": grouped})})
 
 
 def check_resumable(saved: dict, recipe: Recipe, directory: Path) -> None:
