@@ -216,7 +216,8 @@ def classifiers(tmp_path_factory, tiny_models) -> dict[str, Path]:
 @pytest.fixture
 def computed_once_at_any_size(monkeypatch):
     """Decoders run what rows share once however few rows and tokens (by default only where it saves enough
-    positions to pay for its separate pass), so that tiny batches test that path."""
+    positions to pay for running apart from the rows), so that tiny batches test that path."""
     from softprompt_cli.model import computed_once
 
     monkeypatch.setattr(computed_once, "COMPUTED_ONCE_MIN_POSITIONS", 0)
+    monkeypatch.setattr(computed_once, "SEPARATE_PASS_MIN_POSITIONS", 0)

@@ -102,8 +102,8 @@ def test_training_pass_leaves_out_the_last_column(tiny_models, method, computed_
 
     def record(module, args, kwargs):
         inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
-        if len(inputs) == 2:  # the rows' pass, not the one-row pass of prompt tuning's virtual tokens
-            widths.append(inputs.shape[1])
+        shared = kwargs.get("softprompt_shared", 0)  # prompt tuning's virtual tokens, once, before both rows
+        widths.append((inputs.shape[1] - shared) // 2 if shared else inputs.shape[1])
 
     handle = model.base.base_model.register_forward_pre_hook(record, with_kwargs=True)
     try:

@@ -195,7 +195,7 @@ def test_mixed_task_batch_equals_each_row_alone(tiny_models, pooling):
         scores = model.scores(**alone, task_ids=torch.tensor([task]))
         width = 2 if task == 0 else 4
         torch.testing.assert_close(together[row, :width], scores[0, :width], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(model.prompt_for(torch.tensor([task]), 1)[0],
+        torch.testing.assert_close(model.prompt_for(torch.tensor([task]), 1),  # one task: its prompt, shared
                                    model.task_prompt(model.task_names[task]))
     # Otherwise the check above could not tell the tasks' prompts apart.
     assert not torch.allclose(model.task_prompt("sst2"), model.task_prompt("agnews"))

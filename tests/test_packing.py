@@ -197,18 +197,20 @@ def test_shared_leading_tokens_run_once_in_each_packed_row(tiny_models, monkeypa
     assert_label_word_scores_same_either_way(model.eval(), batch, "pack_rows")
 
 
-def test_packed_rows_run_shared_tokens_a_separate_pass_would_pay_for(tiny_models, monkeypatch):
-    """16 rows sharing 9 leading tokens (135 positions) would pay for a pass of their own; their rows pack into one,
-    which runs them once in the same pass instead."""
+def test_packed_rows_run_shared_tokens_that_would_run_first_in_the_pass(tiny_models, monkeypatch):
+    """16 rows sharing 9 leading tokens (135 positions) pay for running them once, first in the rows' pass; their
+    rows pack into one, which runs them once in its packed row instead."""
     monkeypatch.setattr(computed_once, "COMPUTED_ONCE_MIN_POSITIONS", 96)
     base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
     model = _model(base, tokenizer, "prefix_tuning", {"num_virtual_tokens": 3, "init": "random"}, "causal_lm",
                    "model")
-    calls, passes = _packed_calls(monkeypatch), []
-    model.base.base_model.register_forward_pre_hook(lambda *args: passes.append(1))
+    calls, shared = _packed_calls(monkeypatch), []
+    model.base.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: shared.append(kwargs.get("softprompt_shared", 0)), with_kwargs=True)
     batch = _batch(tokenizer, "left", [f"the review of the film , in short : {text}" for text in TEXTS * 4])
     assert_same_either_way(model, batch, _packing)
-    assert (len(passes), len(calls)) == (3, 1)  # packed: one pass; padded: the shared tokens' and the rows'
+    # packed: in its packed row; padded: [CLS] and the 9 words once, first in the rows' pass
+    assert (shared, len(calls)) == ([0, 10], 1)
     assert (calls[0].input_ids[0, :9] == batch["input_ids"][0, -int(batch["attention_mask"][0].sum()):][:9]).all()
 
 

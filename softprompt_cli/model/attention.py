@@ -140,13 +140,46 @@ def dropout_attention(module, query, key, value, attention_mask, dropout: float,
 
 
 def softprompt_attention(module, query, key, value, attention_mask, softprompt_prefix=None, softprompt_capture=None,
-                         **kwargs):
+                         softprompt_shared=0, **kwargs):
     if softprompt_capture is not None:  # init-prefix-from-text: keep every layer's keys and values
         softprompt_capture[module.layer_idx] = (key, value)
-    if softprompt_prefix is not None:
-        key, value, attention_mask = _with_prefix(module, query, key, value, attention_mask,
-                                                  softprompt_prefix[module.layer_idx])
+    prefix = None if softprompt_prefix is None else softprompt_prefix[module.layer_idx]
+    if softprompt_shared:
+        return _shared_then_rows_attention(module, query, key, value, attention_mask, prefix, softprompt_shared,
+                                           **kwargs)
+    if prefix is not None:
+        key, value, attention_mask = _with_prefix(module, query, key, value, attention_mask, prefix)
         kwargs["is_causal"] = False
+    return _attend(module, query, key, value, attention_mask, **kwargs)
+
+
+def _shared_then_rows_attention(module, query, key, value, rows_mask, prefix, shared: int, **kwargs):
+    """Attention over one sequence of `shared` positions that every row sees first, then the rows, flattened one
+    after another (`model.shared_pass`): query, key and value [1, heads, shared + rows x width, head_dim],
+    `rows_mask` the rows' own [rows, 1, width, width]. The shared positions attend causally among themselves (after
+    the `prefix`, if any); each row to the prefix, to every shared position and, as `rows_mask` says, to its own.
+    Returns [1, positions, heads, head_dim], as an attention function does."""
+    rows = rows_mask.shape[0]
+    first = [part[:, :, :shared] for part in (query, key, value)]
+    own = [_as_rows(part[:, :, shared:], rows) for part in (query, key, value)]
+    first_key, first_value, first_mask = first[1], first[2], None
+    if prefix is not None:
+        first_key, first_value, first_mask = _with_prefix(module, *first, None, prefix)
+    first_output, _ = _attend(module, first[0], first_key, first_value, first_mask, **kwargs)
+    seen = (first_key, first_value)  # the prefix, then the shared positions: every row's to see
+    own_key, own_value, own_mask = _with_prefix(module, own[0], own[1], own[2], rows_mask, seen)
+    kwargs["is_causal"] = False
+    own_output, _ = _attend(module, own[0], own_key, own_value, own_mask, **kwargs)
+    return torch.cat([first_output, own_output.reshape(1, -1, *own_output.shape[2:])], dim=1), None
+
+
+def _as_rows(flat: torch.Tensor, rows: int) -> torch.Tensor:
+    """[1, heads, rows x width, head_dim] as [rows, heads, width, head_dim] (a view)."""
+    heads, positions, head_dim = flat.shape[1:]
+    return flat[0].view(heads, rows, positions // rows, head_dim).transpose(0, 1)
+
+
+def _attend(module, query, key, value, attention_mask, **kwargs):
     unusual = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
     if kwargs.get("dropout", 0.0) > 0 and not unusual:
         return dropout_attention(module, query, key, value, attention_mask, **kwargs)

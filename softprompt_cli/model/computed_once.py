@@ -1,11 +1,12 @@
 """What every row of a decoder's batch shares, computed once for all rows instead of once in each: the virtual
-tokens of an input prompt (`SoftPromptModel.virtual_token_prefix`), and the leading tokens every row has alike.
+tokens of an input prompt, and the leading tokens every row has alike.
 
 A template puts the same text before every row's own words ("Review: {sentence}", an instruction, a chat
 template's header). Behind a causal mask, and after a prefix every row sees alike, those leading tokens never see
-what follows them: their hidden states and keys and values are the same in every row. So one row of them runs
-through the model (with the prefix, with gradients), its keys and values lengthen the prefix, and every row runs
-only the tokens after them. Same logits and gradients, for len(rows) - 1 fewer passes over those positions.
+what follows them: their hidden states and keys and values are the same in every row. So one copy of them runs
+first in the rows' pass (`shared_pass`), every row attends to its keys and values as to a prefix, and runs only the
+tokens after them. Same logits and gradients, for len(rows) - 1 fewer copies of those positions. A loaded soft
+prompt's virtual tokens for inference run once when it is loaded (`SoftPromptModel.virtual_token_prefix`).
 
 When that pays is `computing_once_pays`; the column helpers below serve `SoftPromptModel.encode`.
 """
@@ -14,14 +15,15 @@ from __future__ import annotations
 
 import torch
 
-COMPUTED_ONCE_MIN_POSITIONS = 96
-"""Tokens that every row shares (a decoder's virtual tokens, a template's start) run once, apart from the rows,
-when that saves at least this many positions, (rows - 1) x tokens. The separate pass has a cost of its own that
-positions do not tell: on a 2-core CPU (SmolLM2-135M, training) about what 80 more positions in the batch cost
-(~190 ms against ~2.4 ms a position; scripts/bench_computed_once.py). On a GPU, where a small model's step is bound
-by launching kernels rather than by positions, the extra pass cost more than it saved at every size measured (H200:
-training steps 0.47-0.55x with virtual tokens once, 0.51-0.78x with shared template tokens once), so there rows run
-everything. A soft prompt's prefix for inference (`task_prompt`) is computed once when loaded, on any device."""
+COMPUTED_ONCE_MIN_POSITIONS = 16
+"""Tokens that every row shares (a decoder's virtual tokens, a template's start) run once, first in the rows' pass,
+when that saves at least this many positions, (rows - 1) x tokens. Running them apart from the rows has a cost that
+positions do not tell (attention called twice a layer, the rows' keys and values lengthened): on a 2-core CPU
+(SmolLM2-135M, training, 10 virtual tokens; scripts/bench_computed_once.py) even at 2 rows (10 positions saved),
+1.04x faster at 4 rows, 1.12x at 8. On a GPU, where a small model's step is bound by launching kernels rather than
+by positions, a pass of their own before the rows cost more than it saved at every size measured (H200: training
+steps 0.47-0.55x with virtual tokens once, 0.51-0.78x with shared template tokens once); the shared pass is not
+measured there yet, so rows run everything."""
 
 
 def is_prefix(prompt: torch.Tensor | None) -> bool:
@@ -30,11 +32,19 @@ def is_prefix(prompt: torch.Tensor | None) -> bool:
     return prompt is not None and prompt.dim() > 3
 
 
-def computing_once_pays(device: torch.device, rows: int, tokens: int, also_saved: int = 0) -> bool:
-    """Whether running `tokens` that all `rows` share once, apart from the rows, is worth its separate pass (see
-    COMPUTED_ONCE_MIN_POSITIONS); `also_saved`: positions the pass saves besides (padding that rows behind it leave
-    out when packed)."""
-    return device.type == "cpu" and (rows - 1) * tokens + also_saved >= COMPUTED_ONCE_MIN_POSITIONS
+SEPARATE_PASS_MIN_POSITIONS = 96
+"""The same, for tokens that run once in a pass of their own, before the rows' (each task's prompt where a batch's
+rows have different ones, `SoftPromptModel.prompt_for`): that pass's hundreds of small operations cost on a 2-core
+CPU about what 80 more positions in the batch cost (SmolLM2-135M training: ~190 ms against ~2.4 ms a position)."""
+
+
+def computing_once_pays(device: torch.device, rows: int, tokens: int, also_saved: int = 0,
+                        own_pass: bool = False) -> bool:
+    """Whether running `tokens` that all `rows` share once, apart from the rows, is worth it (see
+    COMPUTED_ONCE_MIN_POSITIONS; `own_pass`: in a pass of their own, SEPARATE_PASS_MIN_POSITIONS); `also_saved`:
+    positions it saves besides (padding that rows behind it leave out when packed)."""
+    least = SEPARATE_PASS_MIN_POSITIONS if own_pass else COMPUTED_ONCE_MIN_POSITIONS
+    return device.type == "cpu" and (rows - 1) * tokens + also_saved >= least
 
 
 def first_real_column(attention_mask: torch.Tensor) -> torch.Tensor:

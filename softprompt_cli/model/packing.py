@@ -13,8 +13,8 @@ The order of the tokens inside a packed row does not matter to the model (the ma
 everything), so the tokens whose states are read (`read_tail`'s columns: the positions that predict a label word)
 go last, where the last layer can finish only them (see `read_tail`). `unpack` puts the states read back where the
 padded batch had them. Leading tokens that every row has alike (a template's start) run once in each packed row,
-before its rows' own tokens, which all attend to them: one copy a packed row instead of one a row, in the same
-pass (run once in a pass of their own, `computed_once`, they would cost a whole model's pass more).
+before its rows' own tokens, which all attend to them: one copy a packed row instead of one a row, where that
+costs less than one copy first in the pass that every packed row attends to (`shared_pass`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ PACKING_MIN_SAVED_SHARE = 0.2
 mask and the longer attention rows are not worth it (length-grouped batches, evaluation's longest-first order)."""
 PACKED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2"}
 """Decoders whose models take a 4D attention mask as it is (transformers' masking_utils) and place tokens by their
-position ids alone: Llama, GPT-2 and Gemma 3 are tested against their padded rows; Mistral's and Qwen's code is
-Llama's."""
+position ids alone, so that they run packed rows, and shared positions first in the rows' pass (`shared_pass`):
+Llama, GPT-2 and Gemma 3 are tested against their padded rows; Mistral's and Qwen's code is Llama's."""
 
 
 @dataclass

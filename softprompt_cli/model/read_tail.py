@@ -62,18 +62,25 @@ def _apply(layer: nn.Module, name: str | None, states: torch.Tensor) -> torch.Te
     return states if name is None else getattr(layer, name)(states)
 
 
-def read_tail_forward(layer: nn.Module, hidden_states: torch.Tensor, *args, softprompt_read_tail: int | None = None,
-                      **kwargs) -> torch.Tensor:
-    """With `softprompt_read_tail=n` (a model forward argument, which transformers passes down to every layer, and
-    which gradient checkpointing replays), the layer's forward for the last n columns alone: [batch, n, hidden],
-    their attention reading every position's keys and values. Otherwise the layer's own forward."""
-    full = type(layer).forward
-    if not softprompt_read_tail or args:  # arguments passed by position: only the layer's own forward knows them
+def read_columns(states: torch.Tensor, read: int | torch.Tensor) -> torch.Tensor:
+    """The columns of `states` ([batch, length, ...]) that are read: the last `read` (an int), or those at the
+    indices `read` (a tensor: a sequence of several rows one after another, `model.shared_pass`)."""
+    return states[:, -read:] if isinstance(read, int) else states[:, read]
+
+
+def read_tail_forward(layer: nn.Module, hidden_states: torch.Tensor, *args,
+                      softprompt_read_tail: int | torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """With `softprompt_read_tail` (a model forward argument, which transformers passes down to every layer, and
+    which gradient checkpointing replays: the columns read, `read_columns`), the layer's forward for those columns
+    alone, [batch, columns read, hidden], their attention reading every position's keys and values. Otherwise the
+    layer's own forward."""
+    full, tail = type(layer).forward, softprompt_read_tail
+    if tail is None or args:  # arguments passed by position: only the layer's own forward knows them
         states = full(layer, hidden_states, *args, **kwargs)
-        return states[:, -softprompt_read_tail:] if softprompt_read_tail else states
-    layout, tail = layer.softprompt_layout, softprompt_read_tail
+        return states if tail is None else read_columns(states, tail)
+    layout = layer.softprompt_layout
     attended, _ = layer.self_attn(hidden_states=_apply(layer, layout.attention_norm, hidden_states), **kwargs)
-    states = hidden_states[:, -tail:] + _apply(layer, layout.after_attention, attended[:, -tail:])
+    states = read_columns(hidden_states, tail) + _apply(layer, layout.after_attention, read_columns(attended, tail))
     fed = layer.mlp(_apply(layer, layout.feed_forward_norm, states))
     return states + _apply(layer, layout.after_feed_forward, fed)
 

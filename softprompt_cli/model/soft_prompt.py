@@ -23,7 +23,7 @@ from softprompt_cli.config.schema import SINGLE_TASK
 from softprompt_cli.errors import UserError
 from softprompt_cli.methods._layers import Vocabulary
 from softprompt_cli.methods.base import MethodOptions, ModelSpec
-from softprompt_cli.model import computed_once, heads, lm, packing
+from softprompt_cli.model import computed_once, heads, lm, packing, shared_pass
 from softprompt_cli.model.computed_once import computing_once_pays, is_prefix
 from softprompt_cli.model.first_token import first_token_enabled
 from softprompt_cli.model.loading import (
@@ -63,6 +63,9 @@ class Encoded:
     attention_mask: torch.Tensor
     next_position: torch.Tensor | None = None
     """Decoders: the position id of a token appended to each row."""
+    shared_states: torch.Tensor | None = None
+    """Decoders: the last states [1, n, hidden] of the positions every row saw first, run once in the same pass
+    (`shared_pass`); None where there were none, or where the last layer finished only the columns read."""
 
 
 def _insert(values: torch.Tensor, middle: torch.Tensor, at: int) -> torch.Tensor:
@@ -174,7 +177,10 @@ class SoftPromptModel(nn.Module):
         self.read_tail_only = self.is_decoder and read_tail_enabled(base)
         """Decoders: where only the last columns' states are read (`encode`'s read_tail), the last layer finishes
         only those (see `read_tail`)."""
-        self.pack_rows = self.is_decoder and base.config.model_type in packing.PACKED_MODEL_TYPES
+        self.runs_shared_first = self.is_decoder and base.config.model_type in packing.PACKED_MODEL_TYPES
+        """Decoders whose models take softprompt's own 4D masks: what every row of a batch shares may run once, first
+        in the rows' pass (see `shared_pass`)."""
+        self.pack_rows = self.runs_shared_first
         """Decoders: rows behind a prefix they all share run packed, without padding, where that pays (see
         `packing`)."""
         self.max_length = max_length
@@ -277,17 +283,19 @@ class SoftPromptModel(nn.Module):
         return self.task_names.index(task)
 
     def prompt_for(self, task_ids: torch.Tensor | None, rows: int) -> torch.Tensor:
-        """The prompt of every row: one shared prompt, or (per-task methods) each row's task's prompt [rows, ...].
-        `task_ids` of pairs encoded apart (pair_mean: 2B sequences) cover both halves; None: task 0."""
+        """The prompt of every row: one shared prompt (per-task methods: where every row has the same task, its
+        prompt), or each row's task's prompt [rows, ...]. `task_ids` of pairs encoded apart (pair_mean: 2B
+        sequences) cover both halves; None: task 0."""
         if not self.per_task_prompt:  # `encode` runs a decoder's virtual tokens once, where that pays
             return self.prompt()
-        once = self.virtual_tokens_as_prefix and computing_once_pays(self.base.device, rows, self.num_virtual_tokens)
         task_ids = self.row_tasks(task_ids, rows)
-        if once:  # each task's prompt through the model once, not once per row
-            tasks, row_task = task_ids.unique(return_inverse=True)
-            prefix = self.virtual_token_prefix(self.prompt(tasks))
-            # rows of one task share its prefix, as a single-task model's rows do (leading tokens, packing)
-            return prefix if len(tasks) == 1 else prefix[:, :, row_task]
+        tasks, row_task = task_ids.unique(return_inverse=True)
+        if len(tasks) == 1:  # one prompt for every row, which `encode` may run once, as a shared prompt
+            return self.prompt(tasks)[0]
+        if self.virtual_tokens_as_prefix and computing_once_pays(self.base.device, rows, self.num_virtual_tokens,
+                                                                 own_pass=True):
+            # each task's prompt through the model once, not once per row
+            return self.virtual_token_prefix(self.prompt(tasks))[:, :, row_task]
         return self.prompt(task_ids)
 
     def row_tasks(self, task_ids: torch.Tensor | None, rows: int) -> torch.Tensor:
@@ -453,22 +461,19 @@ class SoftPromptModel(nn.Module):
             return self._encode_rows(input_ids, attention_mask, token_type_ids, prompt, cache, read_tail,
                                      prompt_groups)
         starts, count = plan
-        if not count:  # the virtual tokens alone
-            return self._encode_rows(input_ids, attention_mask, None, self.virtual_token_prefix(prompt), None,
-                                     read_tail)
         return self._encode_sharing_leading_tokens(input_ids, attention_mask, prompt, starts, count, read_tail)
 
     def _computed_once_plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any
                             ) -> tuple[torch.Tensor | None, int] | None:
-        """What a decoder runs once for all rows, where that pays (`computing_once_pays`): (each row's first real
-        column, how many tokens from there all rows share). The virtual tokens of an input prompt that all rows share
-        run in that pass too. None: every row runs everything. Not with a cache to fill, nor with token type ids the
-        model reads."""
+        """What a decoder runs once for all rows, first in their pass (`shared_pass`), where that pays
+        (`computing_once_pays`): (each row's first real column, how many tokens from there all rows share). The
+        virtual tokens of an input prompt that all rows share run there too. None: every row runs everything. Not with
+        a cache to fill, nor with token type ids the model reads."""
         virtual = prompt is not None and prompt.dim() == 2 and self.virtual_tokens_as_prefix
         shared_prefix = is_prefix(prompt) and prompt.shape[2] == 1
         token_types = token_type_ids is not None and _takes_token_types(self.base)
-        if not (virtual or shared_prefix) or cache is not None or token_types:
+        if not (virtual or shared_prefix) or cache is not None or token_types or not self.runs_shared_first:
             return None
         starts, count = None, 0
         if self._leading_tokens_may_pay(input_ids, prompt):
@@ -485,8 +490,8 @@ class SoftPromptModel(nn.Module):
 
     def _packed_rows_run_leading_tokens(self, attention_mask: torch.Tensor, prefix_length: int, count: int) -> bool:
         """Whether the rows will run packed (`_encode_packed`), with the `count` leading tokens they share first in
-        each packed row, at a cost under a separate pass's: a copy in each packed row but one, against
-        COMPUTED_ONCE_MIN_POSITIONS."""
+        each packed row, at a cost under running them once, first in the pass: a copy in each packed row but one,
+        against COMPUTED_ONCE_MIN_POSITIONS."""
         if not self._positions_packing_saves(attention_mask, None, prefix_length):
             return False
         _, packed_rows, _ = packing.packed_width(attention_mask)
@@ -500,47 +505,50 @@ class SoftPromptModel(nn.Module):
         return computing_once_pays(input_ids.device, len(input_ids), input_ids.shape[1])
 
     def _encode_sharing_leading_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                                       prompt: torch.Tensor, starts: torch.Tensor, count: int,
+                                       prompt: torch.Tensor, starts: torch.Tensor | None, count: int,
                                        read_tail: int | None) -> Encoded:
-        """`encode` with the `count` leading tokens all rows share (from `starts`) run once: their keys and values
-        lengthen the prefix, the rows run the rest, and the shared tokens' states go back into every row (unless
-        the columns read are all the rows' own tokens)."""
-        first = int(starts[0])
-        prefix, leading_states = self._prefix_with_leading_tokens(input_ids[:1, first:first + count], prompt)
-        own_tail = read_tail is not None and read_tail <= int(attention_mask.sum(-1).min()) - count
-        rest = self._encode_rows(computed_once.without_leading(input_ids, starts, count),
-                                 computed_once.without_leading(attention_mask, starts, count), None, prefix, None,
-                                 read_tail if own_tail else None)
-        states = rest.states if own_tail else computed_once.with_leading(rest.states, leading_states, starts)
+        """`encode` with an input prompt's virtual tokens and the `count` leading tokens all rows share (from
+        `starts`) run once, first in the rows' own pass (`shared_pass`), and the rows the rest; the shared tokens'
+        states go back into every row (unless the columns read are all the rows' own tokens)."""
+        shared = self._shared_embeds(input_ids, prompt, starts, count)
+        own_tail = read_tail is not None and (not count or read_tail <= int(attention_mask.sum(-1).min()) - count)
+        rows_ids, rows_mask = input_ids, attention_mask
+        if count:
+            rows_ids = computed_once.without_leading(input_ids, starts, count)
+            rows_mask = computed_once.without_leading(attention_mask, starts, count)
+        rest = self._encode_rows(rows_ids, rows_mask, None, prompt if is_prefix(prompt) else None, None,
+                                 read_tail if own_tail else None, shared=shared)
+        states = rest.states
+        if count and not own_tail:
+            states = computed_once.with_leading(states, rest.shared_states[:, -count:], starts)
         states = states[:, -read_tail:] if read_tail else states
         return Encoded(states, attention_mask, attention_mask, attention_mask.sum(-1) + prompt.shape[-2])
 
-    def _prefix_with_leading_tokens(self, leading_ids: torch.Tensor, prompt: torch.Tensor
-                                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the prefix lengthened by the keys and values of `leading_ids` ([1, count]) run after the prompt, their
-        last hidden states [1, count, hidden]). An input prompt's virtual tokens ([n, hidden]) run in the same pass,
-        first, and their keys and values start the prefix."""
-        count = leading_ids.shape[1]
-        if is_prefix(prompt):
-            computed, states = self._capturing_pass(prompt.shape[-2], leading_ids, input_ids=leading_ids,
-                                                    softprompt_prefix=prompt)
-            prefix = torch.cat([prompt, computed.to(prompt.dtype)], dim=-2)
-        else:
-            embeds = self.base.get_input_embeddings()(leading_ids)
-            embeds = torch.cat([prompt.to(embeds.dtype)[None], embeds], dim=1)
-            prefix, states = self._capturing_pass(0, embeds, inputs_embeds=embeds)
-        return prefix, states[:, -count:]
+    def _shared_embeds(self, input_ids: torch.Tensor, prompt: torch.Tensor, starts: torch.Tensor | None,
+                       count: int) -> torch.Tensor:
+        """What every row sees first, as input embeddings [1, n, hidden]: an input prompt's virtual tokens, then the
+        `count` leading tokens all rows have alike (from `starts`)."""
+        embedding = self.base.get_input_embeddings()
+        parts = [] if is_prefix(prompt) else [prompt.to(embedding.weight.dtype)]
+        if count:
+            first = int(starts[0])
+            parts.append(embedding(input_ids[0, first:first + count]))
+        return torch.cat(parts)[None]
 
     def _encode_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any,
-                     read_tail: int | None = None, prompt_groups: list[int] | None = None) -> Encoded:
-        """`encode`, every row's every token through the model (but the last layer's, with `read_tail`)."""
+                     read_tail: int | None = None, prompt_groups: list[int] | None = None,
+                     shared: torch.Tensor | None = None) -> Encoded:
+        """`encode`, every row's every token through the model (but the last layer's, with `read_tail`). `shared`
+        (decoders): input embeddings [1, n, hidden] that every row sees first (after `prompt`, a prefix), run once
+        in the same pass (`shared_pass`)."""
         groups = prompt_groups if is_prefix(prompt) and prompt.shape[2] > 1 else None  # a shared prompt: one group
-        if self._packing_pays(attention_mask, token_type_ids, prompt, cache, groups):
-            return self._encode_packed(input_ids, attention_mask, prompt, read_tail, groups)
+        if self._packing_pays(attention_mask, token_type_ids, prompt, cache, groups, shared):
+            return self._encode_packed(input_ids, attention_mask, prompt, read_tail, groups, shared)
         batch = input_ids.shape[0]
         inputs, real_tokens, attention_mask, token_type_ids, offset = self._inputs_with_prompt(
             input_ids, attention_mask, token_type_ids, prompt)
+        offset += 0 if shared is None else shared.shape[1]
         if self.is_decoder:
             positions = (attention_mask.cumsum(-1) - 1).clamp(min=0) + offset
             # A decoder would otherwise build a KV cache in every training step.
@@ -558,19 +566,44 @@ class SoftPromptModel(nn.Module):
             self.base(**inputs)
             states, self.head.softprompt_input = self.head.softprompt_input, None
             return Encoded(states, real_tokens, attention_mask, next_position)
-        if read_tail and self.read_tail_only:
-            inputs["softprompt_read_tail"] = read_tail
+        shared_states, states = self._decoder_states(inputs, shared, read_tail)
+        return Encoded(states, real_tokens, attention_mask, next_position, shared_states)
+
+    def _decoder_states(self, inputs: dict[str, Any], shared: torch.Tensor | None, read: int | None
+                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the `shared` positions' last states, or None; the rows' [rows, width or `read`, hidden]) of a decoder
+        run with `inputs` (the rows': input ids, a 2D or their own 4D mask, position ids, a prefix), and with
+        `shared` input embeddings run first, once, in the same pass (`shared_pass`). `read`: only each row's last
+        `read` columns are read (the last layer finishes those alone, where it can)."""
+        finish_read = read if self.read_tail_only else None
+        if shared is None:
+            if finish_read:
+                inputs["softprompt_read_tail"] = finish_read
+            states = self.base.base_model(**inputs).last_hidden_state
+            return None, states[:, -read:] if read else states
+        ids, mask, positions = inputs.pop("input_ids"), inputs.pop("attention_mask"), inputs.pop("position_ids")
+        prefix = inputs.get("softprompt_prefix")
+        start = 0 if prefix is None else prefix.shape[-2]
+        inputs |= shared_pass.shared_pass_inputs(
+            shared, torch.arange(start, start + shared.shape[1], device=ids.device),
+            self.base.get_input_embeddings()(ids), positions,
+            shared_pass.causal_rows_mask(mask) if mask.dim() == 2 else mask, finish_read)
         states = self.base.base_model(**inputs).last_hidden_state
-        return Encoded(states[:, -read_tail:] if read_tail else states, real_tokens, attention_mask, next_position)
+        shared_states, rows = shared_pass.split_states(states, shared.shape[1], len(ids), finish_read)
+        return shared_states, rows[:, -read:] if read else rows
 
     def _packing_pays(self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
-                      prompt: torch.Tensor | None, cache: Any, groups: list[int] | None) -> bool:
+                      prompt: torch.Tensor | None, cache: Any, groups: list[int] | None,
+                      shared: torch.Tensor | None = None) -> bool:
         """Whether rows run packed (see `packing`): behind a prefix they all share (or, a prefix per row, that each
-        of the `groups` of rows shares), with no cache to fill, where packing saves enough positions
-        (`_positions_packing_saves`)."""
-        if not is_prefix(prompt) or cache is not None or (prompt.shape[2] > 1 and groups is None):
+        of the `groups` of rows shares; or `shared` positions run first), with no cache to fill, where packing saves
+        enough positions (`_positions_packing_saves`)."""
+        prefix_length = prompt.shape[-2] if is_prefix(prompt) else 0
+        shares_prefix = is_prefix(prompt) and (prompt.shape[2] == 1 or groups is not None)
+        if cache is not None or not (shares_prefix or shared is not None):
             return False
-        return self._positions_packing_saves(attention_mask, token_type_ids, prompt.shape[-2], groups) > 0
+        prefix_length += 0 if shared is None else shared.shape[1]
+        return self._positions_packing_saves(attention_mask, token_type_ids, prefix_length, groups) > 0
 
     def _positions_packing_saves(self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
                                  prefix_length: int, groups: list[int] | None = None) -> int:
@@ -584,22 +617,21 @@ class SoftPromptModel(nn.Module):
             return 0
         return packing.positions_saved(attention_mask, groups)
 
-    def _encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: torch.Tensor,
-                       read_tail: int | None, groups: list[int] | None) -> Encoded:
+    def _encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: torch.Tensor | None,
+                       read_tail: int | None, groups: list[int] | None, shared: torch.Tensor | None = None
+                       ) -> Encoded:
         """`_encode_rows` with the rows packed, without padding (see `packing`): the same states. A prompt per row
         (`groups` saying which are the same): each packed row holds rows of one prompt, and has it."""
-        offset = prompt.shape[-2]
-        shared = self._leading_tokens_in_packed_rows(input_ids, attention_mask, read_tail)
-        packed = packing.pack(input_ids, attention_mask, offset, read_tail, shared, groups)
-        prefix = prompt if groups is None else prompt[:, :, packed.representative]
+        offset = (prompt.shape[-2] if prompt is not None else 0) + (shared.shape[1] if shared is not None else 0)
+        in_each = self._leading_tokens_in_packed_rows(input_ids, attention_mask, read_tail)
+        packed = packing.pack(input_ids, attention_mask, offset, read_tail, in_each, groups)
+        prefix = prompt if groups is None or prompt is None else prompt[:, :, packed.representative]
         inputs = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
                   "position_ids": packed.position_ids, "softprompt_prefix": prefix, "use_cache": False,
                   self.cache_argument: None}
-        if read_tail and self.read_tail_only:
-            inputs["softprompt_read_tail"] = packed.read
-        states = self.base.base_model(**inputs).last_hidden_state[:, -packed.read:]
+        shared_states, states = self._decoder_states(inputs, shared, packed.read if read_tail else None)
         return Encoded(packing.unpack(states, packed), attention_mask, attention_mask,
-                       attention_mask.sum(-1) + offset)
+                       attention_mask.sum(-1) + offset, shared_states)
 
     def _leading_tokens_in_packed_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                        read_tail: int | None) -> int:
