@@ -87,3 +87,27 @@ def test_a_decoder_that_takes_no_4d_mask_keeps_its_virtual_tokens_in_the_rows(ti
     shared, loss = _shared_and_loss(model, 8)
     model.runs_shared_first = False
     assert shared > 0 and _shared_and_loss(model, 8) == (0, pytest.approx(loss, rel=1e-5))
+
+
+def test_rows_lengthened_past_a_sliding_window_keep_their_virtual_tokens(tiny_models, monkeypatch):
+    """Gemma 3 (a 12-token window), 5 virtual tokens and max_length 7 fit; rows lengthened by a 4-token label word
+    do not, so their virtual tokens stay in the rows, where the window hides them from the last tokens, as the
+    model computes them there (label-word scores as with the prompt in every row)."""
+    from softprompt_cli.methods.base import registry
+    from softprompt_cli.model import computed_once, lm
+    from softprompt_cli.model.soft_prompt import SoftPromptModel
+
+    monkeypatch.setattr(computed_once, "COMPUTED_ONCE_MIN_POSITIONS", 0)
+    base, tokenizer = _frozen(tiny_models["gemma3"], "causal_lm", "model")
+    torch.manual_seed(3)
+    options = registry()["prompt_tuning"](name="prompt_tuning", num_virtual_tokens=5)
+    model = SoftPromptModel(base, options, tokenizer, "model", 2, max_length=7, task_type="causal_lm",
+                            label_word_ids=[[5], [7]]).eval()
+    assert model.virtual_tokens_as_prefix
+    tokenizer.padding_side = "left"
+    rows = tokenizer(["review : good fun", "review : bad fun", "review : x y"], padding=True, return_tensors="pt")
+    scores = []
+    for model.runs_shared_first in (True, False):
+        scores.append(lm.label_word_scores(model, rows["input_ids"], rows["attention_mask"],
+                                           model.prompt_for(None, 3), [[5, 6, 8, 9], [7]]))
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)

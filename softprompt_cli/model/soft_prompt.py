@@ -470,7 +470,9 @@ class SoftPromptModel(nn.Module):
         (`computing_once_pays`): (each row's first real column, how many tokens from there all rows share). The
         virtual tokens of an input prompt that all rows share run there too. None: every row runs everything. Not with
         a cache to fill, nor with token type ids the model reads."""
-        virtual = prompt is not None and prompt.dim() == 2 and self.virtual_tokens_as_prefix
+        # rows longer than max_length (label words appended) could outgrow a sliding window that a prefix never leaves
+        virtual = prompt is not None and prompt.dim() == 2 and self.virtual_tokens_as_prefix and (
+            self._within_window(prompt.shape[-2] + input_ids.shape[1]))
         shared_prefix = is_prefix(prompt) and prompt.shape[2] == 1
         token_types = token_type_ids is not None and _takes_token_types(self.base)
         if not (virtual or shared_prefix) or cache is not None or token_types or not self.runs_shared_first:
