@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 import torch
 from accelerate import Accelerator
@@ -61,10 +62,23 @@ def stop_everywhere(request: StopRequest, accelerator: Accelerator) -> bool:
     return bool(accelerator.reduce(flag, reduction="sum").item())
 
 
+GLOO_WORKERS_GRACE_SECONDS = 0.1
+"""How long the main thread lets go of the GIL between the last barrier and tearing the process group down (see
+`finish`)."""
+
+
 def finish(accelerator: Accelerator) -> None:
     """End trackers and tear the process group down while every process is still alive: left to
-    the garbage collector, gloo's destructor can wait forever for a process that has exited."""
+    the garbage collector, gloo's destructor can wait forever for a process that has exited.
+
+    Before the teardown the main thread sleeps a moment, which lets go of the GIL. A gloo worker thread can still
+    hold the last reference to a collective that has finished (one the barrier no longer waits for), and frees its
+    Python tensors under the GIL; the teardown (accelerate's `end_training`) holds the GIL while it waits for the
+    worker threads to end: a deadlock at exit, one rank never exiting (traced with gdb: ~ProcessGroupGloo joining a
+    worker that waits for the GIL in ~AsyncAllgatherWork)."""
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        time.sleep(GLOO_WORKERS_GRACE_SECONDS)
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
