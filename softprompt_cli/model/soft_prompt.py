@@ -73,6 +73,11 @@ def _insert(values: torch.Tensor, middle: torch.Tensor, at: int) -> torch.Tensor
     return torch.cat([values[:, :at], middle, values[:, at:]], dim=1)
 
 
+def _seen_first(prefix: torch.Tensor | None, shared: torch.Tensor | None) -> int:
+    """How many positions every row sees before its own tokens: a prefix's, then the `shared` ones run first."""
+    return (0 if prefix is None else prefix.shape[-2]) + (0 if shared is None else shared.shape[1])
+
+
 def _takes_token_types(base: nn.Module) -> bool:
     return "token_type_ids" in inspect.signature(base.base_model.forward).parameters
 
@@ -600,12 +605,10 @@ class SoftPromptModel(nn.Module):
         """Whether rows run packed (see `packing`): behind a prefix they all share (or, a prefix per row, that each
         of the `groups` of rows shares; or `shared` positions run first), with no cache to fill, where packing saves
         enough positions (`_positions_packing_saves`)."""
-        prefix_length = prompt.shape[-2] if is_prefix(prompt) else 0
         shares_prefix = is_prefix(prompt) and (prompt.shape[2] == 1 or groups is not None)
         if cache is not None or not (shares_prefix or shared is not None):
             return False
-        prefix_length += 0 if shared is None else shared.shape[1]
-        return self._positions_packing_saves(attention_mask, token_type_ids, prefix_length, groups) > 0
+        return self._positions_packing_saves(attention_mask, token_type_ids, _seen_first(prompt, shared), groups) > 0
 
     def _positions_packing_saves(self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
                                  prefix_length: int, groups: list[int] | None = None) -> int:
@@ -624,7 +627,7 @@ class SoftPromptModel(nn.Module):
                        ) -> Encoded:
         """`_encode_rows` with the rows packed, without padding (see `packing`): the same states. A prompt per row
         (`groups` saying which are the same): each packed row holds rows of one prompt, and has it."""
-        offset = (prompt.shape[-2] if prompt is not None else 0) + (shared.shape[1] if shared is not None else 0)
+        offset = _seen_first(prompt, shared)
         in_each = self._leading_tokens_in_packed_rows(input_ids, attention_mask, read_tail)
         packed = packing.pack(input_ids, attention_mask, offset, read_tail, in_each, groups)
         prefix = prompt if groups is None or prompt is None else prompt[:, :, packed.representative]
