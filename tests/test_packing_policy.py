@@ -109,3 +109,15 @@ def test_a_resumed_run_keeps_the_saved_runs_batching(tmp_path, tiny_models, save
     state["training"]["group_by_length"] = saved
     check_resumable(state, recipe, tmp_path)
     assert with_saved_batching(recipe, state).training.group_by_length is resumed
+
+
+def test_rows_pack_where_their_device_leaves_out_enough(monkeypatch):
+    """Each device type its own least share of positions that packing must leave out (a GPU's is higher: its step
+    is bound more by launching kernels than by positions); other devices never pack."""
+    from softprompt_cli.model import packing
+
+    mask = torch.tensor([[1] * 6, [1] * 6, [1] * 2 + [0] * 4])  # one packed row of 14 for 18 padded positions
+    assert packing.positions_saved(mask) == 4  # 22%: over a CPU's fifth
+    monkeypatch.setitem(packing.PACKING_MIN_SAVED_SHARE, "cpu", packing.PACKING_MIN_SAVED_SHARE["cuda"])
+    assert packing.positions_saved(mask) == 0
+    assert packing.positions_saved(mask.to("meta")) == 0
