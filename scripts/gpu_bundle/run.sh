@@ -9,6 +9,10 @@
 #   bash .gpu/run.sh dry      a few steps of each (to check paths and overrides; PYTHON=... SKIP_WHEELS=1 on CPU)
 #   bash .gpu/run.sh smollm2  the SmolLM2 SST-2 recipe, fp32 vs bf16, 3 seeds (SMOL_DIR: the GGUF's folder, SMOL_GLUE:
 #                             a folder with SST-2/; WHEELS: where the wheels are, if not .gpu/whl)
+#   bash .gpu/run.sh shared   the shared pass and packing on this GPU against every row whole (bench_computed_once.py
+#                             --any-device), SmolLM2's shape with random weights made here, SST-2 in .gpu/glue
+#   bash .gpu/run.sh packing  prefix tuning's rows packed against padded on this GPU, float32 and bf16, batch 16 and 64
+#   bash .gpu/run.sh tests    the equivalence tests of the shared pass and packing, on the GPU (cuda_default.py)
 #   bash .gpu/run.sh serve    softprompt serve vs the PEFT app, MiniLM classification (CLIENTS, REQUESTS, SETUPS:
 #                             bench_serve's; its 8 soft prompts go to .gpu/bench_serve, written there if missing)
 # Writes $OUT/precision.txt (rewritten after every finished run), $OUT/speed.txt, $OUT/env.txt and the runs'
@@ -83,6 +87,48 @@ same = sum(a['pred_label'] == b['pred_label'] for a, b in zip(*rows))
 print(f'predict on cpu vs $device: {len(rows[0])} and {len(rows[1])} rows, same label {same}, largest probability difference {diff:.2e}')"
 }
 
+random_smollm2() {  # SmolLM2's shape (.gpu/smollm2-shape) with random weights, in .gpu/smollm2-random
+  [ -f .gpu/smollm2-random/config.json ] || "$PYTHON" -c "import torch, transformers
+torch.manual_seed(0)
+model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained('.gpu/smollm2-shape'))
+model.save_pretrained('.gpu/smollm2-random')
+transformers.AutoTokenizer.from_pretrained('.gpu/smollm2-shape').save_pretrained('.gpu/smollm2-random')"
+}
+
+shared() {  # $1: seconds allowed for each bench
+  random_smollm2 || return
+  local template='Review: {sentence}\nSentiment:'
+  local instruction='Classify the sentiment of the movie review as positive or negative.\nReview: {sentence}\nSentiment:'
+  { shared_bench "$1" --virtual-tokens 10 20
+    shared_bench "$1" training.batch_size=64 --virtual-tokens 10 20
+    shared_bench "$1" --templates "$template" "$instruction"
+    shared_bench "$1" method.name=prefix_tuning --templates "$template" "$instruction"
+    shared_bench "$1" method.name=prefix_tuning training.group_by_length=false --packing
+  } 2>&1 | tee "$OUT/shared.txt"
+}
+
+packing() {  # $1: seconds allowed for each bench. Prefix tuning's rows packed against padded, fp32 and bf16.
+  random_smollm2 || return
+  local precision batch
+  { for precision in no bf16; do
+      for batch in ${BATCHES:-16 64}; do
+        shared_bench "$1" method.name=prefix_tuning training.group_by_length=false training.batch_size=$batch \
+          training.mixed_precision=$precision --packing
+      done
+      shared_bench "$1" method.name=prefix_tuning training.group_by_length=true training.mixed_precision=$precision \
+        --packing
+    done
+  } 2>&1 | tee "$OUT/packing.txt"
+}
+
+shared_bench() {  # $1: seconds allowed, rest: bench_computed_once.py's arguments (overrides first)
+  local limit=$1; shift
+  echo "## $*"
+  timeout "$limit" "$PYTHON" scripts/bench_computed_once.py recipes/sst2_smollm2_prompt_tuning.yaml \
+    "model.name_or_path=$PWD/.gpu/smollm2-random" model.gguf_file=null "data.dir=$PWD/.gpu/glue" \
+    training.mixed_precision=no "$@" --steps "${STEPS:-12}" --any-device
+}
+
 case "$MODE" in
   seed42) accuracy "42" 6 480 ;;
   seeds3) accuracy "42 43 44" 9 480 ;;
@@ -90,6 +136,12 @@ case "$MODE" in
   all) accuracy "42 43 44" 9 420; speed 30 120 ;;
   dry) accuracy "42" 2 900 --set training.max_steps=1 --set data.max_eval_samples=16 --set training.eval_batch_size=8
        speed 1 900 --warmup 0 --eval-batches 1 recipes/mrpc_prompt_tuning.yaml ;;
+  shared) shared "${LIMIT:-120}" ;;
+  packing) packing "${LIMIT:-120}" ;;
+  tests)  # the equivalence tests of what runs once and packed rows, on the GPU (cuda_default.py)
+    PYTHONPATH=$PWD/scripts/gpu_bundle:$PWD/.gpu/testsite:$PYTHONPATH timeout "${LIMIT:-300}" "$PYTHON" -m pytest -q -p cuda_default \
+      -p no:cacheprovider tests/test_packing.py tests/test_virtual_tokens_once.py tests/test_leading_tokens.py \
+      tests/test_read_tail.py 2>&1 | tee "$OUT/tests.txt" | tail -n 40 ;;
   serve) serve "${CLIENTS:-1,4,16,64}" "${LIMIT:-480}" ;;
   smollm2)  # the SmolLM2 SST-2 recipe, 3 seeds: its GGUF folder in $SMOL_DIR, SST-2 under $SMOL_GLUE
     DATA=(--set "model.name_or_path=$SMOL_DIR" --set "data.dir=$SMOL_GLUE")

@@ -21,9 +21,13 @@ when that saves at least this many positions, (rows - 1) x tokens. Running them 
 positions do not tell (attention called twice a layer, the rows' keys and values lengthened): on a 2-core CPU
 (SmolLM2-135M, training, 10 virtual tokens; scripts/bench_computed_once.py) even at 2 rows (10 positions saved),
 1.04x faster at 4 rows, 1.12x at 8. On a GPU, where a small model's step is bound by launching kernels rather than
-by positions, a pass of their own before the rows cost more than it saved at every size measured (H200: training
-steps 0.47-0.55x with virtual tokens once, 0.51-0.78x with shared template tokens once); the shared pass is not
-measured there yet, so rows run everything."""
+by positions, running them once cost more than it saved at every size measured, so rows run everything there
+(H200, SmolLM2's shape, training: in a pass of their own, 0.47-0.55x with virtual tokens once and 0.51-0.78x with
+shared template tokens once; first in the rows' pass, 0.67-0.81x and 0.75-0.99x)."""
+
+ONCE_DEVICE_TYPES = {"cpu"}
+"""The devices where shared tokens may run once at all (see COMPUTED_ONCE_MIN_POSITIONS); a bench adds others to
+measure them (scripts/bench_computed_once.py --any-device)."""
 
 
 def is_prefix(prompt: torch.Tensor | None) -> bool:
@@ -44,7 +48,7 @@ def computing_once_pays(device: torch.device, rows: int, tokens: int, also_saved
     COMPUTED_ONCE_MIN_POSITIONS; `own_pass`: in a pass of their own, SEPARATE_PASS_MIN_POSITIONS); `also_saved`:
     positions it saves besides (padding that rows behind it leave out when packed)."""
     least = SEPARATE_PASS_MIN_POSITIONS if own_pass else COMPUTED_ONCE_MIN_POSITIONS
-    return device.type == "cpu" and (rows - 1) * tokens + also_saved >= least
+    return device.type in ONCE_DEVICE_TYPES and (rows - 1) * tokens + also_saved >= least
 
 
 def first_real_column(attention_mask: torch.Tensor) -> torch.Tensor:
