@@ -220,4 +220,3 @@ def computed_once_at_any_size(monkeypatch):
     from softprompt_cli.model import computed_once
 
     monkeypatch.setattr(computed_once, "COMPUTED_ONCE_MIN_POSITIONS", 0)
-    monkeypatch.setattr(computed_once, "SEPARATE_PASS_MIN_POSITIONS", 0)

@@ -8,7 +8,6 @@ from test_virtual_tokens_once import _frozen, _model
 
 from softprompt_cli.model.computed_once import (
     COMPUTED_ONCE_MIN_POSITIONS,
-    SEPARATE_PASS_MIN_POSITIONS,
     computing_once_pays,
     is_prefix,
 )
@@ -21,9 +20,7 @@ def test_computing_once_pays_on_a_cpu_from_enough_positions_saved():
     assert not computing_once_pays(cpu, 1, 500)  # a row alone saves nothing
     assert computing_once_pays(cpu, 2, 10, also_saved=COMPUTED_ONCE_MIN_POSITIONS - 10)  # packed rows behind them
     assert not computing_once_pays(cpu, 2, 10, also_saved=COMPUTED_ONCE_MIN_POSITIONS - 11)
-    # a pass of their own costs more: a 2-token template start in 16 rows runs first in the rows' pass alone
-    assert computing_once_pays(cpu, 16, 2) and not computing_once_pays(cpu, 16, 2, own_pass=True)
-    assert computing_once_pays(cpu, 17, SEPARATE_PASS_MIN_POSITIONS // 16, own_pass=True)
+    assert computing_once_pays(cpu, 16, 2)  # a 2-token template start in 16 rows
     # a GPU step of a small model is bound by launching kernels: not measured to pay there
     assert not computing_once_pays(torch.device("cuda"), 64, 50)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from softprompt_cli.methods.base import registry
+from softprompt_cli.model import packing
 from softprompt_cli.model.loading import load_base_model, load_tokenizer, prepare_frozen
 from softprompt_cli.model.soft_prompt import SoftPromptModel
 
@@ -154,15 +155,29 @@ def multitask_model(base, tokenizer, tasks: tuple[str, ...] = ("t1", "t2"), num_
                            task_type="causal_lm", label_word_ids=words).train()
 
 
-def test_several_tasks_prompts_in_one_batch(tiny_models):
-    """Multitask prompt tuning: each task's prompt runs once, and each row gets its own task's."""
-    base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_several_tasks_prompts_in_one_batch(tiny_models, monkeypatch, kind, packed):
+    """Multitask prompt tuning: each task's prompt runs once, first in the rows' pass (one block after another),
+    and each row, padded or packed with its task's rows, sees its own task's block alone."""
+    base, tokenizer = _frozen(tiny_models[kind], "causal_lm", "model")
     model = multitask_model(base, tokenizer)
+    model.pack_rows = packed
     with torch.no_grad():  # tasks' prompts differ (they start out equal)
         for parameter in model.prompt.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
     batch = {**_batch(tokenizer, causal_lm=True), "task_ids": torch.tensor([1, 0, 1])}
-    assert_same_either_way(model, batch)
+    packs = []
+    monkeypatch.setattr(packing, "pack", lambda *args, pack=packing.pack: packs.append(pack(*args)) or packs[-1])
+    shared = []
+    handle = model.base.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: shared.append(kwargs.get("softprompt_shared", 0)), with_kwargs=True)
+    try:
+        assert_same_either_way(model, batch)
+    finally:
+        handle.remove()
+    assert shared == [2 * 4, 0]  # the two tasks' 4 virtual tokens once; the oracle: each row its own
+    assert len(packs) == packed
     scores = []  # each row's own task's label words, the tasks' rows scored apart
     for as_prefix in (True, False):
         model.virtual_tokens_as_prefix, model.kind = as_prefix, "prefix" if as_prefix else "input"

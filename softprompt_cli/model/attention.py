@@ -140,37 +140,46 @@ def dropout_attention(module, query, key, value, attention_mask, dropout: float,
 
 
 def softprompt_attention(module, query, key, value, attention_mask, softprompt_prefix=None, softprompt_capture=None,
-                         softprompt_shared=0, **kwargs):
+                         softprompt_shared=0, softprompt_shared_blocks=None, **kwargs):
     if softprompt_capture is not None:  # init-prefix-from-text: keep every layer's keys and values
         softprompt_capture[module.layer_idx] = (key, value)
     prefix = None if softprompt_prefix is None else softprompt_prefix[module.layer_idx]
     if softprompt_shared:
         return _shared_then_rows_attention(module, query, key, value, attention_mask, prefix, softprompt_shared,
-                                           **kwargs)
+                                           softprompt_shared_blocks, **kwargs)
     if prefix is not None:
         key, value, attention_mask = _with_prefix(module, query, key, value, attention_mask, prefix)
         kwargs["is_causal"] = False
     return _attend(module, query, key, value, attention_mask, **kwargs)
 
 
-def _shared_then_rows_attention(module, query, key, value, rows_mask, prefix, shared: int, **kwargs):
+def _shared_then_rows_attention(module, query, key, value, rows_mask, prefix, shared: int, blocks, **kwargs):
     """Attention over one sequence of `shared` positions that every row sees first, then the rows, flattened one
     after another (`model.shared_pass`): query, key and value [1, heads, shared + rows x width, head_dim],
     `rows_mask` the rows' own [rows, 1, width, width]. The shared positions attend causally among themselves (after
     the `prefix`, if any); each row to the prefix, to every shared position and, as `rows_mask` says, to its own.
-    Returns [1, positions, heads, head_dim], as an attention function does."""
+    `blocks` (several prompts' blocks, `shared_pass.TaskBlocks.masks`): the shared positions attend within their own
+    block, and each row sees its own block's. Returns [1, positions, heads, head_dim], as an attention function
+    does."""
     rows = rows_mask.shape[0]
     first = [part[:, :, :shared] for part in (query, key, value)]
     own = [_as_rows(part[:, :, shared:], rows) for part in (query, key, value)]
-    first_key, first_value, first_mask = first[1], first[2], None
+    first_mask, seen_by_rows = (None, None) if blocks is None else blocks
+    first_key, first_value = first[1], first[2]
     if prefix is not None:
-        first_key, first_value, first_mask = _with_prefix(module, *first, None, prefix)
+        first_key, first_value, first_mask = _with_prefix(module, *first, first_mask, prefix)
+        seen_by_rows = None if seen_by_rows is None else _after_prefix(seen_by_rows, prefix[0].shape[-2])
     first_output, _ = _attend(module, first[0], first_key, first_value, first_mask, **kwargs)
     seen = (first_key, first_value)  # the prefix, then the shared positions: every row's to see
-    own_key, own_value, own_mask = _with_prefix(module, own[0], own[1], own[2], rows_mask, seen)
+    own_key, own_value, own_mask = _with_prefix(module, own[0], own[1], own[2], rows_mask, seen, seen_by_rows)
     kwargs["is_causal"] = False
     own_output, _ = _attend(module, own[0], own_key, own_value, own_mask, **kwargs)
     return torch.cat([first_output, own_output.reshape(1, -1, *own_output.shape[2:])], dim=1), None
+
+
+def _after_prefix(seen: torch.Tensor, prefix_length: int) -> torch.Tensor:
+    """A boolean [rows, 1, 1, n] of which shared positions each row sees, with a prefix every row sees before them."""
+    return torch.cat([seen.new_ones(*seen.shape[:3], prefix_length), seen], dim=-1)
 
 
 def _as_rows(flat: torch.Tensor, rows: int) -> torch.Tensor:
@@ -211,7 +220,9 @@ def _float32_sdpa(module, query, key, value, attention_mask, **kwargs):
     return output.to(torch.bfloat16), weights
 
 
-def _with_prefix(module, query, key, value, attention_mask, prefix):
+def _with_prefix(module, query, key, value, attention_mask, prefix, seen: torch.Tensor | None = None):
+    """Keys and values with `prefix` ((keys, values) every row sees) before them, and the mask to match: every
+    query sees every prefix position, or (`seen`, a boolean [rows, 1, 1, prefix]) those it says."""
     prefix_key, prefix_value = prefix
     batch, _, query_length, _ = query.shape
     num_prefix, key_length = prefix_key.shape[-2], key.shape[2]
@@ -222,13 +233,12 @@ def _with_prefix(module, query, key, value, attention_mask, prefix):
         # keys is_causal would be misaligned, so spell the causal pattern out.
         attention_mask = _causal_mask(query_length, key_length, query.device)
     if attention_mask is not None:
-        # Every query may attend to every prefix position: True in a boolean mask, 0 in an additive one.
         shape = (*attention_mask.shape[:3], num_prefix)
-        fill = (
-            torch.ones(shape, dtype=torch.bool, device=attention_mask.device)
-            if attention_mask.dtype == torch.bool
-            else torch.zeros(shape, dtype=attention_mask.dtype, device=attention_mask.device)
-        )
+        fill = (torch.ones(shape, dtype=torch.bool, device=attention_mask.device) if seen is None
+                else seen.expand(attention_mask.shape[0], -1, attention_mask.shape[2], -1))
+        if attention_mask.dtype != torch.bool:  # additive: 0 where seen, the lowest value where not
+            fill = torch.zeros(shape, dtype=attention_mask.dtype, device=attention_mask.device).masked_fill(
+                ~fill, torch.finfo(attention_mask.dtype).min)
         attention_mask = torch.cat([fill, attention_mask], dim=-1)
     return key, value, attention_mask
 

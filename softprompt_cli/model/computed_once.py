@@ -36,19 +36,11 @@ def is_prefix(prompt: torch.Tensor | None) -> bool:
     return prompt is not None and prompt.dim() > 3
 
 
-SEPARATE_PASS_MIN_POSITIONS = 96
-"""The same, for tokens that run once in a pass of their own, before the rows' (each task's prompt where a batch's
-rows have different ones, `SoftPromptModel.prompt_for`): that pass's hundreds of small operations cost on a 2-core
-CPU about what 80 more positions in the batch cost (SmolLM2-135M training: ~190 ms against ~2.4 ms a position)."""
-
-
-def computing_once_pays(device: torch.device, rows: int, tokens: int, also_saved: int = 0,
-                        own_pass: bool = False) -> bool:
-    """Whether running `tokens` that all `rows` share once, apart from the rows, is worth it (see
-    COMPUTED_ONCE_MIN_POSITIONS; `own_pass`: in a pass of their own, SEPARATE_PASS_MIN_POSITIONS); `also_saved`:
-    positions it saves besides (padding that rows behind it leave out when packed)."""
-    least = SEPARATE_PASS_MIN_POSITIONS if own_pass else COMPUTED_ONCE_MIN_POSITIONS
-    return device.type in ONCE_DEVICE_TYPES and (rows - 1) * tokens + also_saved >= least
+def computing_once_pays(device: torch.device, rows: int, tokens: int, also_saved: int = 0) -> bool:
+    """Whether running `tokens` that all `rows` share once, first in their pass, is worth it (see
+    COMPUTED_ONCE_MIN_POSITIONS); `also_saved`: positions it saves besides (padding that rows behind it leave out
+    when packed)."""
+    return device.type in ONCE_DEVICE_TYPES and (rows - 1) * tokens + also_saved >= COMPUTED_ONCE_MIN_POSITIONS
 
 
 def first_real_column(attention_mask: torch.Tensor) -> torch.Tensor:

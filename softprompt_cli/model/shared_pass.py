@@ -11,11 +11,37 @@ cost of those positions alone; only attention needs the rows apart, and softprom
 (`attention.softprompt_attention`, told how many positions are shared) gives each row the shared positions' keys
 and values first, as a prefix, and the shared positions their own causal attention. Same states, loss and
 gradients as every row running them itself.
+
+Rows of several prompts (a batch of several tasks, each with its own prompt) see several blocks of shared positions
+instead, one prompt's after another's (`TaskBlocks`): each block attends causally within itself alone, at the
+positions its prompt would have in a row, and each row to its own prompt's block alone.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class TaskBlocks(NamedTuple):
+    """Shared positions that are several prompts of `length` positions each, one block after another: which block
+    each row (padded or packed) sees, `of_row` [rows]."""
+
+    length: int
+    of_row: torch.Tensor
+
+    def masks(self, shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the `shared` positions' own attention: each causal within its block [1, 1, shared, shared]; which of
+        them each row sees: its block's [rows, 1, 1, shared]), boolean."""
+        block = torch.arange(shared, device=self.of_row.device) // self.length
+        causal = torch.ones(shared, shared, dtype=torch.bool, device=block.device).tril()
+        within = causal & (block[:, None] == block[None, :])
+        return within[None, None], (block[None, :] == self.of_row[:, None])[:, None, None]
+
+    def positions(self, start: int, shared: int) -> torch.Tensor:
+        """Each shared position's position id: its place in its block, after `start` (a prefix)."""
+        return start + torch.arange(shared, device=self.of_row.device) % self.length
 
 
 def causal_rows_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -33,19 +59,25 @@ def read_index(shared: int, rows: int, width: int, read: int) -> torch.Tensor:
     return (starts + torch.arange(width - read, width)).flatten()
 
 
-def shared_pass_inputs(shared_embeds: torch.Tensor, shared_positions: torch.Tensor, rows_embeds: torch.Tensor,
-                       rows_positions: torch.Tensor, rows_mask: torch.Tensor, read: int | None) -> dict:
-    """A decoder's inputs for `shared_embeds` ([1, n, hidden], position ids `shared_positions` [n]) then the rows
-    ([rows, width, hidden], their position ids and own [rows, 1, width, width] mask) in one sequence, and (`read`)
-    the last layer finishing each row's last `read` columns alone (`read_tail`). The 4D mask goes to the attention
-    function as it is (transformers builds no mask from a 4D one)."""
+def shared_pass_inputs(shared_embeds: torch.Tensor, start: int, rows_embeds: torch.Tensor,
+                       rows_positions: torch.Tensor, rows_mask: torch.Tensor, read: int | None,
+                       blocks: TaskBlocks | None = None) -> dict:
+    """A decoder's inputs for `shared_embeds` ([1, n, hidden], at positions from `start`; `blocks`: several prompts'
+    blocks) then the rows ([rows, width, hidden], their position ids and own [rows, 1, width, width] mask) in one
+    sequence, and (`read`) the last layer finishing each row's last `read` columns alone (`read_tail`). The 4D mask
+    goes to the attention function as it is (transformers builds no mask from a 4D one)."""
     rows, width = rows_embeds.shape[:2]
+    count = shared_embeds.shape[1]
+    shared_positions = (torch.arange(start, start + count, device=rows_embeds.device) if blocks is None
+                        else blocks.positions(start, count))
     inputs = {
         "inputs_embeds": torch.cat([shared_embeds[0].to(rows_embeds.dtype), rows_embeds.flatten(0, 1)])[None],
         "position_ids": torch.cat([shared_positions, rows_positions.flatten()])[None],
         "attention_mask": rows_mask,
-        "softprompt_shared": shared_embeds.shape[1],
+        "softprompt_shared": count,
     }
+    if blocks is not None:
+        inputs["softprompt_shared_blocks"] = blocks.masks(count)
     if read:
         inputs["softprompt_read_tail"] = read_index(shared_embeds.shape[1], rows, width, read).to(rows_embeds.device)
     return inputs

@@ -73,9 +73,12 @@ def _insert(values: torch.Tensor, middle: torch.Tensor, at: int) -> torch.Tensor
     return torch.cat([values[:, :at], middle, values[:, at:]], dim=1)
 
 
-def _seen_first(prefix: torch.Tensor | None, shared: torch.Tensor | None) -> int:
-    """How many positions every row sees before its own tokens: a prefix's, then the `shared` ones run first."""
-    return (0 if prefix is None else prefix.shape[-2]) + (0 if shared is None else shared.shape[1])
+def _seen_first(prefix: torch.Tensor | None, shared: torch.Tensor | None,
+                blocks: shared_pass.TaskBlocks | None = None) -> int:
+    """How many positions every row sees before its own tokens: a prefix's, then the `shared` ones run first (of
+    several prompts' `blocks`, its own block's)."""
+    seen_shared = 0 if shared is None else blocks.length if blocks is not None else shared.shape[1]
+    return (0 if prefix is None else prefix.shape[-2]) + seen_shared
 
 
 def _takes_token_types(base: nn.Module) -> bool:
@@ -295,14 +298,10 @@ class SoftPromptModel(nn.Module):
         if not self.per_task_prompt:  # `encode` runs a decoder's virtual tokens once, where that pays
             return self.prompt()
         task_ids = self.row_tasks(task_ids, rows)
-        tasks, row_task = task_ids.unique(return_inverse=True)
+        tasks = task_ids.unique()
         if len(tasks) == 1:  # one prompt for every row, which `encode` may run once, as a shared prompt
             return self.prompt(tasks)[0]
-        if self.virtual_tokens_as_prefix and computing_once_pays(self.base.device, rows, self.num_virtual_tokens,
-                                                                 own_pass=True):
-            # each task's prompt through the model once, not once per row
-            return self.virtual_token_prefix(self.prompt(tasks))[:, :, row_task]
-        return self.prompt(task_ids)
+        return self.prompt(task_ids)  # each task's, which `encode` may run once (`_task_prompts_once_pay`)
 
     def row_tasks(self, task_ids: torch.Tensor | None, rows: int) -> torch.Tensor:
         """Each of `rows` sequences' task: `task_ids` (None: task 0), given once for pairs encoded apart."""
@@ -414,6 +413,8 @@ class SoftPromptModel(nn.Module):
             rows_prompt = self._prompt_of_rows(prompt, rows)
             if is_prefix(rows_prompt) and rows_prompt.shape[2] > 1:  # one task's prompt, for its rows to pack behind
                 rows_prompt = rows_prompt[:, :, :1]
+            elif rows_prompt is not None and rows_prompt.dim() == 3:  # one task's input prompt, shared by its rows
+                rows_prompt = rows_prompt[0]
             words = self.task_label_words[self.task_names[index]]
             scores[rows, :len(words)] = lm.label_word_scores(self, input_ids[rows], attention_mask[rows],
                                                              rows_prompt, words)
@@ -462,6 +463,8 @@ class SoftPromptModel(nn.Module):
         With a `cache`, a decoder keeps the keys and values of the input (not of a prefix) for generation.
         `read_tail=n`: only the last n columns' states are read, and `states` holds those alone ([B, n, hidden]).
         `prompt_groups` (one prompt per row): which rows' prompts are the same one (`prompt_groups`)."""
+        if self._task_prompts_once_pay(input_ids, attention_mask, token_type_ids, prompt, cache, prompt_groups):
+            return self._encode_behind_task_prompts(input_ids, attention_mask, prompt, prompt_groups, read_tail)
         plan = self._computed_once_plan(input_ids, attention_mask, token_type_ids, prompt, cache)
         if plan is None:
             return self._encode_rows(input_ids, attention_mask, token_type_ids, prompt, cache, read_tail,
@@ -495,6 +498,35 @@ class SoftPromptModel(nn.Module):
         # virtual tokens run once let the rows pack behind them, which rows holding their own cannot
         packed_away = self._positions_packing_saves(attention_mask, None, prompt.shape[-2])
         return (starts, count) if computing_once_pays(input_ids.device, len(input_ids), once, packed_away) else None
+
+    def _task_prompts_once_pay(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                               token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any,
+                               groups: list[int] | None) -> bool:
+        """Whether rows of several input prompts (`groups` saying which rows' are the same) have each prompt's
+        virtual tokens run once, first in their pass, each row seeing its own (`shared_pass.TaskBlocks`): as
+        `_computed_once_plan` for one prompt, where that saves enough positions ((rows - prompts) x tokens, and the
+        padding that rows behind them leave out when packed)."""
+        if groups is None or prompt is None or prompt.dim() != 3 or not self.virtual_tokens_as_prefix:
+            return False
+        takes_token_types = token_type_ids is not None and _takes_token_types(self.base)
+        if cache is not None or takes_token_types or not self.runs_shared_first:
+            return False
+        if not self._within_window(prompt.shape[1] + input_ids.shape[1]):
+            return False
+        packed_away = self._positions_packing_saves(attention_mask, None, prompt.shape[1], groups)
+        rows_alike = len(input_ids) - len(set(groups)) + 1  # each prompt's copies but one are saved
+        return computing_once_pays(input_ids.device, rows_alike, prompt.shape[1], packed_away)
+
+    def _encode_behind_task_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                    prompt: torch.Tensor, groups: list[int], read_tail: int | None) -> Encoded:
+        """`encode` with each of several input prompts (one per row, [rows, n, d]; `groups`: which rows' are the
+        same) run once, first in the rows' pass, one block after another, each row seeing its own."""
+        prompts = list(dict.fromkeys(groups))  # in the order of their first rows
+        blocks = shared_pass.TaskBlocks(prompt.shape[1], torch.tensor([prompts.index(group) for group in groups],
+                                                                      device=input_ids.device))
+        shared = prompt[[groups.index(group) for group in prompts]].flatten(0, 1)[None]
+        rest = self._encode_rows(input_ids, attention_mask, None, None, None, read_tail, groups, shared, blocks)
+        return Encoded(rest.states, attention_mask, attention_mask, attention_mask.sum(-1) + prompt.shape[1])
 
     def _packed_rows_run_leading_tokens(self, attention_mask: torch.Tensor, prefix_length: int, count: int) -> bool:
         """Whether the rows will run packed (`_encode_packed`), with the `count` leading tokens they share first in
@@ -546,17 +578,18 @@ class SoftPromptModel(nn.Module):
     def _encode_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any,
                      read_tail: int | None = None, prompt_groups: list[int] | None = None,
-                     shared: torch.Tensor | None = None) -> Encoded:
+                     shared: torch.Tensor | None = None, blocks: shared_pass.TaskBlocks | None = None) -> Encoded:
         """`encode`, every row's every token through the model (but the last layer's, with `read_tail`). `shared`
         (decoders): input embeddings [1, n, hidden] that every row sees first (after `prompt`, a prefix), run once
-        in the same pass (`shared_pass`)."""
-        groups = prompt_groups if is_prefix(prompt) and prompt.shape[2] > 1 else None  # a shared prompt: one group
-        if self._packing_pays(attention_mask, token_type_ids, prompt, cache, groups, shared):
-            return self._encode_packed(input_ids, attention_mask, prompt, read_tail, groups, shared)
+        in the same pass (`shared_pass`); `blocks`: several prompts' blocks, each row seeing its own."""
+        prompt_per_row = is_prefix(prompt) and prompt.shape[2] > 1 or blocks is not None
+        groups = prompt_groups if prompt_per_row else None  # a shared prompt: one group
+        if self._packing_pays(attention_mask, token_type_ids, prompt, cache, groups, shared, blocks):
+            return self._encode_packed(input_ids, attention_mask, prompt, read_tail, groups, shared, blocks)
         batch = input_ids.shape[0]
         inputs, real_tokens, attention_mask, token_type_ids, offset = self._inputs_with_prompt(
             input_ids, attention_mask, token_type_ids, prompt)
-        offset += 0 if shared is None else shared.shape[1]
+        offset += _seen_first(None, shared, blocks)
         if self.is_decoder:
             positions = (attention_mask.cumsum(-1) - 1).clamp(min=0) + offset
             # A decoder would otherwise build a KV cache in every training step.
@@ -574,15 +607,16 @@ class SoftPromptModel(nn.Module):
             self.base(**inputs)
             states, self.head.softprompt_input = self.head.softprompt_input, None
             return Encoded(states, real_tokens, attention_mask, next_position)
-        shared_states, states = self._decoder_states(inputs, shared, read_tail)
+        shared_states, states = self._decoder_states(inputs, shared, read_tail, blocks)
         return Encoded(states, real_tokens, attention_mask, next_position, shared_states)
 
-    def _decoder_states(self, inputs: dict[str, Any], shared: torch.Tensor | None, read: int | None
-                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _decoder_states(self, inputs: dict[str, Any], shared: torch.Tensor | None, read: int | None,
+                        blocks: shared_pass.TaskBlocks | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(the `shared` positions' last states, or None; the rows' [rows, width or `read`, hidden]) of a decoder
         run with `inputs` (the rows': input ids, a 2D or their own 4D mask, position ids, a prefix), and with
         `shared` input embeddings run first, once, in the same pass (`shared_pass`). `read`: only each row's last
-        `read` columns are read (the last layer finishes those alone, where it can)."""
+        `read` columns are read (the last layer finishes those alone, where it can). `blocks`: `shared` is several
+        prompts' blocks, and which each row sees."""
         finish_read = read if self.read_tail_only else None
         if shared is None:
             if finish_read:
@@ -593,23 +627,23 @@ class SoftPromptModel(nn.Module):
         prefix = inputs.get("softprompt_prefix")
         start = 0 if prefix is None else prefix.shape[-2]
         inputs |= shared_pass.shared_pass_inputs(
-            shared, torch.arange(start, start + shared.shape[1], device=ids.device),
-            self.base.get_input_embeddings()(ids), positions,
-            shared_pass.causal_rows_mask(mask) if mask.dim() == 2 else mask, finish_read)
+            shared, start, self.base.get_input_embeddings()(ids), positions,
+            shared_pass.causal_rows_mask(mask) if mask.dim() == 2 else mask, finish_read, blocks)
         states = self.base.base_model(**inputs).last_hidden_state
         shared_states, rows = shared_pass.split_states(states, shared.shape[1], len(ids), finish_read)
         return shared_states, rows[:, -read:] if read else rows
 
     def _packing_pays(self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
                       prompt: torch.Tensor | None, cache: Any, groups: list[int] | None,
-                      shared: torch.Tensor | None = None) -> bool:
+                      shared: torch.Tensor | None = None, blocks: shared_pass.TaskBlocks | None = None) -> bool:
         """Whether rows run packed (see `packing`): behind a prefix they all share (or, a prefix per row, that each
         of the `groups` of rows shares; or `shared` positions run first), with no cache to fill, where packing saves
         enough positions (`_positions_packing_saves`)."""
         shares_prefix = is_prefix(prompt) and (prompt.shape[2] == 1 or groups is not None)
         if cache is not None or not (shares_prefix or shared is not None):
             return False
-        return self._positions_packing_saves(attention_mask, token_type_ids, _seen_first(prompt, shared), groups) > 0
+        seen = _seen_first(prompt, shared, blocks)
+        return self._positions_packing_saves(attention_mask, token_type_ids, seen, groups) > 0
 
     def _positions_packing_saves(self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
                                  prefix_length: int, groups: list[int] | None = None) -> int:
@@ -624,18 +658,20 @@ class SoftPromptModel(nn.Module):
         return packing.positions_saved(attention_mask, groups)
 
     def _encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: torch.Tensor | None,
-                       read_tail: int | None, groups: list[int] | None, shared: torch.Tensor | None = None
-                       ) -> Encoded:
+                       read_tail: int | None, groups: list[int] | None, shared: torch.Tensor | None = None,
+                       blocks: shared_pass.TaskBlocks | None = None) -> Encoded:
         """`_encode_rows` with the rows packed, without padding (see `packing`): the same states. A prompt per row
         (`groups` saying which are the same): each packed row holds rows of one prompt, and has it."""
-        offset = _seen_first(prompt, shared)
+        offset = _seen_first(prompt, shared, blocks)
         in_each = self._leading_tokens_in_packed_rows(input_ids, attention_mask, read_tail)
         packed = packing.pack(input_ids, attention_mask, offset, read_tail, in_each, groups)
         prefix = prompt if groups is None or prompt is None else prompt[:, :, packed.representative]
         inputs = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
                   "position_ids": packed.position_ids, "softprompt_prefix": prefix, "use_cache": False,
                   self.cache_argument: None}
-        shared_states, states = self._decoder_states(inputs, shared, packed.read if read_tail else None)
+        if blocks is not None:  # each packed row holds one prompt's rows: it sees that prompt's block
+            blocks = blocks._replace(of_row=blocks.of_row[packed.representative])
+        shared_states, states = self._decoder_states(inputs, shared, packed.read if read_tail else None, blocks)
         return Encoded(packing.unpack(states, packed), attention_mask, attention_mask,
                        attention_mask.sum(-1) + offset, shared_states)
 
