@@ -9,6 +9,7 @@ leading tokens that every row of a batch has alike (a template's start, run once
         --templates "Review: {sentence}\nSentiment:" "Classify the review as positive or negative.\n{sentence}\n..."
     python scripts/bench_computed_once.py recipes/sst2_smollm2_prompt_tuning.yaml method.name=prefix_tuning \
         training.group_by_length=false --steps 8 --packing
+    python scripts/bench_computed_once.py recipes/mpt_source_smollm2.yaml --virtual-tokens 10   # each task's once
 
 Each step: forward, backward and AdamW step, the two ways alternating batch by batch (so that machine drift falls
 on both), after one warm-up step each. Prints the median step time of each and their ratio, one row per prompt
@@ -98,8 +99,13 @@ def recipe_batches(recipe, tasks, tokenizer, steps: int, device: str) -> list[di
     from softprompt_cli.data.batching import training_loader
 
     batches = [batch for _, batch in zip(range(steps), training_loader(recipe, tasks, tokenizer))]
-    return [{k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")}
+    return [{k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask", "labels", "task_ids")}
             for b in batches]
+
+
+def labels_of(recipe, tasks) -> list[str] | dict[str, list[str]]:
+    """The label names, or each task's for a multi-task recipe (each task's prompt, several in a batch)."""
+    return {task.name: task.label_names for task in tasks} if recipe.is_multitask else tasks[0].label_names
 
 
 def shared_leading_tokens(model, batches: list[dict]) -> float:
@@ -125,7 +131,7 @@ def compare_virtual_tokens(recipe, tasks, base, tokenizer, batches: list[dict], 
     print("| virtual tokens | in every row | computed once | speed-up | apart |\n|---|---|---|---|---|")
     for n in counts:
         recipe.method.num_virtual_tokens = n
-        model, _ = build_model(recipe, tasks[0].label_names, base=base, tokenizer=tokenizer)
+        model, _ = build_model(recipe, labels_of(recipe, tasks), base=base, tokenizer=tokenizer)
         if not model.virtual_tokens_as_prefix:
             raise SystemExit(f"{recipe.model.name_or_path} with {recipe.method.name} keeps its virtual tokens in "
                              "the input (an encoder, a prefix method or a sliding window): nothing to compare.")
@@ -143,7 +149,7 @@ def compare_templates(recipe, base, tokenizer, steps: int, templates: list[str],
         recipe.task.template = template.replace("\\n", "\n")
         tasks = load_task_data(recipe)  # the template is filled in as the rows are read
         batches = recipe_batches(recipe, tasks, tokenizer, steps, device)
-        model, _ = build_model(recipe, tasks[0].label_names, base=base, tokenizer=tokenizer)
+        model, _ = build_model(recipe, labels_of(recipe, tasks), base=base, tokenizer=tokenizer)
         model.pack_rows = False  # measured on its own (--packing)
         shared = shared_leading_tokens(model, batches)
         label = f"`{template}` | {shared:.1f}"
@@ -156,7 +162,7 @@ def compare_packing(recipe, tasks, base, tokenizer, batches: list[dict]) -> None
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     padding = 1 - real / sum(b["attention_mask"].numel() for b in batches)
     print("| batches | padding | padded | packed | speed-up | apart |\n|---|---|---|---|---|---|")
-    model, _ = build_model(recipe, tasks[0].label_names, base=base, tokenizer=tokenizer)
+    model, _ = build_model(recipe, labels_of(recipe, tasks), base=base, tokenizer=tokenizer)
     grouping = "grouped by length" if recipe.training.group_by_length else "shuffled"
     print(row(f"{grouping} | {padding:.0%}", measure(model, recipe.training.lr, batches, rows_packed)), flush=True)
 
