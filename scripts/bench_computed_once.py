@@ -194,6 +194,7 @@ def main() -> None:
 
         computed_once.ONCE_DEVICE_TYPES.add(torch.device(device).type)
         packing.PACKING_MIN_SAVED_SHARE[torch.device(device).type] = packing.PACKING_MIN_SAVED_SHARE["cpu"]
+        packing.SEVERAL_PROMPTS_PACKING_DEVICE_TYPES.add(torch.device(device).type)
     base, tokenizer = load_frozen(recipe, tasks[0].label_names)
     batches = recipe_batches(recipe, tasks, tokenizer, args.steps, device)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)

@@ -14,6 +14,7 @@ import torch
 
 from softprompt_cli.methods.base import registry
 from softprompt_cli.model import packing
+from softprompt_cli.model.computed_once import is_prefix
 from softprompt_cli.model.loading import load_base_model, load_tokenizer, prepare_frozen
 from softprompt_cli.model.soft_prompt import SoftPromptModel
 
@@ -183,6 +184,23 @@ def test_several_tasks_prompts_in_one_batch(tiny_models, monkeypatch, kind, pack
         model.virtual_tokens_as_prefix, model.kind = as_prefix, "prefix" if as_prefix else "input"
         scores.append(model.scores(batch["input_ids"], batch["attention_mask"], task_ids=batch["task_ids"]))
     torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)
+
+
+def test_several_tasks_generate_as_with_their_prompts_in_every_row(tiny_models):
+    """Generation fills a cache, so several tasks' prompts run once in a pass of their own, as a prefix: the same
+    tokens as each row holding its task's prompt."""
+    base, tokenizer = _frozen(tiny_models["llama"], "causal_lm", "model")
+    model = multitask_model(base, tokenizer).eval()
+    with torch.no_grad():
+        for parameter in model.prompt.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    batch, task_ids = _batch(tokenizer, causal_lm=True), torch.tensor([1, 0, 1])
+    assert is_prefix(model._generation_prompt(task_ids, 3))
+    tokens = []
+    for model.virtual_tokens_as_prefix in (True, False):
+        tokens.append(model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=6, stop_ids=-1,
+                                     task_ids=task_ids))
+    assert torch.equal(tokens[0], tokens[1])
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

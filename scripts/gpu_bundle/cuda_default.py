@@ -16,3 +16,4 @@ def pytest_configure(config) -> None:
 
     computed_once.ONCE_DEVICE_TYPES.add("cuda")
     packing.PACKING_MIN_SAVED_SHARE["cuda"] = packing.PACKING_MIN_SAVED_SHARE["cpu"]
+    packing.SEVERAL_PROMPTS_PACKING_DEVICE_TYPES.add("cuda")

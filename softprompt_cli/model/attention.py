@@ -158,28 +158,24 @@ def _shared_then_rows_attention(module, query, key, value, rows_mask, prefix, sh
     after another (`model.shared_pass`): query, key and value [1, heads, shared + rows x width, head_dim],
     `rows_mask` the rows' own [rows, 1, width, width]. The shared positions attend causally among themselves (after
     the `prefix`, if any); each row to the prefix, to every shared position and, as `rows_mask` says, to its own.
-    `blocks` (several prompts' blocks, `shared_pass.TaskBlocks.masks`): the shared positions attend within their own
-    block, and each row sees its own block's. Returns [1, positions, heads, head_dim], as an attention function
-    does."""
-    rows = rows_mask.shape[0]
-    first = [part[:, :, :shared] for part in (query, key, value)]
+    `blocks` (`shared_pass.TaskBlocks`): the shared positions are several prompts' blocks, each attending causally
+    within itself, and each row sees its own block alone. Returns [1, positions, heads, head_dim], as an attention
+    function does."""
+    rows, prompts = rows_mask.shape[0], 1 if blocks is None else shared // blocks.length
+    first = [_as_rows(part[:, :, :shared], prompts) for part in (query, key, value)]
     own = [_as_rows(part[:, :, shared:], rows) for part in (query, key, value)]
-    first_mask, seen_by_rows = (None, None) if blocks is None else blocks
-    first_key, first_value = first[1], first[2]
+    first_key, first_value, first_mask = first[1], first[2], None
     if prefix is not None:
-        first_key, first_value, first_mask = _with_prefix(module, *first, first_mask, prefix)
-        seen_by_rows = None if seen_by_rows is None else _after_prefix(seen_by_rows, prefix[0].shape[-2])
+        first_key, first_value, first_mask = _with_prefix(module, *first, None, prefix)
     first_output, _ = _attend(module, first[0], first_key, first_value, first_mask, **kwargs)
     seen = (first_key, first_value)  # the prefix, then the shared positions: every row's to see
-    own_key, own_value, own_mask = _with_prefix(module, own[0], own[1], own[2], rows_mask, seen, seen_by_rows)
+    if blocks is not None:  # each row its own prompt's block
+        seen = (first_key[blocks.of_row], first_value[blocks.of_row])
+    own_key, own_value, own_mask = _with_prefix(module, own[0], own[1], own[2], rows_mask, seen)
     kwargs["is_causal"] = False
     own_output, _ = _attend(module, own[0], own_key, own_value, own_mask, **kwargs)
+    first_output = first_output.reshape(1, -1, *first_output.shape[2:])
     return torch.cat([first_output, own_output.reshape(1, -1, *own_output.shape[2:])], dim=1), None
-
-
-def _after_prefix(seen: torch.Tensor, prefix_length: int) -> torch.Tensor:
-    """A boolean [rows, 1, 1, n] of which shared positions each row sees, with a prefix every row sees before them."""
-    return torch.cat([seen.new_ones(*seen.shape[:3], prefix_length), seen], dim=-1)
 
 
 def _as_rows(flat: torch.Tensor, rows: int) -> torch.Tensor:
@@ -220,9 +216,7 @@ def _float32_sdpa(module, query, key, value, attention_mask, **kwargs):
     return output.to(torch.bfloat16), weights
 
 
-def _with_prefix(module, query, key, value, attention_mask, prefix, seen: torch.Tensor | None = None):
-    """Keys and values with `prefix` ((keys, values) every row sees) before them, and the mask to match: every
-    query sees every prefix position, or (`seen`, a boolean [rows, 1, 1, prefix]) those it says."""
+def _with_prefix(module, query, key, value, attention_mask, prefix):
     prefix_key, prefix_value = prefix
     batch, _, query_length, _ = query.shape
     num_prefix, key_length = prefix_key.shape[-2], key.shape[2]
@@ -233,12 +227,13 @@ def _with_prefix(module, query, key, value, attention_mask, prefix, seen: torch.
         # keys is_causal would be misaligned, so spell the causal pattern out.
         attention_mask = _causal_mask(query_length, key_length, query.device)
     if attention_mask is not None:
+        # Every query may attend to every prefix position: True in a boolean mask, 0 in an additive one.
         shape = (*attention_mask.shape[:3], num_prefix)
-        fill = (torch.ones(shape, dtype=torch.bool, device=attention_mask.device) if seen is None
-                else seen.expand(attention_mask.shape[0], -1, attention_mask.shape[2], -1))
-        if attention_mask.dtype != torch.bool:  # additive: 0 where seen, the lowest value where not
-            fill = torch.zeros(shape, dtype=attention_mask.dtype, device=attention_mask.device).masked_fill(
-                ~fill, torch.finfo(attention_mask.dtype).min)
+        fill = (
+            torch.ones(shape, dtype=torch.bool, device=attention_mask.device)
+            if attention_mask.dtype == torch.bool
+            else torch.zeros(shape, dtype=attention_mask.dtype, device=attention_mask.device)
+        )
         attention_mask = torch.cat([fill, attention_mask], dim=-1)
     return key, value, attention_mask
 

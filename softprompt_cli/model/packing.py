@@ -34,6 +34,8 @@ longest-first order). Other devices never pack. On a GPU a small model's step is
 than by positions: on an NVIDIA H200 (SmolLM2's shape, prefix tuning, shuffled SST-2 batches; scripts/gpu_bundle/run.sh
 packing) packed training steps ran 1.31-1.33x faster than padded ones in float32 and 1.54-1.64x under bf16 autocast
 at 54-62% padding (batches of 16 and 64), but 1.01x and 0.83x at 35% (batches of 4)."""
+SEVERAL_PROMPTS_PACKING_DEVICE_TYPES = {"cpu"}
+"""The devices where rows of several prompts (each packed row one prompt's) may pack: measured on CPUs alone."""
 PACKED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2"}
 """Decoders whose models take a 4D attention mask as it is (transformers' masking_utils) and place tokens by their
 position ids alone, so that they run packed rows, and shared positions first in the rows' pass (`shared_pass`):
@@ -93,6 +95,8 @@ def positions_saved(attention_mask: torch.Tensor, groups: list[int] | None = Non
     PACKING_MIN_SAVED_SHARE of them on their device; else 0 (the rows run padded)."""
     least_share = PACKING_MIN_SAVED_SHARE.get(attention_mask.device.type)
     if least_share is None or len(attention_mask) < 2:
+        return 0
+    if groups is not None and attention_mask.device.type not in SEVERAL_PROMPTS_PACKING_DEVICE_TYPES:
         return 0
     _, count, width = packed_width(attention_mask, groups)
     saved = attention_mask.numel() - count * width

@@ -13,8 +13,9 @@ and values first, as a prefix, and the shared positions their own causal attenti
 gradients as every row running them itself.
 
 Rows of several prompts (a batch of several tasks, each with its own prompt) see several blocks of shared positions
-instead, one prompt's after another's (`TaskBlocks`): each block attends causally within itself alone, at the
-positions its prompt would have in a row, and each row to its own prompt's block alone.
+instead, one prompt's after another's (`TaskBlocks`): each block attends causally within itself alone (the blocks
+run side by side, as rows of their own), at the positions its prompt would have in a row, and each row attends to
+its own prompt's block alone.
 """
 
 from __future__ import annotations
@@ -30,14 +31,6 @@ class TaskBlocks(NamedTuple):
 
     length: int
     of_row: torch.Tensor
-
-    def masks(self, shared: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the `shared` positions' own attention: each causal within its block [1, 1, shared, shared]; which of
-        them each row sees: its block's [rows, 1, 1, shared]), boolean."""
-        block = torch.arange(shared, device=self.of_row.device) // self.length
-        causal = torch.ones(shared, shared, dtype=torch.bool, device=block.device).tril()
-        within = causal & (block[:, None] == block[None, :])
-        return within[None, None], (block[None, :] == self.of_row[:, None])[:, None, None]
 
     def positions(self, start: int, shared: int) -> torch.Tensor:
         """Each shared position's position id: its place in its block, after `start` (a prefix)."""
@@ -77,7 +70,7 @@ def shared_pass_inputs(shared_embeds: torch.Tensor, start: int, rows_embeds: tor
         "softprompt_shared": count,
     }
     if blocks is not None:
-        inputs["softprompt_shared_blocks"] = blocks.masks(count)
+        inputs["softprompt_shared_blocks"] = blocks
     if read:
         inputs["softprompt_read_tail"] = read_index(shared_embeds.shape[1], rows, width, read).to(rows_embeds.device)
     return inputs

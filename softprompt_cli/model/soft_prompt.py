@@ -77,8 +77,10 @@ def _seen_first(prefix: torch.Tensor | None, shared: torch.Tensor | None,
                 blocks: shared_pass.TaskBlocks | None = None) -> int:
     """How many positions every row sees before its own tokens: a prefix's, then the `shared` ones run first (of
     several prompts' `blocks`, its own block's)."""
-    seen_shared = 0 if shared is None else blocks.length if blocks is not None else shared.shape[1]
-    return (0 if prefix is None else prefix.shape[-2]) + seen_shared
+    seen = 0 if prefix is None else prefix.shape[-2]
+    if shared is not None:
+        seen += shared.shape[1] if blocks is None else blocks.length
+    return seen
 
 
 def _takes_token_types(base: nn.Module) -> bool:
@@ -163,8 +165,8 @@ class SoftPromptModel(nn.Module):
         self.is_decoder = is_decoder(base)
         self.virtual_tokens_as_prefix = self._virtual_tokens_once(method, max_length, tokenizer)
         """Decoders: virtual tokens may run through the model once per prompt, and reach every row as keys and
-        values (see `virtual_token_prefix`): a loaded prompt's always, a batch's where that pays
-        (`computing_once_pays`)."""
+        values (see `virtual_token_prefix`): a loaded prompt's always; a batch's (each task's, where rows have several)
+        first in the rows' pass, where that pays (`computing_once_pays`)."""
         self.kind = "prefix" if self.virtual_tokens_as_prefix else method.kind
         """How `task_prompt` gives the prompt: input embeddings (`input`) or every layer's keys and values (`prefix`).
         `encode` reads the form from the prompt it is given (`is_prefix`)."""
@@ -335,15 +337,14 @@ class SoftPromptModel(nn.Module):
         row the logits and gradients of the virtual tokens in its input, for one pass over n positions instead of
         one per row."""
         tokens = (virtual if virtual.dim() == 3 else virtual[None]).to(self.base.get_input_embeddings().weight.dtype)
-        return self._capturing_pass(0, tokens, inputs_embeds=tokens)[0]
+        return self._capturing_pass(tokens, inputs_embeds=tokens)[0]
 
-    def _capturing_pass(self, start: int, like: torch.Tensor, **inputs: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass of `inputs` (rows and length as `like`'s first two dimensions, positions from `start`) through
-        the decoder: (every layer's keys and values [layers, 2, rows, kv_heads, length, head_dim], last hidden
+    def _capturing_pass(self, like: torch.Tensor, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of `inputs` (rows and length as `like`'s first two dimensions, positions from 0) through the
+        decoder: (every layer's keys and values [layers, 2, rows, kv_heads, length, head_dim], last hidden
         states)."""
         rows, length = like.shape[:2]
-        positions = torch.arange(start, start + length, device=like.device).expand(rows, -1)
+        positions = torch.arange(length, device=like.device).expand(rows, -1)
         captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         states = self.base.base_model(**inputs, attention_mask=positions.new_ones(rows, length), position_ids=positions,
                                       use_cache=False, softprompt_capture=captured).last_hidden_state
@@ -399,7 +400,9 @@ class SoftPromptModel(nn.Module):
         Multi-task: each row's task's labels, padded with NOT_A_LABEL to the most labels of a task."""
         prompt = self.prompt_for(task_ids, len(input_ids)) if with_prompt else None
         if not self.causal_lm:
-            return self.task_logits(self.encode(input_ids, attention_mask, token_type_ids, prompt), task_ids)
+            groups = self.prompt_groups(task_ids, len(input_ids)) if with_prompt else None
+            encoded = self.encode(input_ids, attention_mask, token_type_ids, prompt, prompt_groups=groups)
+            return self.task_logits(encoded, task_ids)
         if task_ids is None:
             return lm.label_word_scores(self, input_ids, attention_mask, prompt, self.label_word_ids)
         return self._routed_label_word_scores(input_ids, attention_mask, prompt, task_ids)
@@ -434,8 +437,20 @@ class SoftPromptModel(nn.Module):
                  stop_ids: int | Sequence[int], sampling: lm.Sampling | None = None, with_prompt: bool = True,
                  task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Continue each (left-padded) row with up to max_new_tokens tokens (see `lm.generate`)."""
-        prompt = self.prompt_for(task_ids, len(input_ids)) if with_prompt else None
+        prompt = self._generation_prompt(task_ids, len(input_ids)) if with_prompt else None
         return lm.generate(self, input_ids, attention_mask, max_new_tokens, stop_ids, prompt, sampling)
+
+    def _generation_prompt(self, task_ids: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """`prompt_for` for generation, whose rows fill a cache and so cannot run several tasks' prompts first in
+        their pass (`_task_prompts_once_pay`): each task's prompt runs once in a pass of its own, as a prefix, where
+        rows share them (on a CPU)."""
+        prompt = self.prompt_for(task_ids, rows)
+        if prompt.dim() != 3 or not self.virtual_tokens_as_prefix:
+            return prompt
+        tasks, row_task = self.row_tasks(task_ids, rows).unique(return_inverse=True)
+        if len(tasks) == rows or self.base.device.type not in computed_once.ONCE_DEVICE_TYPES:
+            return prompt
+        return self.virtual_token_prefix(self.prompt(tasks))[:, :, row_task]
 
     def _inputs_with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None
@@ -495,6 +510,8 @@ class SoftPromptModel(nn.Module):
                 self._packed_rows_run_leading_tokens(attention_mask, prompt.shape[-2], count))
             return (starts, count) if pays else None
         once = count + prompt.shape[-2]
+        if input_ids.device.type not in computed_once.ONCE_DEVICE_TYPES:  # before counting what packing saves
+            return None
         # virtual tokens run once let the rows pack behind them, which rows holding their own cannot
         packed_away = self._positions_packing_saves(attention_mask, None, prompt.shape[-2])
         return (starts, count) if computing_once_pays(input_ids.device, len(input_ids), once, packed_away) else None
@@ -507,6 +524,8 @@ class SoftPromptModel(nn.Module):
         `_computed_once_plan` for one prompt, where that saves enough positions ((rows - prompts) x tokens, and the
         padding that rows behind them leave out when packed)."""
         if groups is None or prompt is None or prompt.dim() != 3 or not self.virtual_tokens_as_prefix:
+            return False
+        if input_ids.device.type not in computed_once.ONCE_DEVICE_TYPES:  # before counting what packing saves
             return False
         takes_token_types = token_type_ids is not None and _takes_token_types(self.base)
         if cache is not None or takes_token_types or not self.runs_shared_first:
@@ -525,7 +544,8 @@ class SoftPromptModel(nn.Module):
         blocks = shared_pass.TaskBlocks(prompt.shape[1], torch.tensor([prompts.index(group) for group in groups],
                                                                       device=input_ids.device))
         shared = prompt[[groups.index(group) for group in prompts]].flatten(0, 1)[None]
-        rest = self._encode_rows(input_ids, attention_mask, None, None, None, read_tail, groups, shared, blocks)
+        rest = self._encode_rows(input_ids, attention_mask, token_type_ids=None, prompt=None, cache=None,
+                                 read_tail=read_tail, prompt_groups=groups, shared=shared, blocks=blocks)
         return Encoded(rest.states, attention_mask, attention_mask, attention_mask.sum(-1) + prompt.shape[1])
 
     def _packed_rows_run_leading_tokens(self, attention_mask: torch.Tensor, prefix_length: int, count: int) -> bool:
@@ -582,7 +602,7 @@ class SoftPromptModel(nn.Module):
         """`encode`, every row's every token through the model (but the last layer's, with `read_tail`). `shared`
         (decoders): input embeddings [1, n, hidden] that every row sees first (after `prompt`, a prefix), run once
         in the same pass (`shared_pass`); `blocks`: several prompts' blocks, each row seeing its own."""
-        prompt_per_row = is_prefix(prompt) and prompt.shape[2] > 1 or blocks is not None
+        prompt_per_row = (is_prefix(prompt) and prompt.shape[2] > 1) or blocks is not None
         groups = prompt_groups if prompt_per_row else None  # a shared prompt: one group
         if self._packing_pays(attention_mask, token_type_ids, prompt, cache, groups, shared, blocks):
             return self._encode_packed(input_ids, attention_mask, prompt, read_tail, groups, shared, blocks)
