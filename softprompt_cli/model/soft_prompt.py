@@ -444,12 +444,12 @@ class SoftPromptModel(nn.Module):
         """`prompt_for` for generation, whose rows fill a cache and so cannot run several tasks' prompts first in
         their pass (`_task_prompts_once_pay`): each task's prompt runs once in a pass of its own, as a prefix, where
         rows share them (on a CPU)."""
-        prompt = self.prompt_for(task_ids, rows)
-        if prompt.dim() != 3 or not self.virtual_tokens_as_prefix:
-            return prompt
+        once = self.per_task_prompt and self.virtual_tokens_as_prefix
+        if not once or self.base.device.type not in computed_once.ONCE_DEVICE_TYPES:
+            return self.prompt_for(task_ids, rows)
         tasks, row_task = self.row_tasks(task_ids, rows).unique(return_inverse=True)
-        if len(tasks) == rows or self.base.device.type not in computed_once.ONCE_DEVICE_TYPES:
-            return prompt
+        if len(tasks) in (1, rows):  # one prompt (`encode` may run it once), or no row shares one
+            return self.prompt_for(task_ids, rows)
         return self.virtual_token_prefix(self.prompt(tasks))[:, :, row_task]
 
     def _inputs_with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -494,15 +494,14 @@ class SoftPromptModel(nn.Module):
         (`computing_once_pays`): (each row's first real column, how many tokens from there all rows share). The
         virtual tokens of an input prompt that all rows share run there too. None: every row runs everything. Not with
         a cache to fill, nor with token type ids the model reads."""
-        # rows longer than max_length (label words appended) could outgrow a sliding window that a prefix never leaves
-        virtual = prompt is not None and prompt.dim() == 2 and self.virtual_tokens_as_prefix and (
-            self._within_window(prompt.shape[-2] + input_ids.shape[1]))
+        virtual = prompt is not None and prompt.dim() == 2 and self.virtual_tokens_as_prefix
         shared_prefix = is_prefix(prompt) and prompt.shape[2] == 1
-        token_types = token_type_ids is not None and _takes_token_types(self.base)
-        if not (virtual or shared_prefix) or cache is not None or token_types or not self.runs_shared_first:
+        if not (virtual or shared_prefix):
+            return None
+        if not self._may_run_first_in_pass(input_ids, token_type_ids, cache, prompt.shape[-2]):
             return None
         starts, count = None, 0
-        if self._leading_tokens_may_pay(input_ids, prompt):
+        if self._leading_tokens_may_pay(input_ids):
             starts = computed_once.first_real_column(attention_mask)
             count = computed_once.shared_leading_count(input_ids, attention_mask, starts)
         if not virtual:  # prefix tuning: the leading tokens alone, unless packed rows run them in the same pass
@@ -510,11 +509,22 @@ class SoftPromptModel(nn.Module):
                 self._packed_rows_run_leading_tokens(attention_mask, prompt.shape[-2], count))
             return (starts, count) if pays else None
         once = count + prompt.shape[-2]
-        if input_ids.device.type not in computed_once.ONCE_DEVICE_TYPES:  # before counting what packing saves
-            return None
         # virtual tokens run once let the rows pack behind them, which rows holding their own cannot
         packed_away = self._positions_packing_saves(attention_mask, None, prompt.shape[-2])
         return (starts, count) if computing_once_pays(input_ids.device, len(input_ids), once, packed_away) else None
+
+    def _may_run_first_in_pass(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, cache: Any,
+                               prompt_length: int) -> bool:
+        """Whether anything may run once, first in the rows' pass (`shared_pass`): on a device where that can pay
+        (checked before counting what packing saves), with no cache to fill, no token type ids the model reads, a
+        decoder that takes softprompt's 4D masks, and rows that no sliding window could hide a prompt of
+        `prompt_length` from (rows longer than max_length, label words appended, could outgrow one that a prefix
+        never leaves)."""
+        if input_ids.device.type not in computed_once.ONCE_DEVICE_TYPES or cache is not None:
+            return False
+        if not self.runs_shared_first or (token_type_ids is not None and _takes_token_types(self.base)):
+            return False
+        return self._within_window(prompt_length + input_ids.shape[1])
 
     def _task_prompts_once_pay(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                token_type_ids: torch.Tensor | None, prompt: torch.Tensor | None, cache: Any,
@@ -525,12 +535,7 @@ class SoftPromptModel(nn.Module):
         padding that rows behind them leave out when packed)."""
         if groups is None or prompt is None or prompt.dim() != 3 or not self.virtual_tokens_as_prefix:
             return False
-        if input_ids.device.type not in computed_once.ONCE_DEVICE_TYPES:  # before counting what packing saves
-            return False
-        takes_token_types = token_type_ids is not None and _takes_token_types(self.base)
-        if cache is not None or takes_token_types or not self.runs_shared_first:
-            return False
-        if not self._within_window(prompt.shape[1] + input_ids.shape[1]):
+        if not self._may_run_first_in_pass(input_ids, token_type_ids, cache, prompt.shape[1]):
             return False
         packed_away = self._positions_packing_saves(attention_mask, None, prompt.shape[1], groups)
         rows_alike = len(input_ids) - len(set(groups)) + 1  # each prompt's copies but one are saved
@@ -557,12 +562,10 @@ class SoftPromptModel(nn.Module):
         _, packed_rows, _ = packing.packed_width(attention_mask)
         return count * (packed_rows - 1) < computed_once.COMPUTED_ONCE_MIN_POSITIONS
 
-    def _leading_tokens_may_pay(self, input_ids: torch.Tensor, prompt: torch.Tensor) -> bool:
-        """Whether leading tokens could run once: shared by as many rows as pay for it even if every column were
-        shared, and where a sliding window could not hide them from any row (a prefix never leaves the window)."""
-        if not self.share_leading_tokens or not self._within_window(prompt.shape[-2] + input_ids.shape[1]):
-            return False
-        return computing_once_pays(input_ids.device, len(input_ids), input_ids.shape[1])
+    def _leading_tokens_may_pay(self, input_ids: torch.Tensor) -> bool:
+        """Whether leading tokens could run once (where `_may_run_first_in_pass`): shared by as many rows as pay for
+        it even if every column were shared."""
+        return self.share_leading_tokens and computing_once_pays(input_ids.device, len(input_ids), input_ids.shape[1])
 
     def _encode_sharing_leading_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                        prompt: torch.Tensor, starts: torch.Tensor | None, count: int,
